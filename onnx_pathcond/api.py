@@ -1,0 +1,251 @@
+"""The Python entry point: `rescale(model) -> (ModelProto, Report)`.
+
+Data flows one way: load → analyse → statistics → solve → rewrite → verify, then the caller
+saves. Each step is its own module; this file only wires them and times them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from . import rewrite, solve, stats, verify
+from .criteria.pathcond import ProblemBuilder
+from .errors import InputError, ModelError, VerificationError
+from .graph import FLOAT_TYPES, Graph, node_label, parse_input_shapes
+from .report import Report, frozen_summary, group_layers
+from .symmetry import analyse, build_groups
+
+ModelLike = Union[str, os.PathLike, onnx.ModelProto]
+
+
+# ---------------------------------------------------------------------------- load / save
+def load_model(path: Union[str, os.PathLike]) -> onnx.ModelProto:
+    """Read and check an ONNX file, with one-line errors for the ways that fails."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"input file '{path}' does not exist")
+    if os.path.isdir(path):
+        raise InputError(f"input '{path}' is a directory, not an ONNX file")
+    try:
+        model = onnx.load(path)
+    except DecodeError as e:
+        raise InputError(f"'{path}' is not an ONNX model (protobuf parse error: {e})") from None
+    except Exception as e:  # external data missing, truncated file, ...
+        raise InputError(f"cannot read '{path}' as an ONNX model: {str(e).splitlines()[0]}") from None
+    if not model.graph.node and not model.graph.output:
+        raise InputError(f"'{path}' is not an ONNX model (it parsed to an empty graph)")
+    check_model(model)
+    return model
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
+        raise ModelError(f"the model fails onnx.checker: {first}") from None
+    except ValueError as e:  # > 2 GB protobuf: checked by path when saving/loading instead
+        if "2GB" not in str(e) and "2 GB" not in str(e):
+            raise ModelError(f"the model fails onnx.checker: {e}") from None
+
+
+def check_output_path(output: Union[str, os.PathLike], input_path: Optional[str], overwrite: bool) -> str:
+    """Refuse an output we could not or should not write, before doing any work."""
+    output = os.fspath(output)
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise InputError(f"output directory '{os.path.dirname(output) or '.'}' does not exist")
+    if os.path.isdir(output):
+        raise InputError(f"output '{output}' is a directory")
+    if input_path is not None and os.path.exists(output) and os.path.samefile(output, input_path) and not overwrite:
+        raise InputError(f"output '{output}' is the input file; pass --overwrite to replace it")
+    return output
+
+
+def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike]) -> None:
+    """Write atomically: a temporary file in the same folder, renamed over the target."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------- pipeline
+class _Clock:
+    def __init__(self, timings: Dict[str, float]):
+        self.timings = timings
+
+    @contextmanager
+    def __call__(self, step: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[step] = self.timings.get(step, 0.0) + time.perf_counter() - t0
+
+
+def _check_finite(graph: Graph, analysis) -> None:
+    seen = set()
+    for use in analysis.uses:
+        if use.ref is None or use.ignored or use.ref.name in seen:
+            continue
+        seen.add(use.ref.name)
+        value = graph.stored_value(use.ref)
+        if value.dtype.kind == "f" or value.dtype.name == "bfloat16":
+            if not np.all(np.isfinite(value.astype(np.float64) if value.dtype.name == "bfloat16" else value)):
+                raise ModelError(f"parameter '{use.ref.name}' contains NaN or Inf values")
+
+
+def analyse_model(model: onnx.ModelProto, input_shapes=None):
+    """Graph view, symmetry analysis and groups (what --dry-run shows)."""
+    if isinstance(input_shapes, (list, tuple)):
+        input_shapes = parse_input_shapes(input_shapes)
+    graph = Graph(model, input_shapes)
+    analysis = analyse(graph)
+    groups = build_groups(analysis)
+    return graph, analysis, groups
+
+
+def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[int, ...]], Sequence[str]]] = None,
+            solver: str = "cd", max_iter: int = 10, tol: float = 1e-2, verify_output: bool = True,
+            rtol: Optional[float] = None, seed: int = 0, dry_run: bool = False,
+            progress: Optional[Callable[[str], None]] = None) -> Tuple[onnx.ModelProto, Report]:
+    """Rescale a ReLU network with PathCond; returns the new model and a report.
+
+    `model` is a path or a ModelProto (a ModelProto is copied, never modified). The result
+    computes the same function; with `verify_output` that is checked on random inputs and a
+    mismatch above `rtol` raises `VerificationError`. `input_shapes` fixes dynamic input
+    dimensions ({"x": (1, 3, 224, 224)} or ["x:1x3x224x224"]). With `dry_run`, only the
+    analysis runs and the model is returned unchanged.
+    """
+    if solver not in ("cd", "exact"):
+        raise InputError(f"unknown solver '{solver}' (choose cd or exact)")
+    if max_iter < 0 or not tol >= 0:
+        raise InputError("--max-iter and --tol must not be negative")
+    timings: Dict[str, float] = {}
+    clock = _Clock(timings)
+    say = progress or (lambda message: None)
+    report = Report(timings=timings)
+    with clock("load"):
+        if isinstance(model, onnx.ModelProto):
+            check_model(model)
+            model = copy.deepcopy(model)
+        else:
+            report.input = os.fspath(model)
+            model = load_model(model)
+    say("analysing the graph")
+    with clock("analyse"):
+        graph, analysis, groups = analyse_model(model, input_shapes)
+        _check_finite(graph, analysis)
+    _describe_analysis(report, graph, analysis, groups)
+    if dry_run:
+        return model, report
+    say("computing diag(G)")
+    with clock("statistics"):
+        builder = ProblemBuilder(groups, analysis.uses)
+        stats.compute_diag_g(graph, analysis, builder.add)
+        problem = builder.finish()
+    say("solving")
+    with clock("solve"):
+        if solver == "exact":
+            result = solve.exact_minimiser(problem, max_iter=max_iter, tol=tol)
+        else:
+            result = solve.coordinate_descent(problem, max_iter=max_iter, tol=tol)
+    _describe_solution(report, problem, builder, result, groups, max_iter, tol)
+    report.layers = group_layers(graph, analysis, groups, result.u)
+    original = None
+    if verify_output:
+        original = copy.deepcopy(model) if groups.count else model
+    say("rewriting the weights")
+    with clock("rewrite"):
+        rewritten = rewrite.apply(model, graph, analysis.uses, groups, result.u)
+    report.rewritten = [vars(r) for r in rewritten]
+    _dtype_warnings(report, rewritten)
+    if verify_output:
+        say("checking equivalence")
+        with clock("verify"):
+            shapes = verify.verification_shapes(model, graph.input_shapes)
+            check = verify.compare(original, model, shapes, seed=seed, rtol=rtol)
+        report.verification = {"engine": check.engine, "rtol": check.rtol, "max_rel": check.max_rel,
+                               "passed": check.passed, "seed": seed,
+                               "input_shapes": {k: list(v) for k, v in check.input_shapes.items()},
+                               "outputs": [vars(o) for o in check.outputs]}
+        if not check.passed:
+            worst = max(check.outputs, key=lambda o: o.max_rel)
+            raise VerificationError(
+                f"the rescaled model differs from the input: output '{worst.name}' max difference "
+                f"{worst.max_rel:.3g} relative to its scale (rtol {check.rtol:.3g}); nothing was written")
+    return model, report
+
+
+def _describe_analysis(report: Report, graph: Graph, analysis, groups) -> None:
+    uses = [u for u in analysis.uses if not u.ignored]
+    stored = {u.ref.name for u in uses if u.ref is not None}
+    n_params = 0
+    for name in stored:
+        shape = graph.shape(name)
+        n_params += int(np.prod(shape)) if shape else 0
+    report.model = {"nodes": len(graph.nodes), "parameter_tensors": len(stored), "parameters": n_params,
+                    "opsets": {o.domain or "ai.onnx": o.version for o in graph.model.opset_import},
+                    "producer": f"{graph.model.producer_name} {graph.model.producer_version}".strip(),
+                    "inputs": {k: list(v) for k, v in graph.input_shapes.items()}}
+    report.frozen = frozen_summary(graph, analysis, groups)
+    by_category: Dict[str, int] = {}
+    for row in report.frozen:
+        by_category[row["category"]] = by_category.get(row["category"], 0) + row["groups"]
+    report.groups = {"rescalable": groups.count, "frozen": int(groups.frozen_roots.size),
+                     "frozen_by_category": by_category, "positions": analysis.n_positions}
+    report.barrier_ops = dict(analysis.unsupported)
+    report.layers = group_layers(graph, analysis, groups, None)
+    if groups.count == 0:
+        report.warnings.append("no rescalable group: the output has the same weights as the input "
+                               "(every group is frozen; see the reasons above)")
+
+
+def _describe_solution(report: Report, problem, builder, result, groups, max_iter, tol) -> None:
+    u = result.u
+    lam = np.exp(u / 2.0) if u.size else np.ones(1)
+    max_after, min_after = problem.extremes(u)
+    report.criterion = {
+        "name": "pathcond", "entries": problem.p,
+        "F_before": result.objective_before, "F_after": result.objective_after,
+        "am_gm_before": float(np.exp(problem.log_am_gm(np.zeros(problem.H)))),
+        "am_gm_after": float(np.exp(problem.log_am_gm(u))),
+        "max_before": builder.g_max_before if problem.p else 0.0,
+        "min_before": builder.g_min_before if problem.p else 0.0,
+        "max_after": max_after, "min_after": min_after,
+    }
+    exact = result.method != "coordinate-descent"
+    report.solver = {
+        "method": result.method, "sweeps": result.sweeps, "unit": "iterations" if exact else "sweeps",
+        "change_name": "gradient norm" if exact else "sum |du|", "last_change": result.last_change,
+        "converged": result.converged, "max_iter": max_iter, "tol": tol,
+        "F_before": result.objective_before, "F_after": result.objective_after, "F_history": result.history,
+        "max_abs_u": float(np.abs(u).max()) if u.size else 0.0,
+        "lambda_min": float(lam.min()), "lambda_max": float(lam.max()), "seconds": result.seconds,
+    }
+
+
+def _dtype_warnings(report: Report, rewritten) -> None:
+    limits = {"float16": 65504.0, "bfloat16": 3.3e38, "float32": 3.4e38}
+    for r in rewritten:
+        limit = limits.get(r.dtype)
+        if limit and r.max_abs_after > 0.1 * limit:
+            report.warnings.append(f"rescaled '{r.name}' ({r.dtype}) reaches {r.max_abs_after:.3g}, "
+                                   f"close to the largest {r.dtype} value")

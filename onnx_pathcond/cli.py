@@ -1,0 +1,92 @@
+"""`onnx-pathcond IN OUT`: parse the command line, call the API, print. No maths here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import __version__
+from .errors import InputError, PathCondError
+
+EXIT_CODES_HELP = """\b
+Exit codes: 0 written (or dry run); 1 the model cannot be processed;
+2 bad command line or input file; 3 the rescaled model failed the equivalence check.
+"""
+
+
+def _fail(error: PathCondError) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(error.exit_code)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.argument("input_path", metavar="IN", type=click.Path(dir_okay=True, path_type=str))
+@click.argument("output_path", metavar="OUT", required=False, type=click.Path(path_type=str))
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0xD1x...",
+              help="Fix the shape of a graph input with dynamic dimensions (repeatable).")
+@click.option("--solver", type=click.Choice(["cd", "exact"]), default="cd", show_default=True,
+              help="cd: the authors' cyclic coordinate descent (10 sweeps). exact: the minimiser of the "
+                   "criterion (can rescale weights by 1e3 or more; see README).")
+@click.option("--max-iter", type=click.IntRange(min=0), default=None,
+              help="Sweeps of coordinate descent (default 10) or iterations of the exact solver (default 200).")
+@click.option("--tol", type=click.FloatRange(min=0.0), default=None,
+              help="Stop when a sweep changes Σ|Δu| by less (cd, default 1e-2) or when the gradient's "
+                   "largest entry is below it (exact, default 1e-6).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check on random inputs that the output computes the same function.")
+@click.option("--rtol", type=click.FloatRange(min=0.0), default=None,
+              help="Largest accepted output difference relative to the output's scale "
+                   "(default 1e-5; 1e-2 for float16 outputs).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
+              help="Write the full report as JSON to this file.")
+@click.option("--dry-run", is_flag=True, help="Only analyse: print the groups and barriers, write nothing.")
+@click.option("--overwrite", is_flag=True, help="Allow OUT to be IN (replaced atomically).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors and warnings.")
+@click.option("-v", "--verbose", is_flag=True, help="Print every layer and every frozen range.")
+@click.version_option(__version__, "--version")
+def main(input_path, output_path, input_shapes, solver, max_iter, tol, verify, rtol, seed, report_path,
+         dry_run, overwrite, quiet, verbose):
+    """Rescale the ReLU network in IN with PathCond and write the equivalent model to OUT.
+
+    The output has the same graph, names, shapes and dtypes; only weight values change, so the
+    rescaled weights load back into the original framework by name.
+    """
+    from . import api
+
+    try:
+        if output_path is None and not dry_run:
+            raise InputError("missing OUT (the output path); use --dry-run to only analyse")
+        if report_path and not os.path.isdir(os.path.dirname(os.path.abspath(report_path))):
+            raise InputError(f"report directory '{os.path.dirname(report_path)}' does not exist")
+        if output_path is not None and not dry_run:
+            api.check_output_path(output_path, input_path if os.path.exists(input_path) else None, overwrite)
+        if max_iter is None:
+            max_iter = 200 if solver == "exact" else 10
+        if tol is None:
+            tol = 1e-6 if solver == "exact" else 1e-2
+        progress = (lambda message: click.echo(f"  ... {message}", err=True)) if verbose else None
+        model, report = api.rescale(input_path, input_shapes=list(input_shapes), solver=solver, max_iter=max_iter,
+                                    tol=tol, verify_output=verify, rtol=rtol, seed=seed, dry_run=dry_run,
+                                    progress=progress)
+        if not dry_run:
+            report.output = output_path
+            with api._Clock(report.timings)("save"):
+                api.save_model(model, output_path)
+    except PathCondError as e:
+        _fail(e)
+    if report_path:
+        with open(report_path, "w") as f:
+            f.write(report.to_json())
+    if not quiet:
+        click.echo(report.summary(verbose=verbose or dry_run))
+    else:
+        for w in report.warnings:
+            click.echo(f"warning: {w}", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

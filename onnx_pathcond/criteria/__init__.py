@@ -1,0 +1,1 @@
+"""Criteria: what the rescaling optimises. Each builds a `Problem` for the solver."""

@@ -1,0 +1,263 @@
+"""The PathCond criterion (DESIGN.md §3) in a compact form the solver can sweep quickly.
+
+With u the log-rescalings of the H groups, entry i of diag(G) becomes g_i·exp((Bu)_i) where
+(Bu)_i = u[out(i)] − u[in(i)] (the group it is outgoing from, minus the one it is incoming
+to; a missing side counts as 0). PathCond minimises
+
+    F(u) = p·log Σ_i g_i·exp((Bu)_i) − Σ_i (Bu)_i,
+
+over the p entries with g_i > 0. Entries of one parameter tensor that share both groups
+(every tap of one conv kernel slice) are summed into one *cell*: a block of cells is a small
+matrix G[r, c] with a group for each row (incoming side) and column (outgoing side), so the
+sums the solver needs are matrix-vector products. Entries whose scale cannot change (both
+sides fixed, or the same group on both sides) are folded into constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..symmetry import NO_POSITION, Groups, ParamUse
+
+
+@dataclass
+class Block:
+    """Cells of one parameter tensor. `row`/`col` hold group ids (H = fixed side).
+
+    `row` has shape (R, 1) or (R, C); `col` has shape (1, C) or (R, C). `gmax`/`gmin` are
+    the largest / smallest positive entry per cell, kept only where a cell sums several
+    entries (None: the cell is a single entry, equal to G).
+    """
+
+    G: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    gmax: Optional[np.ndarray]
+    gmin: Optional[np.ndarray]
+    name: str
+
+    @property
+    def dense(self) -> bool:
+        return self.row.shape[1] == 1 and self.col.shape[0] == 1
+
+    def incoming(self, u_ext: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Σ g·exp(u[col]) per row key: (keys, values) — the incoming sums at u_row = 0."""
+        if self.dense:
+            return self.row[:, 0], self.G @ np.exp(u_ext[self.col[0]])
+        values = self.G * np.exp(u_ext[self.col])
+        return np.broadcast_to(self.row, values.shape).ravel(), values.ravel()
+
+    def outgoing(self, u_ext: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Σ g·exp(−u[row]) per column key: the outgoing sums at u_col = 0."""
+        if self.dense:
+            return self.col[0], np.exp(-u_ext[self.row[:, 0]]) @ self.G
+        values = self.G * np.exp(-u_ext[self.row])
+        return np.broadcast_to(self.col, values.shape).ravel(), values.ravel()
+
+    def total(self, u_ext: np.ndarray) -> float:
+        if self.dense:
+            return float(np.exp(-u_ext[self.row[:, 0]]) @ (self.G @ np.exp(u_ext[self.col[0]])))
+        return float((self.G * np.exp(u_ext[self.col] - u_ext[self.row])).sum())
+
+    def extremes(self, u_ext: np.ndarray) -> Tuple[float, float]:
+        """Largest and smallest positive rescaled entry."""
+        factor = np.exp(u_ext[self.col] - u_ext[self.row])
+        high = (self.G if self.gmax is None else self.gmax) * factor
+        low_src = self.G if self.gmin is None else self.gmin
+        low = np.where(low_src > 0, low_src * factor, np.inf)
+        return float(high.max()), float(low.min())
+
+
+@dataclass
+class Problem:
+    H: int
+    blocks: List[Block]
+    n_in: np.ndarray  # per group: entries with g > 0 incoming to it
+    n_out: np.ndarray
+    p: int
+    const_sum: float  # Σ g over entries whose scale is fixed
+    const_max: float
+    const_min: float
+    log_sum: float  # Σ log g over all p entries
+    layer_of: np.ndarray  # per group: the node that created it (layer order)
+
+    @property
+    def A(self) -> np.ndarray:
+        """#in − #out per group: the coefficient of u_h in −Σ(Bu)_i."""
+        return (self.n_in - self.n_out).astype(np.float64)
+
+    def u_ext(self, u: np.ndarray) -> np.ndarray:
+        return np.append(np.asarray(u, dtype=np.float64), 0.0)
+
+    def total(self, u: np.ndarray) -> float:
+        ue = self.u_ext(u)
+        return self.const_sum + sum(b.total(ue) for b in self.blocks)
+
+    def objective(self, u: np.ndarray) -> float:
+        if self.p == 0:
+            return 0.0
+        return self.p * np.log(self.total(u)) + float(self.A @ u)
+
+    def log_am_gm(self, u: np.ndarray) -> float:
+        """log(arithmetic mean / geometric mean) of the rescaled diag(G); 0 when all equal."""
+        if self.p == 0:
+            return 0.0
+        log_am = np.log(self.total(u) / self.p)
+        log_gm = (self.log_sum - float(self.A @ u)) / self.p
+        return float(log_am - log_gm)
+
+    def extremes(self, u: np.ndarray) -> Tuple[float, float]:
+        ue = self.u_ext(u)
+        high, low = self.const_max, self.const_min
+        for b in self.blocks:
+            h, lo = b.extremes(ue)
+            high, low = max(high, h), min(low, lo)
+        return (high if self.p else 0.0), (low if self.p else 0.0)
+
+    def gradient(self, u: np.ndarray) -> np.ndarray:
+        """∇F = p·Bᵀw/Σw − Bᵀ1 with w the rescaled entries."""
+        ue = self.u_ext(u)
+        out_minus_in = np.zeros(self.H + 1)
+        for b in self.blocks:
+            keys, vals = b.incoming(ue)
+            w_in = np.bincount(keys, weights=vals * np.exp(-ue[keys]), minlength=self.H + 1)
+            keys, vals = b.outgoing(ue)
+            w_out = np.bincount(keys, weights=vals * np.exp(ue[keys]), minlength=self.H + 1)
+            out_minus_in += w_out - w_in
+        return self.p * out_minus_in[:self.H] / self.total(u) + self.A
+
+
+class ProblemBuilder:
+    """Collects (use, g) pairs from the statistics pass into a `Problem`."""
+
+    def __init__(self, groups: Groups, uses: List[ParamUse]):
+        self.groups = groups
+        self.H = groups.count
+        self.blocks: List[Block] = []
+        self.n_in = np.zeros(self.H + 1)
+        self.n_out = np.zeros(self.H + 1)
+        self.p = 0
+        self.const_sum = 0.0
+        self.const_max = 0.0
+        self.const_min = np.inf
+        self.log_sum = 0.0
+        self.g_max_before = 0.0
+        self.g_min_before = np.inf
+        # A tensor read by several nodes is one set of parameters: sum its g over the uses.
+        self._expected: Dict[str, int] = {}
+        for use in uses:
+            if use.ref is not None and not use.ignored:
+                self._expected[use.ref.name] = self._expected.get(use.ref.name, 0) + 1
+        self._pending: Dict[str, Tuple[ParamUse, np.ndarray, int]] = {}
+
+    def group_ids(self, positions: np.ndarray) -> np.ndarray:
+        of = self.groups.of_position
+        ids = np.where(positions >= 0, of[np.maximum(positions, 0)] if of.size else NO_POSITION, NO_POSITION)
+        return np.where(ids >= 0, ids, self.H)
+
+    def add(self, use: ParamUse, g: np.ndarray) -> None:
+        if use.ref is not None and self._expected.get(use.ref.name, 1) > 1:
+            name = use.ref.name
+            if name in self._pending:
+                first, acc, seen = self._pending[name]
+                acc += first.ref.to_view(use.ref.to_stored(g))
+                self._pending[name] = (first, acc, seen + 1)
+            else:
+                self._pending[name] = (use, g.copy(), 1)
+            first, acc, seen = self._pending[name]
+            if seen == self._expected[name]:
+                del self._pending[name]
+                self._add_entries(first, acc)
+            return
+        self._add_entries(use, g)
+
+    def _add_entries(self, use: ParamUse, g: np.ndarray) -> None:
+        label = use.ref.name if use.ref is not None else use.input_name
+        positive = g > 0
+        n_pos = int(positive.sum())
+        if n_pos == 0:
+            return
+        self.p += n_pos
+        self.log_sum += float(np.log(g[positive]).sum())
+        self.g_max_before = max(self.g_max_before, float(g.max()))
+        self.g_min_before = min(self.g_min_before, float(g[positive].min()))
+        rows = self.group_ids(use.rows)
+        cols = self.group_ids(use.cols)
+        nd = g.ndim
+        kept = [a for a in range(nd) if rows.shape[a] > 1 or cols.shape[a] > 1]
+        reduced = tuple(a for a in range(nd) if a not in kept)
+        cell_sum = g.sum(axis=reduced) if reduced else g
+        cell_count = positive.sum(axis=reduced) if reduced else positive.astype(np.int64)
+        several = int(np.prod([g.shape[a] for a in reduced])) > 1 if reduced else False
+        cell_max = g.max(axis=reduced) if several else None
+        cell_min = np.where(positive, g, np.inf).min(axis=reduced) if several else None
+        if reduced:
+            rows, cols = rows.reshape([rows.shape[a] for a in kept]), cols.reshape([cols.shape[a] for a in kept])
+        G, row, col, gmax, gmin, count = self._as_matrix(cell_sum, rows, cols, cell_max, cell_min, cell_count)
+        fixed = np.broadcast_to(row == col, G.shape)
+        if fixed.any():
+            self.const_sum += float(G[fixed].sum())
+            self.const_max = max(self.const_max, float((G if gmax is None else gmax)[fixed].max()))
+            low = (G if gmin is None else gmin)[fixed]
+            low = low[low > 0]
+            if low.size:
+                self.const_min = min(self.const_min, float(low.min()))
+            if fixed.all():
+                return
+            G = np.where(fixed, 0.0, G)
+            count = np.where(fixed, 0, count)
+            if gmin is not None:
+                gmin = np.where(fixed, np.inf, gmin)
+                gmax = np.where(fixed, 0.0, gmax)
+        self.n_in += np.bincount(np.broadcast_to(row, G.shape).ravel(), weights=count.ravel(), minlength=self.H + 1)
+        self.n_out += np.bincount(np.broadcast_to(col, G.shape).ravel(), weights=count.ravel(), minlength=self.H + 1)
+        self.blocks.append(Block(G, row, col, gmax, gmin, label))
+
+    @staticmethod
+    def _as_matrix(G, rows, cols, gmax, gmin, count):
+        """Bring cells to 2-D with rows as (R,1) where possible (matrix-vector products)."""
+        if G.ndim == 0:
+            G, rows, cols = G.reshape(1, 1), rows.reshape(1, 1), cols.reshape(1, 1)
+            gmax = None if gmax is None else gmax.reshape(1, 1)
+            gmin = None if gmin is None else gmin.reshape(1, 1)
+            count = count.reshape(1, 1)
+        elif G.ndim == 1:
+            G, rows, cols = G[:, None], rows[:, None], cols[:, None]
+            gmax = None if gmax is None else gmax[:, None]
+            gmin = None if gmin is None else gmin[:, None]
+            count = count[:, None]
+        elif G.ndim > 2:
+            shape = G.shape
+            G = G.reshape(-1, 1)
+            rows = np.broadcast_to(rows, shape).reshape(-1, 1)
+            cols = np.broadcast_to(cols, shape).reshape(-1, 1)
+            gmax = None if gmax is None else gmax.reshape(-1, 1)
+            gmin = None if gmin is None else gmin.reshape(-1, 1)
+            count = count.reshape(-1, 1)
+        # Orient so that rows vary along axis 0 only when that makes the block dense.
+        if rows.shape[0] == 1 and cols.shape[1] == 1 and (rows.shape[1] > 1 or cols.shape[0] > 1):
+            G, rows, cols, count = G.T, rows.T, cols.T, count.T
+            gmax = None if gmax is None else gmax.T
+            gmin = None if gmin is None else gmin.T
+        R, C = G.shape
+        if rows.shape[1] == 1 and cols.shape[0] == 1:
+            rows = np.broadcast_to(rows, (R, 1))
+            cols = np.broadcast_to(cols, (1, C))
+        else:  # per-cell groups (grouped convolutions)
+            rows = np.broadcast_to(rows, (R, C)) if rows.shape[1] != 1 else np.broadcast_to(rows, (R, 1))
+            cols = np.broadcast_to(cols, (R, C))
+        return (np.ascontiguousarray(G, dtype=np.float64), np.ascontiguousarray(rows), np.ascontiguousarray(cols),
+                gmax, gmin, np.asarray(count))
+
+    def finish(self) -> Problem:
+        if self._pending:  # a shared tensor not reached by all its uses (off every path)
+            for name, (first, acc, _) in list(self._pending.items()):
+                self._add_entries(first, acc)
+            self._pending.clear()
+        return Problem(
+            H=self.H, blocks=self.blocks, n_in=self.n_in[:self.H], n_out=self.n_out[:self.H], p=self.p,
+            const_sum=self.const_sum, const_max=self.const_max, const_min=self.const_min,
+            log_sum=self.log_sum, layer_of=self.groups.layer_of)

@@ -1,0 +1,398 @@
+"""A read-only view of an ONNX graph: producers, consumers, constants and static shapes.
+
+Nothing here modifies the model. The view is what every later step reads:
+which tensors are activations (they depend on a graph input) and which are constants,
+the value of a constant (folded on demand, small shape subgraphs included), where a weight
+is stored (following Identity / Transpose / Cast back to an initializer or a Constant node),
+and the static shape of every tensor for a batch of one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import InputError, ModelError
+
+# Tensors above this many elements are left out of the skeleton used for shape inference:
+# shape inference only needs their type and shape, and copying them would double memory.
+_SKELETON_MAX_ELEMENTS = 4096
+
+# Nodes that only move a weight around; a weight behind them can still be rewritten in place.
+_WEIGHT_TRANSPARENT_OPS = ("Identity", "Transpose", "Cast")
+
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+@dataclass(frozen=True)
+class StoredRef:
+    """Where a constant tensor's value lives: an initializer or a Constant node's attribute."""
+
+    name: str  # initializer name, or the Constant node's output name
+    kind: str  # "initializer" or "constant_node"
+    # Permutation that maps the stored tensor's axes to the axes seen by the consumer
+    # (None: same layout). Composed from every Transpose between the store and the use.
+    perm: Optional[Tuple[int, ...]] = None
+
+    def to_view(self, stored: np.ndarray) -> np.ndarray:
+        """The stored array as the consumer sees it."""
+        return stored if self.perm is None else np.transpose(stored, self.perm)
+
+    def to_stored(self, view: np.ndarray) -> np.ndarray:
+        """An array in the consumer's layout brought back to the stored layout."""
+        return view if self.perm is None else np.transpose(view, np.argsort(self.perm))
+
+
+def parse_input_shapes(specs: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
+    """Parse `NAME:D0xD1x...` strings (as given to --input-shape) into a dict."""
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        if not sep or not name:
+            raise InputError(f"--input-shape '{spec}' is not of the form NAME:D0xD1x... (e.g. x:1x3x224x224)")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            raise InputError(f"--input-shape '{spec}': dimensions must be positive integers separated by 'x'") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise InputError(f"--input-shape '{spec}': dimensions must be positive integers separated by 'x'")
+        shapes[name] = shape
+    return shapes
+
+
+def stored_array(tensor: TensorProto) -> np.ndarray:
+    """The value of a TensorProto (external data must already be loaded)."""
+    return numpy_helper.to_array(tensor)
+
+
+def _constant_node_array(node: onnx.NodeProto) -> np.ndarray:
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    if attr.name == "value_float":
+        return np.array(attr.f, dtype=np.float32)
+    if attr.name == "value_floats":
+        return np.array(list(attr.floats), dtype=np.float32)
+    if attr.name == "value_int":
+        return np.array(attr.i, dtype=np.int64)
+    if attr.name == "value_ints":
+        return np.array(list(attr.ints), dtype=np.int64)
+    if attr.name == "value_string":
+        return np.array(attr.s)
+    if attr.name == "value_strings":
+        return np.array(list(attr.strings))
+    raise ModelError(f"Constant node '{node.name or node.output[0]}' has an attribute '{attr.name}' that is not supported")
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """A node attribute's Python value, or `default` when absent."""
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """How a node is named in messages: its name, or its first output."""
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+class Graph:
+    """Read-only view of `model.graph` for a batch of one.
+
+    `input_shapes` overrides graph-input shapes (`--input-shape`); a dynamic batch (axis 0)
+    becomes 1; any other dynamic dimension without an override is an error.
+    """
+
+    def __init__(self, model: onnx.ModelProto, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None):
+        self.model = model
+        g = model.graph
+        self.initializers: Dict[str, TensorProto] = {t.name: t for t in g.initializer}
+        self.constant_nodes: Dict[str, onnx.NodeProto] = {}
+        for n in g.node:
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1:
+                self.constant_nodes[n.output[0]] = n
+        self.nodes: List[onnx.NodeProto] = self._topological(list(g.node))
+        self.node_index = {id(n): i for i, n in enumerate(self.nodes)}
+        self.producer: Dict[str, onnx.NodeProto] = {}
+        self.consumers: Dict[str, List[onnx.NodeProto]] = {}
+        for n in self.nodes:
+            for o in n.output:
+                if o:
+                    self.producer[o] = n
+            for i in n.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(n)
+        self.graph_inputs: List[str] = [v.name for v in g.input if v.name not in self.initializers]
+        self.graph_outputs: List[str] = [v.name for v in g.output]
+        self.elem_type: Dict[str, int] = {}
+        self._constant_cache: Dict[str, np.ndarray] = {}
+        self.input_shapes = self._resolve_input_shapes(input_shapes or {})
+        self.shapes: Dict[str, Optional[Tuple[int, ...]]] = {}
+        self.activations = set()
+        self._infer_shapes()
+
+    # ------------------------------------------------------------------ structure
+    @staticmethod
+    def _topological(nodes: List[onnx.NodeProto]) -> List[onnx.NodeProto]:
+        """Nodes in an order where every producer precedes its consumers (stable)."""
+        produced_by = {}
+        for i, n in enumerate(nodes):
+            for o in n.output:
+                if o:
+                    produced_by[o] = i
+        deps = [{produced_by[x] for x in n.input if x in produced_by and produced_by[x] != i}
+                for i, n in enumerate(nodes)]
+        if all(all(d < i for d in ds) for i, ds in enumerate(deps)):
+            return nodes
+        users: Dict[int, List[int]] = {}
+        for i, ds in enumerate(deps):
+            for d in ds:
+                users.setdefault(d, []).append(i)
+        remaining = [len(ds) for ds in deps]
+        import heapq
+        ready = [i for i, r in enumerate(remaining) if r == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            i = heapq.heappop(ready)
+            order.append(i)
+            for u in users.get(i, []):
+                remaining[u] -= 1
+                if remaining[u] == 0:
+                    heapq.heappush(ready, u)
+        if len(order) != len(nodes):
+            raise ModelError("the graph has a cycle")
+        return [nodes[i] for i in order]
+
+    def index(self, node: onnx.NodeProto) -> int:
+        return self.node_index[id(node)]
+
+    # ------------------------------------------------------------------ shapes
+    def _resolve_input_shapes(self, overrides: Dict[str, Tuple[int, ...]]) -> Dict[str, Tuple[int, ...]]:
+        known = {v.name: v for v in self.model.graph.input if v.name not in self.initializers}
+        for name in overrides:
+            if name not in known:
+                raise InputError(
+                    f"--input-shape names '{name}', which is not an input of the model (inputs: {', '.join(known) or 'none'})")
+        shapes = {}
+        for name, vi in known.items():
+            tt = vi.type.tensor_type
+            if not vi.type.HasField("tensor_type"):
+                raise ModelError(f"graph input '{name}' is not a tensor")
+            self.elem_type[name] = tt.elem_type
+            if name in overrides:
+                shape = overrides[name]
+                if tt.HasField("shape") and len(tt.shape.dim) != len(shape):
+                    raise InputError(
+                        f"--input-shape for '{name}' has {len(shape)} dimensions but the model's input has {len(tt.shape.dim)}")
+                for axis, (d, given) in enumerate(zip(tt.shape.dim if tt.HasField("shape") else [], shape)):
+                    if d.HasField("dim_value") and d.dim_value != given:
+                        raise InputError(
+                            f"--input-shape for '{name}' sets axis {axis} to {given} but the model fixes it to {d.dim_value}")
+                shapes[name] = tuple(shape)
+                continue
+            if not tt.HasField("shape"):
+                raise InputError(f"input '{name}' has no shape in the model; give it with --input-shape {name}:D0xD1x...")
+            dims = []
+            for axis, d in enumerate(tt.shape.dim):
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    dims.append(d.dim_value)
+                elif axis == 0:
+                    dims.append(1)  # dynamic batch: the statistics use a batch of one
+                else:
+                    label = d.dim_param or "?"
+                    raise InputError(
+                        f"input '{name}' has a dynamic dimension '{label}' at axis {axis}; "
+                        f"give its size with --input-shape {name}:" + "x".join(
+                            str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else ("1" if i == 0 else "N")
+                            for i, x in enumerate(tt.shape.dim)))
+            shapes[name] = tuple(dims)
+        return shapes
+
+    def _infer_shapes(self) -> None:
+        """Static shapes of every tensor, by onnx shape inference on a weight-free skeleton.
+
+        Shape inference cannot see through every shape computation an exporter writes
+        (Concat of Constants, Shape → Gather → Unsqueeze, ...). So small constant tensors are
+        folded to values and handed back to inference as initializers, until nothing new
+        is learnt.
+        """
+        g = self.model.graph
+        base_inputs = [helper.make_tensor_value_info(name, self.elem_type[name], shape)
+                       for name, shape in self.input_shapes.items()]
+        base_inits = []
+        for t in g.initializer:
+            self.elem_type[t.name] = t.data_type
+            self.shapes[t.name] = tuple(t.dims)
+            n_el = int(np.prod(t.dims)) if len(t.dims) else 1
+            if n_el <= _SKELETON_MAX_ELEMENTS or t.data_type not in FLOAT_TYPES:
+                base_inits.append(t)
+            else:
+                base_inputs.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        folded: Dict[str, np.ndarray] = {}
+        for _ in range(8):
+            nodes = [n for n in g.node if not (n.output and all(o in folded for o in n.output if o))]
+            inits = base_inits + [numpy_helper.from_array(v, name) for name, v in folded.items()]
+            graph = helper.make_graph(nodes, "skeleton", base_inputs, list(g.output), initializer=inits)
+            skeleton = helper.make_model(graph, opset_imports=list(self.model.opset_import),
+                                         ir_version=self.model.ir_version)
+            skeleton.functions.extend(self.model.functions)
+            try:
+                inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+            except Exception:  # inference is best effort: rules needing a missing shape say so
+                inferred = skeleton
+            self._collect_shapes(inferred)
+            self.activations = self._find_activations()
+            learnt = self._fold_small_constants(folded)
+            if not learnt:
+                break
+
+    def _collect_shapes(self, inferred: onnx.ModelProto) -> None:
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+            if not vi.type.HasField("tensor_type"):
+                continue
+            tt = vi.type.tensor_type
+            if tt.elem_type:
+                self.elem_type.setdefault(vi.name, tt.elem_type)
+            if not tt.HasField("shape"):
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            if all(d is not None for d in dims):
+                self.shapes[vi.name] = tuple(dims)
+        for t in inferred.graph.initializer:
+            self.shapes.setdefault(t.name, tuple(t.dims))
+            self.elem_type.setdefault(t.name, t.data_type)
+        for name, shape in self.input_shapes.items():
+            self.shapes[name] = shape
+
+    def _fold_small_constants(self, folded: Dict[str, np.ndarray]) -> bool:
+        """Evaluate constant node outputs that are small; True if any is new."""
+        learnt = False
+        for n in self.nodes:
+            outs = [o for o in n.output if o]
+            if not outs or any(o in self.activations or o in folded for o in outs):
+                continue
+            if n.op_type == "Constant" and outs[0] in self.shapes:
+                continue
+            known = [o for o in outs if o in self.shapes]
+            if known and all(int(np.prod(self.shapes[o])) > _SKELETON_MAX_ELEMENTS for o in known):
+                continue  # a weight computed from weights: shape inference handles it
+            try:
+                values = [self.constant_value(o) for o in outs]
+            except Exception:
+                continue
+            if any(v.size > _SKELETON_MAX_ELEMENTS or v.dtype == object for v in values):
+                continue
+            for o, v in zip(outs, values):
+                folded[o] = v
+                self.shapes[o] = tuple(v.shape)
+                self.elem_type.setdefault(o, helper.np_dtype_to_tensor_dtype(v.dtype))
+            learnt = True
+        return learnt
+
+    def shape(self, name: str) -> Optional[Tuple[int, ...]]:
+        return self.shapes.get(name)
+
+    # ------------------------------------------------------------------ constants
+    def _find_activations(self) -> set:
+        """Tensors whose value depends on a graph input (everything else is a constant)."""
+        act = set(self.graph_inputs)
+        for n in self.nodes:
+            if n.op_type == "Shape" and n.input and self.shapes.get(n.input[0]) is not None:
+                continue  # a static shape is a constant
+            if n.op_type == "Size" and n.input and self.shapes.get(n.input[0]) is not None:
+                continue
+            data_inputs = n.input[:1] if n.op_type == "CastLike" else n.input  # CastLike reads only a type
+            if any(i in act for i in data_inputs if i) or (not n.input and n.op_type != "Constant"):
+                act.update(o for o in n.output if o)
+        return act
+
+    def is_activation(self, name: str) -> bool:
+        return name in self.activations
+
+    def is_constant(self, name: str) -> bool:
+        return bool(name) and name not in self.activations and (
+            name in self.initializers or name in self.producer)
+
+    def constant_value(self, name: str) -> np.ndarray:
+        """Value of a constant tensor, folding its producing subgraph if needed."""
+        if name in self._constant_cache:
+            return self._constant_cache[name]
+        if name in self.initializers:
+            return stored_array(self.initializers[name])  # not cached: may be large
+        if name in self.constant_nodes:
+            value = _constant_node_array(self.constant_nodes[name])
+            return value
+        node = self.producer.get(name)
+        if node is None or name in self.activations:
+            raise ModelError(f"tensor '{name}' is not a constant")
+        if node.op_type == "Shape":
+            shape = np.array(self.shapes[node.input[0]], dtype=np.int64)
+            start, end = attr(node, "start", 0), attr(node, "end", None)
+            value = shape[start:end]
+        elif node.op_type == "CastLike":
+            target = self.elem_type.get(node.input[1], TensorProto.FLOAT)
+            value = self.constant_value(node.input[0]).astype(helper.tensor_dtype_to_np_dtype(target))
+        elif node.op_type == "Size":
+            value = np.array(int(np.prod(self.shapes[node.input[0]])), dtype=np.int64)
+        else:
+            value = self._evaluate_node(node)[list(node.output).index(name)]
+        if value.size <= _SKELETON_MAX_ELEMENTS:
+            self._constant_cache[name] = value
+        return value
+
+    def _evaluate_node(self, node: onnx.NodeProto) -> List[np.ndarray]:
+        """Run one node whose inputs are all constant (onnx's reference evaluator)."""
+        from onnx.reference import ReferenceEvaluator
+
+        feeds = {i: self.constant_value(i) for i in node.input if i}
+        inputs = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                  for i, v in feeds.items()]
+        outputs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.output if o]
+        m = helper.make_model(helper.make_graph([node], "fold", inputs, outputs),
+                              opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        try:
+            results = ReferenceEvaluator(m).run(None, feeds)
+        except Exception as e:
+            raise ModelError(f"cannot evaluate constant node '{node_label(node)}' ({node.op_type}): {e}") from None
+        return [np.asarray(r) for r in results]
+
+    def stored_ref(self, name: str) -> Optional[StoredRef]:
+        """Follow Identity / Transpose / Cast back to where a constant is stored.
+
+        Returns None when the value is computed (its stored form cannot be rescaled in place).
+        """
+        perm: Optional[Tuple[int, ...]] = None
+        current = name
+        while True:
+            if current in self.initializers:
+                return StoredRef(current, "initializer", perm)
+            if current in self.constant_nodes:
+                return StoredRef(current, "constant_node", perm)
+            node = self.producer.get(current)
+            if node is None or node.op_type not in _WEIGHT_TRANSPARENT_OPS or current in self.activations:
+                return None
+            if node.op_type == "Transpose":
+                rank = len(self.shapes.get(node.input[0]) or ())
+                p = attr(node, "perm", None)
+                p = tuple(p) if p is not None else tuple(reversed(range(rank)))
+                # view = transpose(stored_upstream, p); stored_upstream = transpose(store, perm_up)
+                perm = p if perm is None else tuple(p[i] for i in perm)
+                perm = tuple(perm)
+            current = node.input[0]
+
+    def stored_value(self, ref: StoredRef) -> np.ndarray:
+        if ref.kind == "initializer":
+            return stored_array(self.initializers[ref.name])
+        return _constant_node_array(self.constant_nodes[ref.name])
+
+    def is_float(self, name: str) -> bool:
+        return self.elem_type.get(name, TensorProto.FLOAT) in FLOAT_TYPES
+
+    def is_graph_output(self, name: str) -> bool:
+        return name in self.graph_outputs

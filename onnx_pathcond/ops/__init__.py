@@ -1,0 +1,10 @@
+"""One rule per ONNX op family. Importing this package registers them all.
+
+To support a new op, write a rule class (see `base.OpRule`) in one of these modules, or a
+new one imported below, and decorate it with `@register`. Ops without a rule are barriers.
+"""
+
+from . import batchnorm, conv, elementwise, linear, movement, pools  # noqa: F401  (registration)
+from .base import OpRule, register, rule_for, supported_op_types
+
+__all__ = ["OpRule", "register", "rule_for", "supported_op_types"]

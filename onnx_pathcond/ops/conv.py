@@ -1,0 +1,221 @@
+"""Conv and ConvTranspose: sources for their output channels, sinks for their input channels.
+
+Grouped convolutions join input channel `g·C_in/G + i` to the output channels of group g;
+depthwise is G = C_in. The path network is the same convolution with squared weights; its
+adjoint is the transposed convolution, and a weight's statistic is the correlation of the
+forward mass entering it with the adjoint mass leaving it (a weight-gradient contraction).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import attr, node_label
+from ..symmetry import Layout
+from .base import OpRule, register
+from .windows import Geometry, crop_input, geometry, pad_input, scatter_windows, window_view
+
+
+def _constant_inputs_or_cut(node, an, names) -> bool:
+    for name in names:
+        if name and not an.graph.is_constant(name):
+            an.cut(node, f"{node.op_type} '{node_label(node)}' has a weight or bias '{name}' that is not a constant")
+            return False
+    return True
+
+
+def _input_cols(node, an, x, channels, axis=1):
+    """Positions of the input channels, or None (frozen, with the reason) when unusable."""
+    lay = an.layout(x)
+    if lay is None:
+        return None
+    if lay.axis != axis or lay.channels != channels:
+        an.freeze(lay.pos, f"{node.op_type} '{node_label(node)}' reads channels on an axis other than the one they live on")
+        return None
+    return lay.pos
+
+
+def _bias_name(node):
+    return node.input[2] if len(node.input) > 2 and node.input[2] else None
+
+
+@register
+class ConvRule(OpRule):
+    op_types = ("Conv",)
+
+    def analyse(self, node, an):
+        x, w, b = node.input[0], node.input[1], _bias_name(node)
+        if not _constant_inputs_or_cut(node, an, [w, b]):
+            return
+        wshape = an.graph.shape(w)
+        groups = attr(node, "group", 1)
+        n_out, per_group_in = wshape[0], wshape[1]
+        n_in, nd = per_group_in * groups, len(wshape) - 2
+        y = node.output[0]
+        out_pos = an.new_positions(node, y, n_out)
+        an.set_layout(y, Layout(1, out_pos))
+        in_pos = _input_cols(node, an, x, n_in)
+        spatial = (1,) * nd
+        cols = None
+        if in_pos is not None:
+            if groups == 1:
+                cols = in_pos.reshape((1, n_in) + spatial)
+            else:
+                group_of_out = np.arange(n_out) // (n_out // groups)
+                index = group_of_out[:, None] * per_group_in + np.arange(per_group_in)[None, :]
+                cols = in_pos[index].reshape((n_out, per_group_in) + spatial)
+        an.add_use(node, "weight", w, wshape, rows=out_pos.reshape((n_out, 1) + spatial), cols=cols)
+        if b:
+            an.add_use(node, "bias", b, (n_out,), rows=out_pos, cols=None)
+
+    @staticmethod
+    def _setup(node, pn):
+        use, weight = pn.param(node, "weight")
+        x = pn.mass(node.input[0])[0]
+        groups = attr(node, "group", 1)
+        out_shape = pn.graph.shape(node.output[0])
+        geo = geometry(node, x.shape[1:], weight.shape[2:], out_shape[2:] if out_shape else None)
+        w2 = np.square(weight).reshape(groups, weight.shape[0] // groups, -1)
+        return use, weight.shape, x, groups, geo, w2
+
+    @staticmethod
+    def _columns(x, groups, geo: Geometry) -> np.ndarray:
+        cols = window_view(pad_input(x, geo), geo)
+        return cols.reshape(groups, (x.shape[0] // groups) * geo.kernel_volume, -1)
+
+    def forward(self, node, pn):
+        _, wshape, x, groups, geo, w2 = self._setup(node, pn)
+        y = np.matmul(w2, self._columns(x, groups, geo)).reshape((1, wshape[0]) + geo.out_size)
+        b = _bias_name(node)
+        if b:
+            y += np.square(pn.param(node, "bias")[1]).reshape((1, -1) + (1,) * len(geo.out_size))
+        pn.set_mass(node.output[0], y)
+
+    def backward(self, node, pn):
+        use, wshape, x, groups, geo, w2 = self._setup(node, pn)
+        adj = pn.adjoint(node.output[0])[0].reshape(groups, wshape[0] // groups, -1)
+        back = np.matmul(w2.transpose(0, 2, 1), adj).reshape((x.shape[0],) + geo.kernel + geo.out_size)
+        pn.add_adjoint(node.input[0], crop_input(scatter_windows(back, geo), geo)[None])
+        cols = self._columns(x, groups, geo)
+        pn.emit_g(use, np.matmul(adj, cols.transpose(0, 2, 1)).reshape(wshape))
+        if _bias_name(node):
+            pn.emit_g(pn.use(node, "bias"), adj.sum(axis=-1).reshape(-1))
+
+
+def _transpose_geometry(node, in_size, kernel, out_size):
+    """Geometry of ConvTranspose seen as a scatter: windows sit at input positions."""
+    nd = len(in_size)
+    strides = tuple(attr(node, "strides", None) or [1] * nd)
+    dilations = tuple(attr(node, "dilations", None) or [1] * nd)
+    out_pad = tuple(attr(node, "output_padding", None) or [0] * nd)
+    full = tuple((s - 1) * st + (k - 1) * d + 1 for s, st, k, d in zip(in_size, strides, kernel, dilations))
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    pads = attr(node, "pads", None)
+    if out_size is None:
+        given = attr(node, "output_shape", None)
+        if given is not None:
+            out_size = tuple(given[-nd:])
+    if pads is not None and auto_pad == "NOTSET" and attr(node, "output_shape", None) is None:
+        begin = tuple(pads[:nd])
+        if out_size is None:
+            out_size = tuple(f + op - b - e for f, op, b, e in zip(full, out_pad, pads[:nd], pads[nd:]))
+    else:
+        if out_size is None:
+            if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+                out_size = tuple(s * st for s, st in zip(in_size, strides))
+            else:
+                out_size = tuple(f + op for f, op in zip(full, out_pad))
+        total = [f + op - o for f, op, o in zip(full, out_pad, out_size)]
+        if auto_pad == "SAME_UPPER":
+            begin = tuple(t // 2 for t in total)
+        else:
+            begin = tuple(t - t // 2 for t in total)
+    scatter = Geometry(tuple(kernel), strides, dilations, (0,) * nd, (0,) * nd, full, tuple(in_size))
+    return scatter, begin, tuple(out_size)
+
+
+def _crop_or_pad(arr, begin, size):
+    """Window [begin, begin+size) of the spatial axes of arr [C, *S], zero outside."""
+    out = np.zeros((arr.shape[0],) + tuple(size), dtype=arr.dtype)
+    src, dst = [slice(None)], [slice(None)]
+    for b, s, n in zip(begin, size, arr.shape[1:]):
+        lo, hi = max(b, 0), min(b + s, n)
+        src.append(slice(lo, max(lo, hi)))
+        dst.append(slice(lo - b, lo - b + max(0, hi - lo)))
+    out[tuple(dst)] = arr[tuple(src)]
+    return out
+
+
+def _uncrop(arr, begin, full_size):
+    """Adjoint of `_crop_or_pad`: place arr back into zeros of `full_size`."""
+    out = np.zeros((arr.shape[0],) + tuple(full_size), dtype=arr.dtype)
+    src, dst = [slice(None)], [slice(None)]
+    for b, s, n in zip(begin, arr.shape[1:], full_size):
+        lo, hi = max(b, 0), min(b + s, n)
+        dst.append(slice(lo, max(lo, hi)))
+        src.append(slice(lo - b, lo - b + max(0, hi - lo)))
+    out[tuple(dst)] = arr[tuple(src)]
+    return out
+
+
+@register
+class ConvTransposeRule(OpRule):
+    op_types = ("ConvTranspose",)
+
+    def analyse(self, node, an):
+        x, w, b = node.input[0], node.input[1], _bias_name(node)
+        if not _constant_inputs_or_cut(node, an, [w, b]):
+            return
+        wshape = an.graph.shape(w)
+        groups = attr(node, "group", 1)
+        n_in, per_group_out = wshape[0], wshape[1]
+        n_out, nd = per_group_out * groups, len(wshape) - 2
+        y = node.output[0]
+        out_pos = an.new_positions(node, y, n_out)
+        an.set_layout(y, Layout(1, out_pos))
+        spatial = (1,) * nd
+        if groups == 1:
+            rows = out_pos.reshape((1, n_out) + spatial)
+        else:
+            group_of_in = np.arange(n_in) // (n_in // groups)
+            rows = out_pos[group_of_in[:, None] * per_group_out + np.arange(per_group_out)[None, :]]
+            rows = rows.reshape((n_in, per_group_out) + spatial)
+        in_pos = _input_cols(node, an, x, n_in)
+        cols = None if in_pos is None else in_pos.reshape((n_in, 1) + spatial)
+        an.add_use(node, "weight", w, wshape, rows=rows, cols=cols)
+        if b:
+            an.add_use(node, "bias", b, (n_out,), rows=out_pos, cols=None)
+
+    @staticmethod
+    def _setup(node, pn):
+        use, weight = pn.param(node, "weight")
+        x = pn.mass(node.input[0])[0]
+        groups = attr(node, "group", 1)
+        out_shape = pn.graph.shape(node.output[0])
+        geo, begin, out_size = _transpose_geometry(node, x.shape[1:], weight.shape[2:],
+                                                   out_shape[2:] if out_shape else None)
+        per_group_in = weight.shape[0] // groups
+        w2 = np.square(weight).reshape(groups, per_group_in, -1)  # [G, Cg, Og*K]
+        return use, weight.shape, x, groups, geo, begin, out_size, w2
+
+    def forward(self, node, pn):
+        _, wshape, x, groups, geo, begin, out_size, w2 = self._setup(node, pn)
+        n_out = wshape[1] * groups
+        spread = np.matmul(w2.transpose(0, 2, 1), x.reshape(groups, x.shape[0] // groups, -1))
+        full = scatter_windows(spread.reshape((n_out,) + geo.kernel + geo.out_size), geo)
+        y = _crop_or_pad(full, begin, out_size)
+        if _bias_name(node):
+            y += np.square(pn.param(node, "bias")[1]).reshape((-1,) + (1,) * len(out_size))
+        pn.set_mass(node.output[0], y[None])
+
+    def backward(self, node, pn):
+        use, wshape, x, groups, geo, begin, out_size, w2 = self._setup(node, pn)
+        adj_y = pn.adjoint(node.output[0])[0]
+        full = _uncrop(adj_y, begin, geo.padded_size)
+        cols = window_view(full, geo).reshape(groups, -1, int(np.prod(geo.out_size)))  # [G, Og*K, P]
+        pn.add_adjoint(node.input[0], np.matmul(w2, cols).reshape((1,) + x.shape))
+        xg = x.reshape(groups, x.shape[0] // groups, -1)
+        pn.emit_g(use, np.matmul(xg, cols.transpose(0, 2, 1)).reshape(wshape))
+        if _bias_name(node):
+            pn.emit_g(pn.use(node, "bias"), adj_y.reshape(adj_y.shape[0], -1).sum(axis=1))

@@ -1,0 +1,207 @@
+"""Ops that only move, copy or drop elements: Reshape, Flatten, Transpose, Concat, Slice, ...
+
+One rule serves them all. The node is run once (onnx's reference evaluator) on inputs whose
+values are their own element indices; the result says, for every output element, which input
+element it copies (or none, for padding). That map gives:
+
+* the path network: a gather forward, a scatter-add backward (copies carry weight 1);
+* the channel layout of each output: an output axis along which every slot copies from a
+  single channel position. Such an axis exists for Flatten / Reshape / Squeeze / Transpose /
+  Concat / Split / Slice / Pad / Tile / nearest Resize whenever they keep channels apart;
+  when none exists, the op mixes channels and the channels reaching it are frozen.
+
+A Concat along a non-channel axis first ties the channels of its inputs (channel c of every
+input becomes channel c of the output).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from ..graph import attr, node_label
+from ..symmetry import Layout
+from .base import OpRule, normalize_axis, register
+
+_NO_SOURCE = -1
+_UNSCALED = -1  # label of an element whose channel has no position
+_PADDING = -2  # label of an element copied from nowhere (matches any channel)
+
+
+def source_map(node, graph):
+    """For each output: int64 array (output shape) of the flat index it copies, -1 for none.
+
+    Flat indices run over the activation inputs one after another. Returns None when the op
+    is not a pure copy (an output value that is not an input element).
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    feeds, offset, inputs = {}, 0, []
+    for name in node.input:
+        if not name or name in feeds:
+            continue
+        if graph.is_activation(name):
+            shape = graph.shape(name)
+            size = int(np.prod(shape))
+            feeds[name] = (np.arange(size, dtype=np.float64) + (offset + 1)).reshape(shape)
+            offset += size
+        else:
+            feeds[name] = graph.constant_value(name)
+        inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(feeds[name].dtype),
+                                                    feeds[name].shape))
+    outputs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.output if o]
+    model = helper.make_model(helper.make_graph([node], "index_map", inputs, outputs),
+                              opset_imports=list(graph.model.opset_import), ir_version=graph.model.ir_version)
+    try:
+        results = ReferenceEvaluator(model).run(None, feeds)
+    except Exception:
+        return None, offset
+    maps = []
+    for r in results:
+        r = np.asarray(r, dtype=np.float64)
+        idx = np.rint(r)
+        if not np.array_equal(idx, r) or (idx < 0).any() or (idx > offset).any():
+            return None, offset
+        maps.append(idx.astype(np.int64) - 1)
+    return maps, offset
+
+
+def _element_labels(node, an, relabel=None):
+    """Channel position of every element of the activation inputs, flattened in feed order."""
+    g = an.graph
+    parts = []
+    seen = set()
+    for name in node.input:
+        if not name or name in seen or not g.is_activation(name):
+            continue
+        seen.add(name)
+        shape = g.shape(name)
+        lay = an.layout(name)
+        if lay is not None and relabel and name in relabel:
+            lay = Layout(lay.axis, relabel[name])
+        if lay is None:
+            parts.append(np.full(int(np.prod(shape)), _UNSCALED, dtype=np.int64))
+            continue
+        view = [1] * len(shape)
+        view[lay.axis] = lay.channels
+        labels = np.where(lay.pos >= 0, lay.pos, _UNSCALED).reshape(view)
+        parts.append(np.broadcast_to(labels, shape).ravel())
+    return np.concatenate(parts + [np.array([_PADDING], dtype=np.int64)])
+
+
+def _channel_axis(labels: np.ndarray, preferred: int):
+    """An axis along which each slot holds one label (padding ignored); (axis, slot labels)."""
+    best = None
+    for axis in range(labels.ndim):
+        n = labels.shape[axis]
+        slots = np.moveaxis(labels, axis, 0).reshape(n, -1)
+        real = slots != _PADDING
+        hi = np.where(real, slots, np.iinfo(np.int64).min).max(axis=1)
+        lo = np.where(real, slots, np.iinfo(np.int64).max).min(axis=1)
+        empty = ~real.any(axis=1)
+        if not np.all(empty | (hi == lo)):
+            continue
+        slot_labels = np.where(empty, _UNSCALED, hi)
+        key = (n, axis == preferred, axis)
+        if best is None or key > best[0]:
+            best = (key, axis, slot_labels)
+    if best is None:
+        return None
+    return best[1], best[2]
+
+
+@register
+class MovementRule(OpRule):
+    op_types = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice",
+                "Pad", "Tile", "Expand", "Gather", "DepthToSpace", "SpaceToDepth")
+
+    def analyse(self, node, an):
+        g = an.graph
+        acts = [i for i in dict.fromkeys(node.input) if i and g.is_activation(i)]
+        if any(g.shape(i) is None for i in acts) or any(o and g.shape(o) is None for o in node.output):
+            an.cut(node, f"{node.op_type} '{node_label(node)}' has a tensor of unknown shape "
+                         f"(static shapes needed; see --input-shape)")
+            return
+        if node.op_type == "Pad" and not self._zero_padding(node, g):
+            an.cut(node, f"Pad '{node_label(node)}' pads with a non-zero constant")
+            return
+        maps, _ = source_map(node, g)
+        if maps is None:
+            an.cut(node, f"{node.op_type} '{node_label(node)}' does not only copy elements")
+            return
+        an.node_data[g.index(node)] = maps
+        layouts = [an.layout(i) for i in acts]
+        if all(lay is None for lay in layouts):
+            for o in node.output:
+                an.set_layout(o, None)
+            return
+        relabel = self._tie_concat(node, an, acts, layouts) if node.op_type == "Concat" else None
+        labels = _element_labels(node, an, relabel)
+        first = next(lay for lay in layouts if lay is not None)
+        for o, src in zip([o for o in node.output if o], maps):
+            out_labels = labels[np.where(src >= 0, src, labels.size - 1)]
+            found = _channel_axis(out_labels, self._preferred_axis(node, first, len(g.shape(acts[0])), src.ndim))
+            if found is None:
+                for a in acts:
+                    an.freeze_layout(a, f"{node.op_type} '{node_label(node)}' mixes channels")
+                an.set_layout(o, None)
+                continue
+            axis, slot_labels = found
+            an.set_layout(o, Layout(axis, slot_labels.astype(np.int64)))
+
+    @staticmethod
+    def _preferred_axis(node, lay, in_rank, out_rank):
+        if node.op_type == "Transpose":
+            perm = list(attr(node, "perm", None) or reversed(range(in_rank)))
+            return perm.index(lay.axis)
+        return lay.axis if out_rank == in_rank else out_rank - 1
+
+    @staticmethod
+    def _zero_padding(node, g):
+        mode = attr(node, "mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode != "constant":
+            return True  # edge / reflect / wrap copy elements
+        if len(node.input) > 2 and node.input[2]:
+            return g.is_constant(node.input[2]) and not np.any(g.constant_value(node.input[2]))
+        return attr(node, "value", 0.0) == 0.0
+
+    @staticmethod
+    def _tie_concat(node, an, acts, layouts):
+        """Concat along a non-channel axis: tie channel c of all inputs; label them as one."""
+        g = an.graph
+        rank = len(g.shape(acts[0]))
+        axis = normalize_axis(attr(node, "axis", 0), rank)
+        known = [lay for lay in layouts if lay is not None]
+        if all(lay.axis != axis for lay in known) and len({lay.channels for lay in known}) == 1 \
+                and len({lay.axis for lay in known}) == 1:
+            if len(known) < len(layouts):
+                for lay in known:
+                    an.freeze(lay.pos, f"Concat '{node_label(node)}' joins it with channels that cannot be rescaled")
+                return None
+            for lay in known[1:]:
+                an.tie(known[0].pos, lay.pos)
+            return {a: known[0].pos for a in acts}
+        return None
+
+    # ---------------------------------------------------------------- path network
+    def forward(self, node, pn):
+        g = pn.graph
+        maps = pn.analysis.node_data[g.index(node)]
+        acts = [i for i in dict.fromkeys(node.input) if i and g.is_activation(i)]
+        flat = np.concatenate([pn.mass(a).ravel() for a in acts] + [np.zeros(1)])
+        for o, src in zip([o for o in node.output if o], maps):
+            pn.set_mass(o, flat[np.where(src >= 0, src, flat.size - 1)])
+
+    def backward(self, node, pn):
+        g = pn.graph
+        maps = pn.analysis.node_data[g.index(node)]
+        acts = [i for i in dict.fromkeys(node.input) if i and g.is_activation(i)]
+        sizes = [int(np.prod(g.shape(a))) for a in acts]
+        total = np.zeros(sum(sizes))
+        for o, src in zip([o for o in node.output if o], maps):
+            adj = pn.adjoint(o)
+            keep = src >= 0
+            total += np.bincount(src[keep], weights=adj[keep], minlength=total.size)
+        for a, part in zip(acts, np.split(total, np.cumsum(sizes)[:-1])):
+            pn.add_adjoint(a, part.reshape(g.shape(a)))

@@ -1,0 +1,137 @@
+"""diag(G): the path-lifting statistics of every parameter (DESIGN.md §2).
+
+The path network is the model with every parameter squared, ReLU-like activations as the
+identity, max pools as sums and averages with weights 1/n². Fed with ones (batch of one),
+its forward masses F and the adjoint masses R of S = Σ outputs give each parameter element
+g_i = ∂S/∂(θ_i²). Barriers cut the path network: their inputs count as outputs (adjoint 1)
+and their outputs as inputs (mass 1).
+
+`compute_diag_g` streams `(use, g)` pairs to a callback as the backward pass reaches each
+parameter, so the full g never has to be held for all parameters at once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from .errors import ModelError
+from .graph import Graph, node_label
+from .ops import rule_for
+from .symmetry import Analysis, ParamUse
+
+
+class NumpyPathNetwork:
+    """The numpy executor of the path network, and the context rules read and write."""
+
+    def __init__(self, graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, np.ndarray], None]):
+        self.graph = graph
+        self.analysis = analysis
+        self._on_g = on_g
+        self._mass: Dict[str, np.ndarray] = {}
+        self._adjoint: Dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------ context for rules
+    def mass(self, name: str) -> np.ndarray:
+        return self._mass[name]
+
+    def set_mass(self, name: str, value: np.ndarray) -> None:
+        self._mass[name] = np.asarray(value, dtype=np.float64)
+
+    def adjoint(self, name: str) -> np.ndarray:
+        adj = self._adjoint.get(name)
+        if adj is None:
+            return np.zeros_like(self._mass[name])
+        return adj
+
+    def add_adjoint(self, name: str, value: np.ndarray) -> None:
+        value = np.asarray(value, dtype=np.float64)
+        if name in self._adjoint:
+            self._adjoint[name] = self._adjoint[name] + value
+        else:
+            self._adjoint[name] = value  # never modified in place: sums build new arrays
+
+    def use(self, node, role: str) -> ParamUse:
+        return self.analysis.uses_by_node[self.graph.index(node)][role]
+
+    def has_use(self, node, role: str) -> bool:
+        return role in self.analysis.uses_by_node.get(self.graph.index(node), {})
+
+    def param(self, node, role: str) -> Tuple[ParamUse, np.ndarray]:
+        """A parameter's value in float64, in the layout its op sees."""
+        use = self.use(node, role)
+        if use.ref is not None:
+            value = use.ref.to_view(self.graph.stored_value(use.ref))
+        else:
+            value = self.graph.constant_value(use.input_name)
+        return use, np.asarray(value, dtype=np.float64)
+
+    def emit_g(self, use: ParamUse, g: np.ndarray) -> None:
+        if not use.ignored:
+            self._on_g(use, np.asarray(g, dtype=np.float64).reshape(use.view_shape))
+
+    # ------------------------------------------------------------ the passes
+    def _activation_shape(self, name: str) -> Tuple[int, ...]:
+        shape = self.graph.shape(name)
+        if shape is None:
+            raise ModelError(f"the shape of tensor '{name}' is unknown; the statistics need static shapes "
+                             f"(give the input shapes with --input-shape)")
+        return shape
+
+    def run(self) -> None:
+        g = self.graph
+        cut = self.analysis.cut_nodes
+        for name in g.graph_inputs:
+            if g.is_float(name):
+                self._mass[name] = np.ones(self._activation_shape(name))
+        active = []
+        for node in g.nodes:
+            if not any(g.is_activation(o) for o in node.output if o):
+                continue
+            active.append(node)
+            if g.index(node) in cut:
+                for o in node.output:
+                    if o and g.is_activation(o) and g.is_float(o):
+                        self._mass[o] = np.ones(self._activation_shape(o))
+                continue
+            rule_for(node).forward(node, self)
+        for name in g.graph_outputs:
+            if name in self._mass:
+                self.add_adjoint(name, np.ones_like(self._mass[name]))
+        for node in reversed(active):
+            if g.index(node) in cut:
+                for i in dict.fromkeys(node.input):
+                    if i and i in self._mass:
+                        self.add_adjoint(i, np.ones_like(self._mass[i]))
+            else:
+                rule_for(node).backward(node, self)
+            for o in node.output:  # every consumer of o came later and is done with it
+                self._adjoint.pop(o, None)
+                if o not in g.graph_outputs:
+                    self._mass.pop(o, None)
+
+    def total_mass(self) -> float:
+        """S = Σ of the path network's outputs (only meaningful right after the forward pass)."""
+        return float(sum(self._mass[o].sum() for o in self.graph.graph_outputs if o in self._mass))
+
+
+def compute_diag_g(graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, np.ndarray], None]) -> None:
+    """Run the numpy path network, calling `on_g(use, g)` once per parameter use."""
+    NumpyPathNetwork(graph, analysis, on_g).run()
+
+
+def diag_g_by_tensor(graph: Graph, analysis: Analysis) -> Dict[str, np.ndarray]:
+    """g of every rewritable parameter, in its stored layout, summed over its uses.
+
+    Holds all of g at once: for tests and inspection, not for the main pipeline.
+    """
+    out: Dict[str, np.ndarray] = {}
+
+    def collect(use: ParamUse, g: np.ndarray) -> None:
+        key = use.ref.name if use.ref is not None else use.input_name
+        stored = use.ref.to_stored(g) if use.ref is not None else g
+        out[key] = out[key] + stored if key in out else stored.copy()
+
+    compute_diag_g(graph, analysis, collect)
+    return out

@@ -92,7 +92,7 @@ class CombineRule(OpRule):
                 if out_layout is None:
                     an.add_use(node, f"bias:{c}", c, g.shape(c), rows=None, cols=None)
                 else:
-                    _add_bias_use(node, an, c, g.shape(c), yshape, out_layout.axis, out_layout.pos)
+                    _add_bias_use(node, an, c, g.shape(c), yshape, out_layout.axis, out_layout.pos, role=f"bias:{c}")
 
     @staticmethod
     def _freeze_unpaired(node, an, a, b):
@@ -128,9 +128,6 @@ class CombineRule(OpRule):
             elif pn.has_use(node, f"bias:{name}"):
                 use = pn.use(node, f"bias:{name}")
                 pn.emit_g(use, unbroadcast(adj, use.view_shape))
-
-    def use_role(self, name):
-        return f"bias:{name}"
 
 
 @register

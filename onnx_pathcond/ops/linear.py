@@ -127,7 +127,7 @@ class GemmRule(OpRule):
             pn.emit_g(use, beta ** 2 * unbroadcast(adj, use.view_shape))
 
 
-def _add_bias_use(node, an, c, cshape, yshape, out_axis, out_pos):
+def _add_bias_use(node, an, c, cshape, yshape, out_axis, out_pos, role="bias"):
     """Declare a constant added to an output: per-channel → incoming, otherwise frozen."""
     rank = len(yshape)
     cshape = tuple(cshape) if cshape is not None else ()
@@ -137,12 +137,12 @@ def _add_bias_use(node, an, c, cshape, yshape, out_axis, out_pos):
     if varies == [out_axis] or (not varies and n == 1):
         rows = out_pos.reshape([n if k == out_axis else 1 for k in range(rank)])
         rows = rows.reshape(rows.shape[rank - len(cshape):]) if len(cshape) < rank else rows
-        an.add_use(node, "bias", c, cshape, rows=rows, cols=None)
+        an.add_use(node, role, c, cshape, rows=rows, cols=None)
     else:
         why = (f"{node.op_type} '{node_label(node)}' adds a constant that is not one value per channel"
                f" (shape {list(cshape)})")
         an.freeze(out_pos, why)
-        an.add_use(node, "bias", c, cshape, rows=None, cols=None)
+        an.add_use(node, role, c, cshape, rows=None, cols=None)
 
 
 @register

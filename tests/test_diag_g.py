@@ -1,0 +1,159 @@
+"""diag(G) from the numpy path network equals brute-force enumeration of every path."""
+
+import numpy as np
+import pytest
+from onnx import helper, numpy_helper
+
+from bruteforce import bruteforce_diag_g, bruteforce_path_sum
+from nets import Net, cnn, mlp
+from onnx_pathcond.api import analyse_model
+from onnx_pathcond.stats import NumpyPathNetwork, diag_g_by_tensor
+
+
+def tool_diag_g(model):
+    graph, analysis, _ = analyse_model(model)
+    return diag_g_by_tensor(graph, analysis)
+
+
+def assert_same_g(model, wrt="edge"):
+    expected = bruteforce_diag_g(model, wrt=wrt)
+    got = tool_diag_g(model)
+    assert expected, "the reference found no parameter"
+    for name, ref in expected.items():
+        assert name in got, f"no statistics for {name}"
+        np.testing.assert_allclose(got[name], ref, rtol=1e-10, atol=1e-12 * max(1.0, np.abs(ref).max()),
+                                   err_msg=name)
+    for name, g in got.items():
+        if name not in expected:
+            assert not np.any(g), f"{name} has statistics but is on no path"
+
+
+def _conv_net(**conv):
+    def build():
+        net = Net([1, 2, 5, 5], seed=1)
+        y = net.relu(net.conv(net.x, 2, 3, 3, **conv))
+        y = net.node("Flatten", [y], axis=1)
+        stride, pad, dil = conv.get("stride", 1), conv.get("pad", 0), conv.get("dilation", 1)
+        out = (5 + 2 * pad - 2 * dil - 1) // stride + 1 if "auto_pad" not in conv else None
+        n = 3 * out * out if out else None
+        if n is None:
+            y = net.node("ReduceSum", [y, net.const_i64([1])], keepdims=1)
+            return net.model(y)
+        return net.model(net.gemm(y, n, 2))
+    return build
+
+
+def _pool_net(op, **attrs):
+    def build():
+        net = Net([1, 2, 5, 5], seed=2)
+        y = net.relu(net.conv(net.x, 2, 2, 1))
+        y = net.node(op, [y], **attrs)
+        y = net.conv(y, 2, 1, 1)
+        return net.model(y)
+    return build
+
+
+def _grouped():
+    net = Net([1, 4, 4, 4], seed=3)
+    y = net.relu(net.conv(net.x, 4, 4, 3, pad=1, group=2))
+    y = net.relu(net.conv(y, 4, 4, 3, pad=1, group=4))  # depthwise
+    return net.model(net.conv(y, 4, 2, 1))
+
+
+def _mlp_matmul_transposed_weight():
+    net = Net([1, 3], seed=4)
+    w = net.param([4, 3])
+    wt = net.node("Transpose", [w], perm=[1, 0])
+    y = net.node("Add", [net.node("MatMul", [net.x, wt]), net.param([4], "b")])
+    y = net.relu(y)
+    return net.model(net.gemm(y, 4, 2, alpha=0.5, beta=2.0))
+
+
+def _conv1d_3d():
+    net = Net([1, 2, 6], seed=5)
+    y = net.relu(net.conv(net.x, 2, 3, 3, stride=2, pad=1, dilation=1, nd=1))
+    y = net.node("Unsqueeze", [y, net.const_i64([3, 4])])
+    y = net.conv(y, 3, 2, [1, 1, 1], nd=3)
+    return net.model(y)
+
+
+def _residual_bn_concat():
+    net = Net([1, 2, 4, 4], seed=6)
+    a = net.relu(net.bn(net.conv(net.x, 2, 3, 3, pad=1, bias=False), 3))
+    b = net.relu(net.bn(net.conv(a, 3, 3, 3, pad=1, bias=False), 3))
+    s = net.relu(net.node("Add", [a, b]))
+    c = net.node("Concat", [s, net.conv(s, 3, 2, 1)], axis=1)
+    g = net.node("GlobalAveragePool", [c])
+    return net.model(net.gemm(net.node("Flatten", [g], axis=1), 5, 2))
+
+
+def _conv_transpose():
+    net = Net([1, 2, 3, 3], seed=7)
+    y = net.relu(net.conv_transpose(net.x, 2, 3, 2, stride=2))
+    y = net.relu(net.conv_transpose(y, 3, 2, 3, stride=1, pad=1, group=1))
+    return net.model(net.conv(y, 2, 1, 1))
+
+
+def _barrier():
+    net = Net([1, 3], seed=8)
+    y = net.node("Sigmoid", [net.gemm(net.x, 3, 4)])
+    y = net.relu(net.gemm(y, 4, 3))
+    return net.model(net.gemm(y, 3, 2))
+
+
+CASES = {
+    "mlp_with_biases": lambda: mlp([3, 4, 3, 2], seed=0),
+    "mlp_matmul_add": lambda: mlp([3, 4, 2], seed=1, kind="matmul"),
+    "conv_pad_stride": _conv_net(stride=2, pad=1),
+    "conv_dilation": _conv_net(dilation=2, pad=2),
+    "conv_same_upper": _conv_net(auto_pad="SAME_UPPER", stride=2),
+    "conv_same_lower": _conv_net(auto_pad="SAME_LOWER"),
+    "maxpool": _pool_net("MaxPool", kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 1, 1]),
+    "maxpool_ceil": _pool_net("MaxPool", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+    "avgpool_exclude_pad": _pool_net("AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+    "avgpool_include_pad": _pool_net("AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                                     count_include_pad=1),
+    "avgpool_ceil": _pool_net("AveragePool", kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+    "global_max": _pool_net("GlobalMaxPool"),
+    "grouped_and_depthwise": _grouped,
+    "conv1d_and_3d": _conv1d_3d,
+    "residual_bn_concat": _residual_bn_concat,
+    "conv_transpose": _conv_transpose,
+    "cnn_maxpool_flatten": lambda: cnn([1, 2, 2], size=4, seed=3),
+    "cnn_avgpool": lambda: cnn([2, 2], size=4, pool="avg", seed=4),
+    "sigmoid_barrier": _barrier,
+    "pruned_mlp": lambda: mlp([4, 5, 3], seed=5, prune=0.4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_diag_g_matches_path_enumeration(case):
+    assert_same_g(CASES[case]())
+
+
+def test_gemm_alpha_beta_follow_the_parameter_convention():
+    # α and β are fixed weights on the path: g of W includes α², g of C includes β².
+    assert_same_g(_mlp_matmul_transposed_weight(), wrt="param")
+
+
+def test_path_sum_is_the_path_networks_output():
+    model = _residual_bn_concat()
+    graph, analysis, _ = analyse_model(model)
+    pn = NumpyPathNetwork(graph, analysis, lambda use, g: None)
+    pn.run()
+    total = float(sum(pn.mass(o).sum() for o in graph.graph_outputs))
+    assert total == pytest.approx(bruteforce_path_sum(model), rel=1e-12)
+
+
+def test_closed_form_one_hidden_layer():
+    # y = W2 relu(W1 x + b1) + b2 with x = ones: g(W1[j,i]) = Σ_o W2[o,j]², g(b2) = 1,
+    # g(W2[o,j]) = Σ_i W1[j,i]² + b1[j]².
+    model = mlp([3, 4, 2], seed=11)
+    w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    (w1, b1, w2, b2) = [w[t.name] for t in model.graph.initializer]
+    g = tool_diag_g(model)
+    names = [t.name for t in model.graph.initializer]
+    np.testing.assert_allclose(g[names[0]], np.tile((w2 ** 2).sum(0)[:, None], (1, 3)), rtol=1e-12)
+    np.testing.assert_allclose(g[names[1]], (w2 ** 2).sum(0), rtol=1e-12)
+    np.testing.assert_allclose(g[names[2]], np.tile(((w1 ** 2).sum(1) + b1 ** 2)[None, :], (2, 1)), rtol=1e-12)
+    np.testing.assert_allclose(g[names[3]], np.ones(2), rtol=1e-12)

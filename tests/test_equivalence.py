@@ -1,0 +1,101 @@
+"""The rescaled model computes the same function: onnxruntime on random inputs."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from nets import Net, cnn, mlp
+from onnx_pathcond import rescale
+
+MODELS = sorted(glob.glob("models/*.onnx"))
+
+
+def run(model, feeds):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def random_feeds(model, seed, batch=None):
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in model.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else (batch or 3) for d in vi.type.tensor_type.shape.dim]
+        if batch and dims:
+            dims[0] = batch if not vi.type.tensor_type.shape.dim[0].HasField("dim_value") else dims[0]
+        feeds[vi.name] = (rng.standard_normal(dims) * 2).astype(np.float32)
+    return feeds
+
+
+def assert_equivalent(before, after, seed=123, rtol=1e-5):
+    feeds = random_feeds(before, seed)
+    for a, b in zip(run(before, feeds), run(after, feeds)):
+        scale = np.abs(a).max()
+        assert np.abs(a - b).max() <= rtol * max(scale, 1e-30), (np.abs(a - b).max(), scale)
+
+
+def test_models_folder_is_not_empty():
+    assert len(MODELS) >= 5
+
+
+@pytest.mark.parametrize("path", MODELS, ids=os.path.basename)
+def test_shipped_model_rescales_to_an_equivalent_model(path):
+    before = onnx.load(path)
+    after, report = rescale(path)
+    assert report.verification["passed"]
+    assert_equivalent(before, after)
+    changed = report.groups["rescalable"] > 0
+    assert bool(report.rewritten) == changed
+
+
+def test_manifest_lists_every_shipped_model():
+    with open("models/MANIFEST.json") as f:
+        manifest = json.load(f)
+    files = {entry["file"] for entry in manifest}
+    assert {os.path.basename(p) for p in MODELS} == files
+
+
+GENERATED = [
+    ("mlp", dict(widths=[20, 64, 64, 10], seed=0, scale=1.0)),
+    ("mlp", dict(widths=[8, 200, 3, 150, 4], seed=1, scale=0.3)),
+    ("mlp", dict(widths=[16] * 9 + [2], seed=2, scale=1.5)),  # deep
+    ("mlp", dict(widths=[10, 30, 30, 5], seed=3, scale=1e-3)),  # tiny weights
+    ("mlp", dict(widths=[10, 30, 30, 5], seed=4, scale=20.0)),  # large weights
+    ("mlp", dict(widths=[12, 40, 40, 6], seed=5, prune=0.7)),  # pruned
+    ("mlp", dict(widths=[12, 40, 6], seed=6, kind="matmul", batch=None)),
+    ("cnn", dict(channels=[3, 8, 16, 8], seed=7, size=16)),
+    ("cnn", dict(channels=[1, 4, 4, 4, 4], seed=8, size=16, pool="avg", scale=0.2)),
+    ("cnn", dict(channels=[2, 32, 2, 32], seed=9, size=8, scale=3.0)),
+]
+
+
+@pytest.mark.parametrize("kind,kwargs", GENERATED, ids=[f"{k}{i}" for i, (k, _) in enumerate(GENERATED)])
+def test_generated_network_is_equivalent(kind, kwargs):
+    kwargs = dict(kwargs)
+    batch = kwargs.pop("batch", 1)
+    if kind == "mlp":
+        model = mlp(batch=batch if batch else "N", **kwargs)
+    else:
+        model = cnn(**kwargs)
+    after, report = rescale(model)
+    assert report.groups["rescalable"] > 0
+    assert report.criterion["F_after"] <= report.criterion["F_before"]
+    assert_equivalent(model, after)
+    for t in after.graph.initializer:
+        assert np.all(np.isfinite(onnx.numpy_helper.to_array(t)))
+
+
+def test_all_zero_layer_gives_no_nan():
+    model = mlp([6, 8, 8, 3], seed=10)
+    w = model.graph.initializer[2]  # second layer weight
+    w.CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(w)), w.name))
+    after, report = rescale(model)
+    for t in after.graph.initializer:
+        assert np.all(np.isfinite(onnx.numpy_helper.to_array(t)))
+    assert_equivalent(model, after)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Collection, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -19,8 +20,9 @@ from google.protobuf.message import DecodeError
 
 from . import rewrite, solve, stats, verify
 from .criteria.pathcond import ProblemBuilder
-from .errors import InputError, ModelError, VerificationError
-from .graph import FLOAT_TYPES, Graph, node_label, parse_input_shapes
+from .errors import InputError, ModelError, SaveError, VerificationError
+from .exporters import folded_batchnorm, folded_batchnorm_warning
+from .graph import Graph, parse_input_shapes
 from .report import Report, frozen_summary, group_layers
 from .symmetry import analyse, build_groups
 
@@ -29,33 +31,69 @@ ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
 # ---------------------------------------------------------------------------- load / save
 def load_model(path: Union[str, os.PathLike]) -> onnx.ModelProto:
-    """Read and check an ONNX file, with one-line errors for the ways that fails."""
+    """Read and check an ONNX file, with one-line errors for the ways that fails.
+
+    External data is loaded into memory; `uses_external_data(model)` remembers that the file
+    kept its weights outside, so `save_model` can do the same.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"input file '{path}' does not exist")
     if os.path.isdir(path):
         raise InputError(f"input '{path}' is a directory, not an ONNX file")
     try:
-        model = onnx.load(path)
+        model = onnx.load(path, load_external_data=False)
     except DecodeError as e:
         raise InputError(f"'{path}' is not an ONNX model (protobuf parse error: {e})") from None
-    except Exception as e:  # external data missing, truncated file, ...
-        raise InputError(f"cannot read '{path}' as an ONNX model: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # truncated file, ...
+        raise InputError(f"cannot read '{path}' as an ONNX model: {_one_line(e)}") from None
     if not model.graph.node and not model.graph.output:
         raise InputError(f"'{path}' is not an ONNX model (it parsed to an empty graph)")
+    external = {t.name for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL}
+    if external:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+        except Exception as e:
+            raise InputError(f"cannot read the external data of '{path}': {_one_line(e)}") from None
+        _EXTERNAL_TENSORS[id(model)] = external
     check_model(model)
     return model
+
+
+# For a ModelProto read by load_model: the tensors its file kept in external data.
+_EXTERNAL_TENSORS: Dict[int, set] = {}
+
+
+def external_tensors(model: onnx.ModelProto) -> set:
+    """Names of the tensors that the model's file stored as external data."""
+    return _EXTERNAL_TENSORS.get(id(model), set())
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    return bool(external_tensors(model))
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+
+
+def _one_line(error: Exception, limit: int = 400) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def check_model(model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
-        raise ModelError(f"the model fails onnx.checker: {first}") from None
-    except ValueError as e:  # > 2 GB protobuf: checked by path when saving/loading instead
-        if "2GB" not in str(e) and "2 GB" not in str(e):
-            raise ModelError(f"the model fails onnx.checker: {e}") from None
+        raise ModelError(f"the model fails onnx.checker: {_one_line(e) or 'invalid model'}") from None
+    except ValueError as e:  # > 2 GB protobuf: cannot be checked in memory
+        if "2GiB" not in str(e) and "2GB" not in str(e):
+            raise ModelError(f"the model fails onnx.checker: {_one_line(e)}") from None
 
 
 def check_output_path(output: Union[str, os.PathLike], input_path: Optional[str], overwrite: bool) -> str:
@@ -71,19 +109,53 @@ def check_output_path(output: Union[str, os.PathLike], input_path: Optional[str]
     return output
 
 
-def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike]) -> None:
-    """Write atomically: a temporary file in the same folder, renamed over the target."""
+def _new_file_mode(path: str) -> int:
+    """The mode a plain new file would get, or the mode of the file being replaced."""
+    if os.path.exists(path):
+        return os.stat(path).st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], external: Optional[Collection[str]] = None) -> None:
+    """Write atomically; the tensors the input kept in external data stay external.
+
+    `external` names the tensors to store in `<OUT>.data` (default: those of the file the
+    model was loaded from). Everything is first written into a temporary folder next to the
+    target, then moved into place (the data file before the model that points to it), so a
+    failure leaves nothing at the target and never touches the input's files.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    name = os.path.basename(path)
+    external = set(external_tensors(model) if external is None else external)
+    data_name = name + ".data"
+    work = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    moved_out = [t for t in _all_tensors(model) if t.name in external and t.HasField("raw_data")]
     try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        try:
+            for tensor in moved_out:
+                onnx.external_data_helper.set_external_data(tensor, location=data_name)
+            if moved_out:
+                onnx.external_data_helper.write_external_data_tensors(model, work)
+            onnx.save(model, os.path.join(work, name))
+        finally:  # give the caller its values back, inline
+            for tensor in moved_out:
+                if not tensor.HasField("raw_data"):
+                    onnx.external_data_helper.load_external_data_for_tensor(tensor, work)
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+        mode = _new_file_mode(path)
+        if moved_out:
+            os.chmod(os.path.join(work, data_name), mode)
+            os.replace(os.path.join(work, data_name), os.path.join(folder, data_name))
+        os.chmod(os.path.join(work, name), mode)
+        os.replace(os.path.join(work, name), path)
+    except OSError as e:
+        raise SaveError(f"cannot write '{path}': {e.strerror or _one_line(e)}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- pipeline
@@ -201,7 +273,7 @@ def _describe_analysis(report: Report, graph: Graph, analysis, groups) -> None:
     for name in stored:
         shape = graph.shape(name)
         n_params += int(np.prod(shape)) if shape else 0
-    report.model = {"nodes": len(graph.nodes), "parameter_tensors": len(stored), "parameters": n_params,
+    report.model = {"external_data_tensors": len(external_tensors(graph.model)), "nodes": len(graph.nodes), "parameter_tensors": len(stored), "parameters": n_params,
                     "opsets": {o.domain or "ai.onnx": o.version for o in graph.model.opset_import},
                     "producer": f"{graph.model.producer_name} {graph.model.producer_version}".strip(),
                     "inputs": {k: list(v) for k, v in graph.input_shapes.items()}}
@@ -213,9 +285,15 @@ def _describe_analysis(report: Report, graph: Graph, analysis, groups) -> None:
                      "frozen_by_category": by_category, "positions": analysis.n_positions}
     report.barrier_ops = dict(analysis.unsupported)
     report.layers = group_layers(graph, analysis, groups, None)
+    report.exporter = {"folded_batchnorm": folded_batchnorm(graph)}
+    folded = folded_batchnorm_warning(graph)
+    if folded:
+        report.warnings.append(folded)
     if groups.count == 0:
-        report.warnings.append("no rescalable group: the output has the same weights as the input "
-                               "(every group is frozen; see the reasons above)")
+        why = ", ".join(f"{n} {cat.replace('_', ' ')}" for cat, n in sorted(by_category.items(), key=lambda kv: -kv[1]))
+        first = report.frozen[0]["reason"] if report.frozen else "no neuron found"
+        report.warnings.append(f"no rescalable group: the output has the same weights as the input (frozen groups: "
+                               f"{why or 'none'}; e.g. {first})")
 
 
 def _describe_solution(report: Report, problem, builder, result, groups, max_iter, tol) -> None:

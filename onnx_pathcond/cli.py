@@ -22,7 +22,31 @@ def _fail(error: PathCondError) -> None:
     sys.exit(error.exit_code)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+class _OneLineErrors(click.Command):
+    """click's usage errors, like ours, as one `error: ...` line (exit code 2)."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]},
+               epilog=EXIT_CODES_HELP)
 @click.argument("input_path", metavar="IN", type=click.Path(dir_okay=True, path_type=str))
 @click.argument("output_path", metavar="OUT", required=False, type=click.Path(path_type=str))
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0xD1x...",
@@ -60,8 +84,16 @@ def main(input_path, output_path, input_shapes, solver, max_iter, tol, verify, r
     try:
         if output_path is None and not dry_run:
             raise InputError("missing OUT (the output path); use --dry-run to only analyse")
-        if report_path and not os.path.isdir(os.path.dirname(os.path.abspath(report_path))):
-            raise InputError(f"report directory '{os.path.dirname(report_path)}' does not exist")
+        if report_path:
+            if not os.path.isdir(os.path.dirname(os.path.abspath(report_path))):
+                raise InputError(f"report directory '{os.path.dirname(report_path)}' does not exist")
+            for other, what in ((input_path, "the input model"), (output_path, "the output model")):
+                if other and _same_file(report_path, other):
+                    raise InputError(f"--report '{report_path}' is {what}; choose another file for the report")
+        names = [spec.rpartition(":")[0] for spec in input_shapes]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise InputError(f"--input-shape given more than once for '{repeated[0]}'")
         if output_path is not None and not dry_run:
             api.check_output_path(output_path, input_path if os.path.exists(input_path) else None, overwrite)
         if max_iter is None:

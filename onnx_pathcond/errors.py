@@ -28,3 +28,9 @@ class VerificationError(PathCondError):
     """The rescaled model does not compute the same function as the input."""
 
     exit_code = 3
+
+
+class SaveError(PathCondError):
+    """The output could not be written (disk full, permissions, ...)."""
+
+    exit_code = 1

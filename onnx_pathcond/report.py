@@ -83,6 +83,7 @@ class Report:
     layers: List[dict] = field(default_factory=list)
     frozen: List[dict] = field(default_factory=list)
     barrier_ops: Dict[str, int] = field(default_factory=dict)
+    exporter: dict = field(default_factory=dict)
     criterion: dict = field(default_factory=dict)
     solver: dict = field(default_factory=dict)
     rewritten: List[dict] = field(default_factory=list)

@@ -172,7 +172,8 @@ def coordinate_descent(problem: Problem, max_iter: int = 10, tol: float = 1e-2,
     history = []
     change = math.inf
     sweeps = 0
-    for sweeps in range(1, max_iter + 1):
+    for sweep in range(1, max_iter + 1):
+        sweeps = sweep
         total = problem.total(u_ext[:-1])
         change = 0.0
         for layer in layers:
@@ -189,5 +190,7 @@ def coordinate_descent(problem: Problem, max_iter: int = 10, tol: float = 1e-2,
         if change < tol:
             break
     u = u_ext[:-1].copy()
+    if not history:  # max_iter = 0: no sweep, no rescaling
+        return SolveResult(u, "coordinate-descent", 0, 0.0, False, f0, f0, [], time.perf_counter() - t0)
     return SolveResult(u, "coordinate-descent", sweeps, change, change < tol, f0, history[-1], history,
                        time.perf_counter() - t0)

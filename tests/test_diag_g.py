@@ -157,3 +157,80 @@ def test_closed_form_one_hidden_layer():
     np.testing.assert_allclose(g[names[1]], (w2 ** 2).sum(0), rtol=1e-12)
     np.testing.assert_allclose(g[names[2]], np.tile(((w1 ** 2).sum(1) + b1 ** 2)[None, :], (2, 1)), rtol=1e-12)
     np.testing.assert_allclose(g[names[3]], np.ones(2), rtol=1e-12)
+
+
+def _resize_net(mode):
+    def build():
+        net = Net([1, 2, 3, 3], seed=12, opset=13)
+        y = net.relu(net.conv(net.x, 2, 2, 1))
+        scales = net.name("scales")
+        net.inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], dtype=np.float32), scales))
+        y = net.node("Resize", [y, "", scales], mode=mode)
+        return net.model(net.conv(y, 2, 1, 1))
+    return build
+
+
+def _residual_only():
+    net = Net([1, 2, 3, 3], seed=13)
+    s = net.relu(net.conv(net.x, 2, 2, 3, pad=1))
+    t = net.conv(net.relu(net.conv(s, 2, 2, 3, pad=1)), 2, 2, 1)
+    s = net.relu(net.node("Add", [s, t]))
+    return net.model(net.conv(s, 2, 1, 1))
+
+
+def _concat_split_slice():
+    net = Net([1, 2, 4, 4], seed=14)
+    a = net.relu(net.conv(net.x, 2, 3, 1))
+    b = net.relu(net.conv(net.x, 2, 2, 1))
+    c = net.node("Concat", [a, b], axis=1)
+    left, right = net.node("Split", [c, net.const_i64([2, 3])], n_out=2, axis=1)
+    s = net.node("Slice", [right, net.const_i64([1]), net.const_i64([3]), net.const_i64([2])])  # H rows 1..2
+    pad = net.node("Pad", [s, net.const_i64([0, 0, 1, 0, 0, 0, 1, 0])])
+    y = net.node("Concat", [net.conv(left, 2, 3, 1), pad], axis=1)
+    return net.model(net.conv(y, 6, 1, 1))
+
+
+def _bn_after_concat():
+    net = Net([1, 2, 3, 3], seed=15)
+    a = net.relu(net.bn(net.conv(net.x, 2, 2, 3, pad=1, bias=False), 2))
+    c = net.node("Concat", [net.x, a], axis=1)
+    y = net.relu(net.bn(c, 4))
+    return net.model(net.conv(y, 4, 2, 1))
+
+
+CASES.update({
+    "resize_nearest": _resize_net("nearest"),
+    "residual_identity": _residual_only,
+    "concat_split_slice_pad": _concat_split_slice,
+    "bn_after_concat": _bn_after_concat,
+})
+
+
+@pytest.mark.parametrize("case", ["resize_nearest", "residual_identity", "concat_split_slice_pad",
+                                  "bn_after_concat"])
+def test_diag_g_matches_path_enumeration_issue3(case):
+    assert_same_g(CASES[case]())
+
+
+@pytest.mark.parametrize("mode", ["linear", "cubic", "nearest"])
+def test_resize_path_network_squares_every_interpolation_weight(mode):
+    # Independent of the separable probe: the full operator K of Resize, column by column from
+    # onnxruntime on one-hot inputs; the path network maps ones to (K∘K)·1.
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    shape = [1, 1, 3, 4]
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 1.5], dtype=np.float32), "scales")
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], mode=mode)
+    g = helper.make_graph([node], "r", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=[scales])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    n = int(np.prod(shape))
+    columns = [sess.run(None, {"x": np.eye(n, dtype=np.float32)[j].reshape(shape)})[0].ravel() for j in range(n)]
+    K = np.stack(columns, axis=1).astype(np.float64)
+    graph, analysis, _ = analyse_model(model)
+    pn = NumpyPathNetwork(graph, analysis, lambda use, g: None)
+    pn.run()
+    np.testing.assert_allclose(pn.mass("y").ravel(), (K ** 2).sum(axis=1), rtol=1e-5, atol=1e-6)

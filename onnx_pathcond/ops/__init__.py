@@ -4,7 +4,7 @@ To support a new op, write a rule class (see `base.OpRule`) in one of these modu
 new one imported below, and decorate it with `@register`. Ops without a rule are barriers.
 """
 
-from . import batchnorm, conv, elementwise, linear, movement, pools  # noqa: F401  (registration)
+from . import batchnorm, conv, elementwise, linear, movement, pools, resize  # noqa: F401  (registration)
 from .base import OpRule, register, rule_for, supported_op_types
 
 __all__ = ["OpRule", "register", "rule_for", "supported_op_types"]

@@ -62,6 +62,15 @@ class Block:
             return float(np.exp(-u_ext[self.row[:, 0]]) @ (self.G @ np.exp(u_ext[self.col[0]])))
         return float((self.G * np.exp(u_ext[self.col] - u_ext[self.row])).sum())
 
+    def masses(self, u_ext: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Rescaled mass per incoming key and per outgoing key: (row keys, in, col keys, out)."""
+        if self.dense:
+            er, ec = np.exp(-u_ext[self.row[:, 0]]), np.exp(u_ext[self.col[0]])
+            return self.row[:, 0], er * (self.G @ ec), self.col[0], (er @ self.G) * ec
+        w = self.G * np.exp(u_ext[self.col] - u_ext[self.row])
+        return (np.broadcast_to(self.row, w.shape).ravel(), w.ravel(),
+                np.broadcast_to(self.col, w.shape).ravel(), w.ravel())
+
     def extremes(self, u_ext: np.ndarray) -> Tuple[float, float]:
         """Largest and smallest positive rescaled entry."""
         factor = np.exp(u_ext[self.col] - u_ext[self.row])
@@ -117,17 +126,25 @@ class Problem:
             high, low = max(high, h), min(low, lo)
         return (high if self.p else 0.0), (low if self.p else 0.0)
 
-    def gradient(self, u: np.ndarray) -> np.ndarray:
-        """∇F = p·Bᵀw/Σw − Bᵀ1 with w the rescaled entries."""
+    def evaluate(self, u: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
+        """F(u), ∇F(u) = p·Bᵀw/Σw − Bᵀ1, and the rescaled mass touching each group, in one pass."""
         ue = self.u_ext(u)
-        out_minus_in = np.zeros(self.H + 1)
+        w_in = np.zeros(self.H + 1)
+        w_out = np.zeros(self.H + 1)
+        total = self.const_sum
         for b in self.blocks:
-            keys, vals = b.incoming(ue)
-            w_in = np.bincount(keys, weights=vals * np.exp(-ue[keys]), minlength=self.H + 1)
-            keys, vals = b.outgoing(ue)
-            w_out = np.bincount(keys, weights=vals * np.exp(ue[keys]), minlength=self.H + 1)
-            out_minus_in += w_out - w_in
-        return self.p * out_minus_in[:self.H] / self.total(u) + self.A
+            rk, rin, ck, cout = b.masses(ue)
+            w_in += np.bincount(rk, weights=rin, minlength=self.H + 1)
+            w_out += np.bincount(ck, weights=cout, minlength=self.H + 1)
+            total += float(rin.sum())
+        if self.p == 0 or total <= 0:
+            return 0.0, np.zeros(self.H), np.zeros(self.H)
+        F = self.p * np.log(total) + float(self.A @ u)
+        grad = self.p * (w_out[:self.H] - w_in[:self.H]) / total + self.A
+        return F, grad, (w_in[:self.H] + w_out[:self.H]) / total
+
+    def gradient(self, u: np.ndarray) -> np.ndarray:
+        return self.evaluate(u)[1]
 
 
 class ProblemBuilder:

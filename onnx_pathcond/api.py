@@ -197,6 +197,7 @@ def analyse_model(model: onnx.ModelProto, input_shapes=None):
 def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[int, ...]], Sequence[str]]] = None,
             solver: str = "cd", max_iter: int = 10, tol: float = 1e-2, verify_output: bool = True,
             rtol: Optional[float] = None, seed: int = 0, dry_run: bool = False,
+            backend: str = "auto", device: str = "cpu",
             progress: Optional[Callable[[str], None]] = None) -> Tuple[onnx.ModelProto, Report]:
     """Rescale a ReLU network with PathCond; returns the new model and a report.
 
@@ -204,12 +205,17 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     computes the same function; with `verify_output` that is checked on random inputs and a
     mismatch above `rtol` raises `VerificationError`. `input_shapes` fixes dynamic input
     dimensions ({"x": (1, 3, 224, 224)} or ["x:1x3x224x224"]). With `dry_run`, only the
-    analysis runs and the model is returned unchanged.
+    analysis runs and the model is returned unchanged. `backend` computes diag(G) with numpy or
+    onnxruntime (`auto`: onnxruntime when installed); `device="cuda"` asks onnxruntime for its
+    CUDA execution provider (the report says which providers really ran).
     """
     if solver not in ("cd", "exact"):
         raise InputError(f"unknown solver '{solver}' (choose cd or exact)")
     if max_iter < 0 or not tol >= 0:
         raise InputError("--max-iter and --tol must not be negative")
+    stats.resolve_backend(backend)
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"unknown device '{device}' (choose cpu or cuda)")
     timings: Dict[str, float] = {}
     clock = _Clock(timings)
     say = progress or (lambda message: None)
@@ -231,8 +237,10 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     say("computing diag(G)")
     with clock("statistics"):
         builder = ProblemBuilder(groups, analysis.uses)
-        stats.compute_diag_g(graph, analysis, builder.add)
+        report.statistics = stats.compute_diag_g(graph, analysis, builder.add, backend=backend, device=device)
         problem = builder.finish()
+    if report.statistics.get("notice"):
+        report.warnings.append(report.statistics["notice"])
     say("solving")
     with clock("solve"):
         if solver == "exact":

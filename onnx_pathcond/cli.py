@@ -59,6 +59,10 @@ def _same_file(a: str, b: str) -> bool:
 @click.option("--tol", type=click.FloatRange(min=0.0), default=None,
               help="Stop when a sweep changes Σ|Δu| by less (cd, default 1e-2) or when the gradient's "
                    "largest entry is below it (exact, default 1e-6).")
+@click.option("--backend", type=click.Choice(["auto", "numpy", "onnxruntime"]), default="auto", show_default=True,
+              help="What computes diag(G): numpy, or onnxruntime (auto: onnxruntime when installed).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: run the onnxruntime backend on its CUDA execution provider (needs onnx-pathcond[gpu]).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check on random inputs that the output computes the same function.")
 @click.option("--rtol", type=click.FloatRange(min=0.0), default=None,
@@ -72,8 +76,8 @@ def _same_file(a: str, b: str) -> bool:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors and warnings.")
 @click.option("-v", "--verbose", is_flag=True, help="Print every layer and every frozen range.")
 @click.version_option(__version__, "--version")
-def main(input_path, output_path, input_shapes, solver, max_iter, tol, verify, rtol, seed, report_path,
-         dry_run, overwrite, quiet, verbose):
+def main(input_path, output_path, input_shapes, solver, max_iter, tol, backend, device, verify, rtol, seed,
+         report_path, dry_run, overwrite, quiet, verbose):
     """Rescale the ReLU network in IN with PathCond and write the equivalent model to OUT.
 
     The output has the same graph, names, shapes and dtypes; only weight values change, so the
@@ -103,7 +107,7 @@ def main(input_path, output_path, input_shapes, solver, max_iter, tol, verify, r
         progress = (lambda message: click.echo(f"  ... {message}", err=True)) if verbose else None
         model, report = api.rescale(input_path, input_shapes=list(input_shapes), solver=solver, max_iter=max_iter,
                                     tol=tol, verify_output=verify, rtol=rtol, seed=seed, dry_run=dry_run,
-                                    progress=progress)
+                                    backend=backend, device=device, progress=progress)
         if not dry_run:
             report.output = output_path
             with api._Clock(report.timings)("save"):

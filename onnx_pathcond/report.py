@@ -84,6 +84,7 @@ class Report:
     frozen: List[dict] = field(default_factory=list)
     barrier_ops: Dict[str, int] = field(default_factory=dict)
     exporter: dict = field(default_factory=dict)
+    statistics: dict = field(default_factory=dict)
     criterion: dict = field(default_factory=dict)
     solver: dict = field(default_factory=dict)
     rewritten: List[dict] = field(default_factory=list)
@@ -120,6 +121,9 @@ class Report:
             lines.append(f"    frozen   {f['tensor']}[{f['channels']}]: {f['reason']}")
         if len(shown) < len(self.frozen):
             lines.append(f"    ... {len(self.frozen) - len(shown)} more frozen ranges (see -v or --report)")
+        st = self.statistics
+        if st:
+            lines.append(f"  diag(G) on {st['backend']} ({', '.join(st.get('providers', []))}, {st['precision']})")
         c = self.criterion
         if c.get("am_gm_before") is not None:
             after = c.get("am_gm_after")

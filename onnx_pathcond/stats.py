@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from .errors import ModelError
+from .errors import InputError, ModelError
 from .graph import Graph, node_label
 from .ops import rule_for
 from .symmetry import Analysis, ParamUse
@@ -116,12 +116,43 @@ class NumpyPathNetwork:
         return float(sum(self._mass[o].sum() for o in self.graph.graph_outputs if o in self._mass))
 
 
-def compute_diag_g(graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, np.ndarray], None]) -> None:
-    """Run the numpy path network, calling `on_g(use, g)` once per parameter use."""
-    NumpyPathNetwork(graph, analysis, on_g).run()
+BACKENDS = ("auto", "numpy", "onnxruntime")
 
 
-def diag_g_by_tensor(graph: Graph, analysis: Analysis) -> Dict[str, np.ndarray]:
+def resolve_backend(backend: str) -> str:
+    """`auto` prefers onnxruntime, and takes numpy when onnxruntime is not installed."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
+    if backend != "auto":
+        return backend
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "numpy"
+    return "onnxruntime"
+
+
+def compute_diag_g(graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, np.ndarray], None],
+                   backend: str = "numpy", device: str = "cpu") -> dict:
+    """Run the path network, calling `on_g(use, g)` once per parameter use.
+
+    Returns what ran it: backend, execution providers, precision, and any notice.
+    """
+    backend = resolve_backend(backend)
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"unknown device '{device}' (choose cpu or cuda)")
+    if backend == "numpy":
+        NumpyPathNetwork(graph, analysis, on_g).run()
+        notice = "" if device == "cpu" else "the numpy backend runs on the CPU only; --device cuda needs onnxruntime"
+        return {"backend": "numpy", "providers": ["numpy"], "precision": "float64", "notice": notice}
+    from . import ortstats
+
+    info = ortstats.compute_diag_g(graph, analysis, on_g, device=device)
+    return {"backend": "onnxruntime", "providers": info.providers, "precision": info.precision,
+            "notice": info.notice, "graph_nodes": info.nodes}
+
+
+def diag_g_by_tensor(graph: Graph, analysis: Analysis, backend: str = "numpy") -> Dict[str, np.ndarray]:
     """g of every rewritable parameter, in its stored layout, summed over its uses.
 
     Holds all of g at once: for tests and inspection, not for the main pipeline.
@@ -133,5 +164,5 @@ def diag_g_by_tensor(graph: Graph, analysis: Analysis) -> Dict[str, np.ndarray]:
         stored = use.ref.to_stored(g) if use.ref is not None else g
         out[key] = out[key] + stored if key in out else stored.copy()
 
-    compute_diag_g(graph, analysis, collect)
+    compute_diag_g(graph, analysis, collect, backend=backend)
     return out

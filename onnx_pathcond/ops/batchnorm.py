@@ -69,3 +69,30 @@ class BatchNormRule(OpRule):
         spatial = (0,) + tuple(range(2, x.ndim))
         pn.emit_g(pn.use(node, "bn_scale"), (x * adj).sum(axis=spatial))
         pn.emit_g(pn.use(node, "bn_bias"), adj.sum(axis=spatial))
+
+    def onnx_forward(self, node, b):
+        a, bias = self._onnx_affine(node, b)
+        y = b.op("Add", [b.op("Mul", [b.mass(node.input[0]), b.square(a)]), b.square(bias)])
+        b.set_mass(node.output[0], y)
+
+    def onnx_backward(self, node, b):
+        a, _ = self._onnx_affine(node, b)
+        shape = b.shape(node.input[0])
+        adj = b.adjoint(node.output[0])
+        b.add_adjoint(node.input[0], b.op("Mul", [adj, b.square(a)]))
+        spatial = [0] + list(range(2, len(shape)))
+        b.emit_g(b.use(node, "bn_scale"), b.reduce_sum(b.op("Mul", [b.mass(node.input[0]), adj]), spatial))
+        b.emit_g(b.use(node, "bn_bias"), b.reduce_sum(adj, spatial))
+
+    @staticmethod
+    def _onnx_affine(node, b):
+        """a = γ/√(var+ε), b = β − a·mean, shaped [1, C, 1, ...] (graph tensors)."""
+        rank = len(b.shape(node.input[0]))
+        view = [1, -1] + [1] * (rank - 2)
+        _, gamma = b.param(node, "bn_scale")
+        _, beta = b.param(node, "bn_bias")
+        mean = b.constant(node.input[3])
+        inv_std = 1.0 / np.sqrt(b.constant(node.input[4]) + attr(node, "epsilon", 1e-5))
+        a = b.op("Mul", [gamma, b.const(inv_std)])
+        bias = b.op("Sub", [beta, b.op("Mul", [a, b.const(mean)])])
+        return b.reshape(a, view), b.reshape(bias, view)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..graph import attr, node_label
 from ..symmetry import Layout
+from . import graphops
 from .base import OpRule, register
 from .windows import Geometry, crop_input, geometry, pad_input, scatter_windows, window_view
 
@@ -100,6 +101,37 @@ class ConvRule(OpRule):
         pn.emit_g(use, np.matmul(adj, cols.transpose(0, 2, 1)).reshape(wshape))
         if _bias_name(node):
             pn.emit_g(pn.use(node, "bias"), adj.sum(axis=-1).reshape(-1))
+
+    # ------------------------------------------------------------ onnxruntime forms
+    @staticmethod
+    def _onnx_setup(node, b):
+        use, w2 = b.param_sq(node, "weight")
+        wshape = use.view_shape
+        groups = attr(node, "group", 1)
+        x_shape = b.shape(node.input[0])
+        out_shape = b.shape(node.output[0])
+        geo = geometry(node, x_shape[2:], wshape[2:], out_shape[2:] if out_shape else None)
+        w2r = b.reshape(w2, [groups, wshape[0] // groups, -1])
+        return use, wshape, x_shape, groups, geo, w2r
+
+    def onnx_forward(self, node, b):
+        _, wshape, x_shape, groups, geo, w2r = self._onnx_setup(node, b)
+        cols = graphops.columns(b, b.mass(node.input[0]), x_shape[1], groups, geo)
+        y = b.reshape(b.op("MatMul", [w2r, cols]), [1, wshape[0]] + list(geo.out_size))
+        if _bias_name(node):
+            bias2 = b.reshape(b.param_sq(node, "bias")[1], [1, -1] + [1] * len(geo.out_size))
+            y = b.op("Add", [y, bias2])
+        b.set_mass(node.output[0], y)
+
+    def onnx_backward(self, node, b):
+        use, wshape, x_shape, groups, geo, w2r = self._onnx_setup(node, b)
+        adj = b.reshape(b.adjoint(node.output[0]), [groups, wshape[0] // groups, -1])
+        back = b.op("MatMul", [b.transpose(w2r, [0, 2, 1]), adj])
+        b.add_adjoint(node.input[0], graphops.scatter_columns(b, back, x_shape[1], geo))
+        cols = graphops.columns(b, b.mass(node.input[0]), x_shape[1], groups, geo)
+        b.emit_g(use, b.op("MatMul", [adj, b.transpose(cols, [0, 2, 1])]))
+        if _bias_name(node):
+            b.emit_g(b.use(node, "bias"), b.reduce_sum(adj, [2]))
 
 
 def _transpose_geometry(node, in_size, kernel, out_size):
@@ -219,3 +251,51 @@ class ConvTransposeRule(OpRule):
         pn.emit_g(use, np.matmul(xg, cols.transpose(0, 2, 1)).reshape(wshape))
         if _bias_name(node):
             pn.emit_g(pn.use(node, "bias"), adj_y.reshape(adj_y.shape[0], -1).sum(axis=1))
+
+    # ------------------------------------------------------------ onnxruntime forms
+    @staticmethod
+    def _onnx_setup(node, b):
+        use, w2 = b.param_sq(node, "weight")
+        wshape = use.view_shape
+        groups = attr(node, "group", 1)
+        x_shape = b.shape(node.input[0])
+        out_shape = b.shape(node.output[0])
+        geo, begin, out_size = _transpose_geometry(node, x_shape[2:], wshape[2:], out_shape[2:] if out_shape else None)
+        w2r = b.reshape(w2, [groups, wshape[0] // groups, -1])  # [G, Cg, Og*K]
+        return use, wshape, x_shape, groups, geo, begin, out_size, w2r
+
+    @staticmethod
+    def _crop_pads(geo, begin, out_size):
+        """Pads (negative = crop) that take the full scatter [*full] to the output window."""
+        nd = len(out_size)
+        return [0, 0] + [-bg for bg in begin] + [0, 0] + [o + bg - f for o, bg, f in
+                                                         zip(out_size, begin, geo.padded_size)]
+
+    def onnx_forward(self, node, b):
+        _, wshape, x_shape, groups, geo, begin, out_size, w2r = self._onnx_setup(node, b)
+        n_out = wshape[1] * groups
+        x = b.reshape(b.mass(node.input[0]), [groups, x_shape[1] // groups, -1])
+        spread = b.op("MatMul", [b.transpose(w2r, [0, 2, 1]), x])  # [G, Og*K, P]
+        per_offset = b.reshape(spread, [1, n_out, geo.kernel_volume] + list(geo.out_size))
+        parts = []
+        for k in range(geo.kernel_volume):
+            one = b.op("Slice", [per_offset, b.ints([k]), b.ints([k + 1]), b.ints([2])])
+            parts.append(b.reshape(one, [1, n_out] + list(geo.out_size)))
+        full = graphops.scatter_windows(b, parts, n_out, geo)
+        y = b.op("Pad", [full, b.ints(self._crop_pads(geo, begin, out_size))])
+        if _bias_name(node):
+            y = b.op("Add", [y, b.reshape(b.param_sq(node, "bias")[1], [1, -1] + [1] * len(out_size))])
+        b.set_mass(node.output[0], y)
+
+    def onnx_backward(self, node, b):
+        use, wshape, x_shape, groups, geo, begin, out_size, w2r = self._onnx_setup(node, b)
+        n_out = wshape[1] * groups
+        adj_y = b.adjoint(node.output[0])
+        undo = [-p for p in self._crop_pads(geo, begin, out_size)]
+        full = b.op("Pad", [adj_y, b.ints(undo)])
+        cols = graphops.columns(b, full, n_out, groups, geo)  # [G, Og*K, P]
+        b.add_adjoint(node.input[0], b.reshape(b.op("MatMul", [w2r, cols]), list(x_shape)))
+        x = b.reshape(b.mass(node.input[0]), [groups, x_shape[1] // groups, -1])
+        b.emit_g(use, b.op("MatMul", [x, b.transpose(cols, [0, 2, 1])]))
+        if _bias_name(node):
+            b.emit_g(b.use(node, "bias"), b.reduce_sum(adj_y, [0] + list(range(2, 2 + len(out_size)))))

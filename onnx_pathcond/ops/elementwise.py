@@ -43,6 +43,9 @@ class PassThroughRule(OpRule):
     def backward(self, node, pn):
         pn.add_adjoint(node.input[0], pn.adjoint(node.output[0]))
 
+    onnx_forward = forward
+    onnx_backward = backward
+
 
 def _output_axis(lay: Layout, in_rank: int, out_rank: int) -> int:
     return lay.axis + (out_rank - in_rank)
@@ -129,6 +132,37 @@ class CombineRule(OpRule):
                 use = pn.use(node, f"bias:{name}")
                 pn.emit_g(use, unbroadcast(adj, use.view_shape))
 
+    def onnx_forward(self, node, b):
+        g = b.graph
+        terms = []
+        for name in node.input:
+            if not name:
+                continue
+            if g.is_activation(name):
+                terms.append(b.mass(name))
+            elif node.op_type in ("Max", "Min"):
+                continue
+            elif b.has_use(node, f"bias:{name}"):
+                terms.append(b.param_sq(node, f"bias:{name}")[1])
+            else:
+                terms.append(b.const(np.square(b.constant(name))))
+        shape = g.shape(node.output[0])
+        total = terms[0] if len(terms) == 1 else b.op("Sum", terms)
+        b.set_mass(node.output[0], b.op("Expand", [total, b.ints(shape)]))
+
+    def onnx_backward(self, node, b):
+        g = b.graph
+        adj = b.adjoint(node.output[0])
+        shape = g.shape(node.output[0])
+        for name in node.input:
+            if not name:
+                continue
+            if g.is_activation(name):
+                b.add_adjoint(name, b.unbroadcast(adj, shape, g.shape(name)))
+            elif b.has_use(node, f"bias:{name}"):
+                use = b.use(node, f"bias:{name}")
+                b.emit_g(use, b.unbroadcast(adj, shape, use.view_shape))
+
 
 @register
 class ScaleRule(OpRule):
@@ -178,3 +212,28 @@ class ScaleRule(OpRule):
         if pn.has_use(node, "multiplier"):
             use = pn.use(node, "multiplier")
             pn.emit_g(use, unbroadcast(adj * pn.mass(x), use.view_shape))
+
+    def _onnx_factor(self, node, b):
+        g = b.graph
+        a, c = node.input[0], node.input[1]
+        x, c = (a, c) if g.is_activation(a) else (c, a)
+        if b.has_use(node, "multiplier"):
+            factor = b.param_sq(node, "multiplier")[1]
+        else:
+            value = np.square(b.constant(c))
+            factor = b.const(value if node.op_type == "Mul" else 1.0 / value)
+        return x, factor
+
+    def onnx_forward(self, node, b):
+        x, factor = self._onnx_factor(node, b)
+        y = b.op("Mul", [b.mass(x), factor])
+        b.set_mass(node.output[0], b.op("Expand", [y, b.ints(b.shape(node.output[0]))]))
+
+    def onnx_backward(self, node, b):
+        x, factor = self._onnx_factor(node, b)
+        adj = b.adjoint(node.output[0])
+        yshape = b.shape(node.output[0])
+        b.add_adjoint(x, b.unbroadcast(b.op("Mul", [adj, factor]), yshape, b.shape(x)))
+        if b.has_use(node, "multiplier"):
+            use = b.use(node, "multiplier")
+            b.emit_g(use, b.unbroadcast(b.op("Mul", [adj, b.mass(x)]), yshape, use.view_shape))

@@ -126,6 +126,48 @@ class GemmRule(OpRule):
             use = pn.use(node, "bias")
             pn.emit_g(use, beta ** 2 * unbroadcast(adj, use.view_shape))
 
+    # ------------------------------------------------------------ onnxruntime forms
+    @staticmethod
+    def _onnx_operands(node, b):
+        a, bb = node.input[0], node.input[1]
+        side = 1 if b.graph.is_activation(a) else 0
+        _, w2 = b.param_sq(node, "weight")
+        x = b.mass(a if side == 1 else bb)
+        ta, tb = attr(node, "transA", 0), attr(node, "transB", 0)
+        ops = [x, w2] if side == 1 else [w2, x]
+        return side, ops, ta, tb
+
+    def onnx_forward(self, node, b):
+        side, (a2, b2), ta, tb = self._onnx_operands(node, b)
+        alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
+        inputs = [a2, b2]
+        if len(node.input) > 2 and node.input[2]:
+            inputs.append(b.param_sq(node, "bias")[1])
+        b.set_mass(node.output[0], b.op("Gemm", inputs, alpha=float(alpha) ** 2, beta=float(beta) ** 2,
+                                        transA=ta, transB=tb))
+
+    def onnx_backward(self, node, b):
+        side, (a2, b2), ta, tb = self._onnx_operands(node, b)
+        alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
+        adj = b.adjoint(node.output[0])
+        # grad(op(A)) = α²·adj·op(B)ᵀ; grad(op(B)) = α²·op(A)ᵀ·adj; then undo the trans flags.
+        grad_a = b.op("Gemm", [adj, b2], alpha=float(alpha) ** 2, transA=0, transB=0 if tb else 1)
+        if ta:
+            grad_a = b.transpose(grad_a, [1, 0])
+        grad_b = b.op("Gemm", [a2, adj], alpha=float(alpha) ** 2, transA=0 if ta else 1, transB=0)
+        if tb:
+            grad_b = b.transpose(grad_b, [1, 0])
+        if side == 1:
+            b.add_adjoint(node.input[0], grad_a)
+            b.emit_g(b.use(node, "weight"), grad_b)
+        else:
+            b.add_adjoint(node.input[1], grad_b)
+            b.emit_g(b.use(node, "weight"), grad_a)
+        if len(node.input) > 2 and node.input[2]:
+            use = b.use(node, "bias")
+            scaled = b.op("Mul", [adj, b.const(float(beta) ** 2)])
+            b.emit_g(use, b.unbroadcast(scaled, b.shape(node.output[0]), use.view_shape))
+
 
 def _add_bias_use(node, an, c, cshape, yshape, out_axis, out_pos, role="bias"):
     """Declare a constant added to an output: per-channel → incoming, otherwise frozen."""
@@ -193,3 +235,31 @@ class MatMulRule(OpRule):
             at = np.swapaxes(adj, -1, -2).reshape(-1, adj.shape[-2])
             g = at.T @ xt
         pn.emit_g(use, g)
+
+    # ------------------------------------------------------------ onnxruntime forms
+    def onnx_forward(self, node, b):
+        _, w2 = b.param_sq(node, "weight")
+        if b.graph.is_activation(node.input[0]):
+            y = b.op("MatMul", [b.mass(node.input[0]), w2])
+        else:
+            y = b.op("MatMul", [w2, b.mass(node.input[1])])
+        b.set_mass(node.output[0], y)
+
+    def onnx_backward(self, node, b):
+        use, w2 = b.param_sq(node, "weight")
+        adj = b.adjoint(node.output[0])
+        if b.graph.is_activation(node.input[0]):
+            xs = b.shape(node.input[0])
+            b.add_adjoint(node.input[0], b.op("MatMul", [adj, b.transpose(w2, [1, 0])]))
+            x2 = b.reshape(b.mass(node.input[0]), [-1, xs[-1]])
+            a2 = b.reshape(adj, [-1, use.view_shape[1]])
+            g = b.op("MatMul", [b.transpose(x2, [1, 0]), a2])
+        else:
+            xs = b.shape(node.input[1])
+            b.add_adjoint(node.input[1], b.op("MatMul", [b.transpose(w2, [1, 0]), adj]))
+            rank = len(xs)
+            swap = list(range(rank - 2)) + [rank - 1, rank - 2]
+            xt = b.reshape(b.transpose(b.mass(node.input[1]), swap), [-1, xs[-2]])
+            at = b.reshape(b.transpose(adj, swap), [-1, use.view_shape[0]])
+            g = b.op("MatMul", [b.transpose(at, [1, 0]), xt])
+        b.emit_g(use, g)

@@ -205,3 +205,40 @@ class MovementRule(OpRule):
             total += np.bincount(src[keep], weights=adj[keep], minlength=total.size)
         for a, part in zip(acts, np.split(total, np.cumsum(sizes)[:-1])):
             pn.add_adjoint(a, part.reshape(g.shape(a)))
+
+    # ------------------------------------------------------------ onnxruntime forms
+    def onnx_forward(self, node, b):
+        g = b.graph
+        maps = b.analysis.node_data[g.index(node)]
+        acts = [i for i in dict.fromkeys(node.input) if i and g.is_activation(i)]
+        flat = b.op("Concat", [b.reshape(b.mass(a), [-1]) for a in acts] + [b.const(np.zeros(1))], axis=0)
+        size = sum(int(np.prod(g.shape(a))) for a in acts)
+        for o, src in zip([o for o in node.output if o], maps):
+            b.set_mass(o, b.op("Gather", [flat, b.const(np.where(src >= 0, src, size))], axis=0))
+
+    def onnx_backward(self, node, b):
+        g = b.graph
+        maps = b.analysis.node_data[g.index(node)]
+        acts = [i for i in dict.fromkeys(node.input) if i and g.is_activation(i)]
+        outs = [o for o in node.output if o]
+        sizes = [int(np.prod(g.shape(a))) for a in acts]
+        # Inverse of the copy map: for every input element, the output elements that copy it
+        # (padded with an index that reads a zero), summed by a Gather and a ReduceSum.
+        src = np.concatenate([m.ravel() for m in maps])
+        n_out = src.size
+        order = np.argsort(src, kind="stable")
+        counts = np.bincount(src[src >= 0], minlength=sum(sizes))
+        width = max(int(counts.max()) if counts.size else 0, 1)
+        inverse = np.full((sum(sizes), width), n_out, dtype=np.int64)
+        valid = order[src[order] >= 0]
+        owners = src[valid]
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        slot = np.arange(valid.size) - starts[owners]
+        inverse[owners, slot] = valid
+        flat = b.op("Concat", [b.reshape(b.adjoint(o), [-1]) for o in outs] + [b.const(np.zeros(1))], axis=0)
+        summed = b.reduce_sum(b.op("Gather", [flat, b.const(inverse)], axis=0), [1])
+        offset = 0
+        for a, n in zip(acts, sizes):
+            part = b.op("Slice", [summed, b.ints([offset]), b.ints([offset + n]), b.ints([0])])
+            b.add_adjoint(a, b.reshape(part, g.shape(a)))
+            offset += n

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..graph import attr, node_label
 from ..symmetry import Layout
+from . import graphops
 from .base import OpRule, normalize_axis, register
 from .windows import crop_input, geometry, pad_input, scatter_windows, window_count_weights, window_view
 
@@ -67,6 +68,30 @@ class WindowPoolRule(OpRule):
         cols = np.broadcast_to(adj.reshape((adj.shape[0],) + (1,) * nd + adj.shape[1:]),
                                (adj.shape[0],) + geo.kernel + geo.out_size)
         pn.add_adjoint(node.input[0], crop_input(scatter_windows(cols, geo), geo)[None])
+
+    def _onnx_setup(self, node, b):
+        shape = b.shape(node.input[0])
+        out_shape = b.shape(node.output[0])
+        geo = geometry(node, shape[2:], attr(node, "kernel_shape"), out_shape[2:] if out_shape else None,
+                       ceil_mode=bool(attr(node, "ceil_mode", 0)))
+        weight = None
+        if node.op_type == "AveragePool":
+            weight = b.const(window_count_weights(geo, bool(attr(node, "count_include_pad", 0)))[None, None])
+        return shape, geo, weight
+
+    def onnx_forward(self, node, b):
+        shape, geo, weight = self._onnx_setup(node, b)
+        parts = graphops.window_slices(b, graphops.pad_input(b, b.mass(node.input[0]), geo), geo)
+        y = parts[0] if len(parts) == 1 else b.op("Sum", parts)
+        b.set_mass(node.output[0], y if weight is None else b.op("Mul", [y, weight]))
+
+    def onnx_backward(self, node, b):
+        shape, geo, weight = self._onnx_setup(node, b)
+        adj = b.adjoint(node.output[0])
+        if weight is not None:
+            adj = b.op("Mul", [adj, weight])
+        full = graphops.scatter_windows(b, [adj] * geo.kernel_volume, shape[1], geo)
+        b.add_adjoint(node.input[0], graphops.crop_input(b, full, geo))
 
 
 def _reduce_axes(node, graph, rank):
@@ -130,3 +155,19 @@ class ReduceRule(OpRule):
         adj = pn.adjoint(node.output[0])
         kept = [1 if a in axes else d for a, d in enumerate(shape)]
         pn.add_adjoint(node.input[0], np.broadcast_to(adj.reshape(kept) * weight, shape))
+
+    def onnx_forward(self, node, b):
+        shape, axes, weight = self._setup(node, b)
+        x = b.mass(node.input[0])
+        y = b.reduce_sum(x, list(axes), keepdims=1) if axes else x
+        if weight != 1.0:
+            y = b.op("Mul", [y, b.const(weight)])
+        b.set_mass(node.output[0], b.reshape(y, b.shape(node.output[0])))
+
+    def onnx_backward(self, node, b):
+        shape, axes, weight = self._setup(node, b)
+        kept = [1 if a in axes else d for a, d in enumerate(shape)]
+        adj = b.reshape(b.adjoint(node.output[0]), kept)
+        if weight != 1.0:
+            adj = b.op("Mul", [adj, b.const(weight)])
+        b.add_adjoint(node.input[0], b.op("Expand", [adj, b.ints(shape)]))

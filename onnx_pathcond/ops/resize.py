@@ -105,3 +105,23 @@ class ResizeRule(OpRule):
         for k, m2 in enumerate(pn.analysis.node_data[pn.graph.index(node)]):
             adj = _along(adj, m2.T, 2 + k)
         pn.add_adjoint(node.input[0], adj)
+
+    @staticmethod
+    def _einsum_along(b, x, matrix, axis, rank):
+        letters = "abcdefgh"[:rank]
+        eq = f"zy,{letters}->{letters[:axis]}z{letters[axis + 1:]}".replace("y", letters[axis], 1)
+        return b.op("Einsum", [b.const(matrix), x], equation=eq)
+
+    def onnx_forward(self, node, b):
+        rank = len(b.shape(node.input[0]))
+        y = b.mass(node.input[0])
+        for k, m2 in enumerate(b.analysis.node_data[b.graph.index(node)]):
+            y = self._einsum_along(b, y, m2, 2 + k, rank)
+        b.set_mass(node.output[0], y)
+
+    def onnx_backward(self, node, b):
+        rank = len(b.shape(node.input[0]))
+        adj = b.adjoint(node.output[0])
+        for k, m2 in enumerate(b.analysis.node_data[b.graph.index(node)]):
+            adj = self._einsum_along(b, adj, m2.T.copy(), 2 + k, rank)
+        b.add_adjoint(node.input[0], adj)

@@ -1,0 +1,259 @@
+"""diag(G) with onnxruntime: the path network and its adjoint as one ONNX graph.
+
+The graph is built from the analysed model by the same walk as the numpy executor in
+`stats.py`: each rule writes its path-network form (`onnx_forward`) and adjoint
+(`onnx_backward`) with ONNX ops instead of numpy. Everything is float64; the CPU execution
+provider has no float64 Conv or AveragePool, so convolutions and pools are written as
+strided slices and matrix products, which every provider runs in float64.
+
+The parameters are graph *inputs*, fed with the stored arrays (cast to float64 and squared
+inside the graph), so the graph itself holds no copy of the weights. Its outputs are the g
+of every parameter use, handed to the same callback as the numpy executor.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import InputError, ModelError
+from .graph import Graph, stored_array
+from .ops import rule_for
+from .symmetry import Analysis, ParamUse
+
+DOUBLE = TensorProto.DOUBLE
+OPSET = 18
+
+
+@dataclass
+class RuntimeInfo:
+    """What actually ran the statistics."""
+
+    requested: str  # "cpu" or "cuda"
+    providers: List[str] = field(default_factory=list)
+    precision: str = "float64"
+    notice: str = ""
+    nodes: int = 0
+
+
+class OnnxPathNetwork:
+    """Builds the path-network graph; the context rules write their ONNX forms into."""
+
+    def __init__(self, graph: Graph, analysis: Analysis):
+        self.graph = graph
+        self.analysis = analysis
+        self.nodes: List[onnx.NodeProto] = []
+        self.initializers: List[onnx.TensorProto] = []
+        self.inputs: List[onnx.ValueInfoProto] = []
+        self.outputs: List[onnx.ValueInfoProto] = []
+        self.feeds: Dict[str, np.ndarray] = {}
+        self.g_outputs: Dict[str, ParamUse] = {}
+        self._mass: Dict[str, str] = {}
+        self._adjoint_parts: Dict[str, List[str]] = {}
+        self._adjoint: Dict[str, str] = {}
+        self._params: Dict[Tuple[str, str], str] = {}
+        self._n = 0
+
+    # ------------------------------------------------------------ building blocks
+    def fresh(self, prefix: str = "t") -> str:
+        self._n += 1
+        return f"{prefix}_{self._n}"
+
+    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, **attrs):
+        outs = [self.fresh(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, dtype=None) -> str:
+        arr = np.asarray(value, dtype=dtype if dtype is not None else
+                         (np.int64 if np.asarray(value).dtype.kind in "iub" else np.float64))
+        name = self.fresh("c")
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def ints(self, values) -> str:
+        return self.const(np.asarray(list(values), dtype=np.int64))
+
+    def filled(self, shape, value: float) -> str:
+        """A float64 tensor of the given shape, every element `value` (no stored copy)."""
+        return self.op("ConstantOfShape", [self.ints(shape)],
+                       value=numpy_helper.from_array(np.array([value], dtype=np.float64)))
+
+    def reshape(self, name: str, shape) -> str:
+        return self.op("Reshape", [name, self.ints(shape)])
+
+    def transpose(self, name: str, perm) -> str:
+        return self.op("Transpose", [name], perm=list(perm))
+
+    def square(self, name: str) -> str:
+        return self.op("Mul", [name, name])
+
+    def reduce_sum(self, name: str, axes, keepdims: int = 0) -> str:
+        return self.op("ReduceSum", [name, self.ints(axes)], keepdims=keepdims)
+
+    def unbroadcast(self, name: str, from_shape, to_shape) -> str:
+        """Adjoint of broadcasting `to_shape` up to `from_shape`: sum the broadcast axes."""
+        from_shape, to_shape = tuple(from_shape), tuple(to_shape)
+        if from_shape == to_shape:
+            return name
+        extra = len(from_shape) - len(to_shape)
+        padded = (1,) * extra + to_shape
+        axes = [i for i, (a, b) in enumerate(zip(from_shape, padded)) if b == 1 and a != 1] + list(range(extra))
+        out = self.reduce_sum(name, sorted(set(axes)), keepdims=1) if axes else name
+        return self.reshape(out, to_shape)
+
+    # ------------------------------------------------------------ context for rules
+    def shape(self, name: str):
+        return self.graph.shape(name)
+
+    def mass(self, name: str) -> str:
+        return self._mass[name]
+
+    def set_mass(self, name: str, tensor: str) -> None:
+        self._mass[name] = tensor
+
+    def adjoint(self, name: str) -> str:
+        if name in self._adjoint:
+            return self._adjoint[name]
+        parts = self._adjoint_parts.get(name, [])
+        if not parts:
+            result = self.filled(self.graph.shape(name), 0.0)
+        elif len(parts) == 1:
+            result = parts[0]
+        else:
+            result = self.op("Sum", parts)
+        self._adjoint[name] = result
+        return result
+
+    def add_adjoint(self, name: str, tensor: str) -> None:
+        self._adjoint_parts.setdefault(name, []).append(tensor)
+
+    def use(self, node, role: str) -> ParamUse:
+        return self.analysis.uses_by_node[self.graph.index(node)][role]
+
+    def has_use(self, node, role: str) -> bool:
+        return role in self.analysis.uses_by_node.get(self.graph.index(node), {})
+
+    def param(self, node, role: str) -> Tuple[ParamUse, str]:
+        """A parameter as the op sees it, in float64 (fed as a graph input)."""
+        use = self.use(node, role)
+        key = (use.ref.name if use.ref is not None else use.input_name, str(use.ref.perm if use.ref else None))
+        if key in self._params:
+            return use, self._params[key]
+        if use.ref is not None:
+            value = self.graph.stored_value(use.ref)
+            feed = self.fresh("param")
+            self.feeds[feed] = value
+            self.inputs.append(helper.make_tensor_value_info(feed, helper.np_dtype_to_tensor_dtype(value.dtype),
+                                                             value.shape))
+            tensor = feed if value.dtype == np.float64 else self.op("Cast", [feed], to=DOUBLE)
+            if use.ref.perm is not None:
+                tensor = self.transpose(tensor, use.ref.perm)
+        else:
+            tensor = self.const(np.asarray(self.graph.constant_value(use.input_name), dtype=np.float64))
+        self._params[key] = tensor
+        return use, tensor
+
+    def param_sq(self, node, role: str) -> Tuple[ParamUse, str]:
+        key = ("squared", role, self.graph.index(node))
+        use, value = self.param(node, role)
+        if key not in self._params:
+            self._params[key] = self.square(value)
+        return use, self._params[key]
+
+    def constant(self, name: str) -> np.ndarray:
+        return np.asarray(self.graph.constant_value(name), dtype=np.float64)
+
+    def emit_g(self, use: ParamUse, tensor: str) -> None:
+        if use.ignored:
+            return
+        out = self.reshape(tensor, use.view_shape)
+        name = f"g_{use.index}"
+        self.nodes.append(helper.make_node("Identity", [out], [name]))
+        self.outputs.append(helper.make_tensor_value_info(name, DOUBLE, list(use.view_shape)))
+        self.g_outputs[name] = use
+
+    # ------------------------------------------------------------ the passes
+    def build(self) -> onnx.ModelProto:
+        g = self.graph
+        cut = self.analysis.cut_nodes
+        for name in g.graph_inputs:
+            if g.is_float(name):
+                self._mass[name] = self.filled(g.shape(name), 1.0)
+        active = []
+        for node in g.nodes:
+            if not any(g.is_activation(o) for o in node.output if o):
+                continue
+            active.append(node)
+            if g.index(node) in cut:
+                for o in node.output:
+                    if o and g.is_activation(o) and g.is_float(o):
+                        if g.shape(o) is None:
+                            raise ModelError(f"the shape of tensor '{o}' is unknown; the statistics need static "
+                                             f"shapes (give the input shapes with --input-shape)")
+                        self._mass[o] = self.filled(g.shape(o), 1.0)
+                continue
+            rule_for(node).onnx_forward(node, self)
+        for name in g.graph_outputs:
+            if name in self._mass:
+                self.add_adjoint(name, self.filled(g.shape(name), 1.0))
+        for node in reversed(active):
+            if g.index(node) in cut:
+                for i in dict.fromkeys(node.input):
+                    if i and i in self._mass:
+                        self.add_adjoint(i, self.filled(g.shape(i), 1.0))
+            else:
+                rule_for(node).onnx_backward(node, self)
+        model = helper.make_model(helper.make_graph(self.nodes, "path_network", self.inputs, self.outputs,
+                                                   initializer=self.initializers),
+                                  opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = 8
+        return model
+
+
+def _session(model: onnx.ModelProto, device: str, info: RuntimeInfo):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise InputError("the onnxruntime backend needs onnxruntime: pip install 'onnx-pathcond[cpu]' "
+                         "(or [gpu] for CUDA)") from None
+    available = ort.get_available_providers()
+    wanted = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" in available:
+            wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            info.notice = ("CUDA was asked for but this onnxruntime has no CUDAExecutionProvider "
+                           "(install onnx-pathcond[gpu]); the statistics ran on the CPU")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=wanted)
+    info.providers = session.get_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in info.providers and not info.notice:
+        info.notice = "CUDA was asked for but the session fell back to the CPU"
+    return session
+
+
+def compute_diag_g(graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, np.ndarray], None],
+                   device: str = "cpu") -> RuntimeInfo:
+    """Build the path-network graph, run it with onnxruntime, hand each use's g to `on_g`."""
+    info = RuntimeInfo(requested=device)
+    builder = OnnxPathNetwork(graph, analysis)
+    model = builder.build()
+    info.nodes = len(model.graph.node)
+    if not builder.outputs:
+        return info
+    session = _session(model, device, info)
+    del model
+    names = list(builder.g_outputs)
+    results = session.run(names, builder.feeds)
+    builder.feeds.clear()
+    for k, name in enumerate(names):
+        on_g(builder.g_outputs[name], results[k])
+        results[k] = None  # let each g go as soon as it is consumed
+    return info

@@ -147,6 +147,8 @@ class OnnxPathNetwork:
             return use, self._params[key]
         if use.ref is not None:
             value = self.graph.stored_value(use.ref)
+            if value.dtype.name == "bfloat16":  # onnxruntime takes no ml_dtypes arrays: widen exactly
+                value = value.astype(np.float32)
             feed = self.fresh("param")
             self.feeds[feed] = value
             self.inputs.append(helper.make_tensor_value_info(feed, helper.np_dtype_to_tensor_dtype(value.dtype),

@@ -198,13 +198,14 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
             solver: str = "cd", max_iter: int = 10, tol: float = 1e-2, verify_output: bool = True,
             rtol: Optional[float] = None, seed: int = 0, dry_run: bool = False,
             backend: str = "auto", device: str = "cpu",
-            progress: Optional[Callable[[str], None]] = None) -> Tuple[onnx.ModelProto, Report]:
+            progress: Optional[Callable[..., None]] = None) -> Tuple[onnx.ModelProto, Report]:
     """Rescale a ReLU network with PathCond; returns the new model and a report.
 
     `model` is a path or a ModelProto (a ModelProto is copied, never modified). The result
     computes the same function; with `verify_output` that is checked on random inputs and a
     mismatch above `rtol` raises `VerificationError`. `input_shapes` fixes dynamic input
-    dimensions ({"x": (1, 3, 224, 224)} or ["x:1x3x224x224"]). With `dry_run`, only the
+    dimensions ({"x": (1, 3, 224, 224)} or ["x:1x3x224x224"]). `progress(step, done=None,
+    total=None)` is called when a step starts and as it advances. With `dry_run`, only the
     analysis runs and the model is returned unchanged. `backend` computes diag(G) with numpy or
     onnxruntime (`auto`: onnxruntime when installed); `device="cuda"` asks onnxruntime for its
     CUDA execution provider (the report says which providers really ran).
@@ -218,8 +219,9 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         raise InputError(f"unknown device '{device}' (choose cpu or cuda)")
     timings: Dict[str, float] = {}
     clock = _Clock(timings)
-    say = progress or (lambda message: None)
+    say = progress or (lambda step, done=None, total=None: None)
     report = Report(timings=timings)
+    say("load")
     with clock("load"):
         if isinstance(model, onnx.ModelProto):
             check_model(model)
@@ -227,38 +229,41 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         else:
             report.input = os.fspath(model)
             model = load_model(model)
-    say("analysing the graph")
+    say("analyse")
     with clock("analyse"):
         graph, analysis, groups = analyse_model(model, input_shapes)
         _check_finite(graph, analysis)
     _describe_analysis(report, graph, analysis, groups)
     if dry_run:
         return model, report
-    say("computing diag(G)")
+    say("statistics")
     with clock("statistics"):
         builder = ProblemBuilder(groups, analysis.uses)
-        report.statistics = stats.compute_diag_g(graph, analysis, builder.add, backend=backend, device=device)
+        report.statistics = stats.compute_diag_g(graph, analysis, builder.add, backend=backend, device=device,
+                                                 progress=lambda done, total: say("statistics", done, total))
         problem = builder.finish()
     if report.statistics.get("notice"):
         report.warnings.append(report.statistics["notice"])
-    say("solving")
+    say("solve")
     with clock("solve"):
         if solver == "exact":
-            result = solve.exact_minimiser(problem, max_iter=max_iter, tol=tol)
+            result = solve.exact_minimiser(problem, max_iter=max_iter, tol=tol,
+                                           progress=lambda k, _: say("solve", k, max_iter))
         else:
-            result = solve.coordinate_descent(problem, max_iter=max_iter, tol=tol)
+            result = solve.coordinate_descent(problem, max_iter=max_iter, tol=tol,
+                                              progress=lambda k, _: say("solve", k, max_iter))
     _describe_solution(report, problem, builder, result, groups, max_iter, tol)
     report.layers = group_layers(graph, analysis, groups, result.u)
     original = None
     if verify_output:
         original = copy.deepcopy(model) if groups.count else model
-    say("rewriting the weights")
+    say("rewrite")
     with clock("rewrite"):
         rewritten = rewrite.apply(model, graph, analysis.uses, groups, result.u)
     report.rewritten = [vars(r) for r in rewritten]
     _dtype_warnings(report, rewritten)
     if verify_output:
-        say("checking equivalence")
+        say("verify")
         with clock("verify"):
             shapes = verify.verification_shapes(model, graph.input_shapes)
             check = verify.compare(original, model, shapes, seed=seed, rtol=rtol)

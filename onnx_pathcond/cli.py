@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .errors import InputError, PathCondError
+from .progress import Progress
 
 EXIT_CODES_HELP = """\b
 Exit codes: 0 written (or dry run); 1 the model cannot be processed;
@@ -104,14 +105,18 @@ def main(input_path, output_path, input_shapes, solver, max_iter, tol, backend, 
             max_iter = 200 if solver == "exact" else 10
         if tol is None:
             tol = 1e-6 if solver == "exact" else 1e-2
-        progress = (lambda message: click.echo(f"  ... {message}", err=True)) if verbose else None
-        model, report = api.rescale(input_path, input_shapes=list(input_shapes), solver=solver, max_iter=max_iter,
-                                    tol=tol, verify_output=verify, rtol=rtol, seed=seed, dry_run=dry_run,
-                                    backend=backend, device=device, progress=progress)
-        if not dry_run:
-            report.output = output_path
-            with api._Clock(report.timings)("save"):
-                api.save_model(model, output_path)
+        progress = Progress(verbose=verbose)
+        try:
+            model, report = api.rescale(input_path, input_shapes=list(input_shapes), solver=solver, max_iter=max_iter,
+                                        tol=tol, verify_output=verify, rtol=rtol, seed=seed, dry_run=dry_run,
+                                        backend=backend, device=device, progress=progress)
+            if not dry_run:
+                report.output = output_path
+                progress("save")
+                with api._Clock(report.timings)("save"):
+                    api.save_model(model, output_path)
+        finally:
+            progress.close()
     except PathCondError as e:
         _fail(e)
     if report_path:

@@ -25,7 +25,9 @@ from .symmetry import Analysis, ParamUse
 class NumpyPathNetwork:
     """The numpy executor of the path network, and the context rules read and write."""
 
-    def __init__(self, graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, np.ndarray], None]):
+    def __init__(self, graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, np.ndarray], None],
+                 progress: Optional[Callable[[int, int], None]] = None):
+        self.progress = progress or (lambda done, total: None)
         self.graph = graph
         self.analysis = analysis
         self._on_g = on_g
@@ -85,27 +87,27 @@ class NumpyPathNetwork:
         for name in g.graph_inputs:
             if g.is_float(name):
                 self._mass[name] = np.ones(self._activation_shape(name))
-        active = []
-        for node in g.nodes:
-            if not any(g.is_activation(o) for o in node.output if o):
-                continue
-            active.append(node)
+        active = [node for node in g.nodes if any(g.is_activation(o) for o in node.output if o)]
+        total = 2 * len(active)
+        for done, node in enumerate(active, start=1):
             if g.index(node) in cut:
                 for o in node.output:
                     if o and g.is_activation(o) and g.is_float(o):
                         self._mass[o] = np.ones(self._activation_shape(o))
-                continue
-            rule_for(node).forward(node, self)
+            else:
+                rule_for(node).forward(node, self)
+            self.progress(done, total)
         for name in g.graph_outputs:
             if name in self._mass:
                 self.add_adjoint(name, np.ones_like(self._mass[name]))
-        for node in reversed(active):
+        for done, node in enumerate(reversed(active), start=len(active) + 1):
             if g.index(node) in cut:
                 for i in dict.fromkeys(node.input):
                     if i and i in self._mass:
                         self.add_adjoint(i, np.ones_like(self._mass[i]))
             else:
                 rule_for(node).backward(node, self)
+            self.progress(done, total)
             for o in node.output:  # every consumer of o came later and is done with it
                 self._adjoint.pop(o, None)
                 if o not in g.graph_outputs:
@@ -133,7 +135,8 @@ def resolve_backend(backend: str) -> str:
 
 
 def compute_diag_g(graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, np.ndarray], None],
-                   backend: str = "numpy", device: str = "cpu") -> dict:
+                   backend: str = "numpy", device: str = "cpu",
+                   progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Run the path network, calling `on_g(use, g)` once per parameter use.
 
     Returns what ran it: backend, execution providers, precision, and any notice.
@@ -142,7 +145,7 @@ def compute_diag_g(graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, n
     if device not in ("cpu", "cuda"):
         raise InputError(f"unknown device '{device}' (choose cpu or cuda)")
     if backend == "numpy":
-        NumpyPathNetwork(graph, analysis, on_g).run()
+        NumpyPathNetwork(graph, analysis, on_g, progress).run()
         notice = "" if device == "cpu" else "the numpy backend runs on the CPU only; --device cuda needs onnxruntime"
         return {"backend": "numpy", "providers": ["numpy"], "precision": "float64", "notice": notice}
     from . import ortstats

@@ -49,6 +49,7 @@ def load_model(path: Union[str, os.PathLike]) -> onnx.ModelProto:
         raise InputError(f"cannot read '{path}' as an ONNX model: {_one_line(e)}") from None
     if not model.graph.node and not model.graph.output:
         raise InputError(f"'{path}' is not an ONNX model (it parsed to an empty graph)")
+    check_model(path)
     external = {t.name for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL}
     if external:
         try:
@@ -56,7 +57,6 @@ def load_model(path: Union[str, os.PathLike]) -> onnx.ModelProto:
         except Exception as e:
             raise InputError(f"cannot read the external data of '{path}': {_one_line(e)}") from None
         _EXTERNAL_TENSORS[id(model)] = external
-    check_model(model)
     return model
 
 
@@ -86,7 +86,8 @@ def _one_line(error: Exception, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def check_model(model: onnx.ModelProto) -> None:
+def check_model(model: Union[str, onnx.ModelProto]) -> None:
+    """onnx.checker with a one-line error; a path is checked by the C++ side directly."""
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
@@ -238,7 +239,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         return model, report
     say("statistics")
     with clock("statistics"):
-        builder = ProblemBuilder(groups, analysis.uses)
+        builder = ProblemBuilder(groups, analysis.uses, analysis.shared)
         report.statistics = stats.compute_diag_g(graph, analysis, builder.add, backend=backend, device=device,
                                                  progress=lambda done, total: say("statistics", done, total))
         problem = builder.finish()
@@ -255,8 +256,8 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     _describe_solution(report, problem, builder, result, groups, max_iter, tol)
     report.layers = group_layers(graph, analysis, groups, result.u)
     original = None
-    if verify_output:
-        original = copy.deepcopy(model) if groups.count else model
+    if verify_output:  # the input file itself when there is one: no copy of the weights
+        original = report.input if report.input is not None else (copy.deepcopy(model) if groups.count else model)
     say("rewrite")
     with clock("rewrite"):
         rewritten = rewrite.apply(model, graph, analysis.uses, groups, result.u)
@@ -299,6 +300,12 @@ def _describe_analysis(report: Report, graph: Graph, analysis, groups) -> None:
     report.barrier_ops = dict(analysis.unsupported)
     report.layers = group_layers(graph, analysis, groups, None)
     report.exporter = {"folded_batchnorm": folded_batchnorm(graph)}
+    tied = sorted(name for name, (n, nonzero) in analysis.shared.items() if nonzero.any())
+    if tied:
+        report.warnings.append(
+            f"{len(tied)} parameter tensor(s) are read by several nodes ({', '.join(tied[:3])}"
+            f"{', ...' if len(tied) > 3 else ''}): the channels they join were tied so that each keeps one value "
+            f"per element (an exporter that merges equal initializers causes this)")
     folded = folded_batchnorm_warning(graph)
     if folded:
         report.warnings.append(folded)

@@ -69,6 +69,15 @@ class NumpyPathNetwork:
             value = self.graph.constant_value(use.input_name)
         return use, np.asarray(value, dtype=np.float64)
 
+    def param_sq(self, node, role: str) -> Tuple[ParamUse, np.ndarray]:
+        """A parameter squared, in float64 (one pass from the stored dtype)."""
+        use = self.use(node, role)
+        value = use.ref.to_view(self.graph.stored_value(use.ref)) if use.ref is not None \
+            else np.asarray(self.graph.constant_value(use.input_name))
+        if value.dtype.name == "bfloat16":
+            value = value.astype(np.float32)
+        return use, np.square(value, dtype=np.float64)
+
     def emit_g(self, use: ParamUse, g: np.ndarray) -> None:
         if not use.ignored:
             self._on_g(use, np.asarray(g, dtype=np.float64).reshape(use.view_shape))

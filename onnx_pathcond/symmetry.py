@@ -93,6 +93,8 @@ class Analysis:
         self.cut_nodes: Dict[int, str] = {}  # node index -> why the path network is cut there
         self.unsupported: Dict[str, int] = {}  # op type -> count of barrier nodes
         self.node_data: Dict[int, object] = {}  # what a rule computed once for its node
+        # stored tensors read by several parameter uses: name -> (uses, mask of non-zero elements)
+        self.shared: Dict[str, Tuple[int, np.ndarray]] = {}
 
     # -------------------------------------------------------------- used by rules
     def layout(self, name: str) -> Optional[Layout]:
@@ -286,13 +288,21 @@ def reconcile_stored_tensors(an: Analysis) -> None:
     When several parameter uses read the same tensor, their incoming positions are tied
     element by element, and so are their outgoing ones: the scale then agrees for every
     reader. A tensor also read by a node that is not one of its parameter uses (a barrier,
-    a constant subgraph) cannot change at all: its channels are frozen.
+    a constant subgraph) cannot change at all: its channels are frozen. Zero elements are
+    free either way (any scale leaves them zero): exporters often merge equal tensors, such
+    as the all-zero biases of many BatchNorms, into one initializer.
     """
     by_store: Dict[str, List[ParamUse]] = {}
     for use in an.uses:
         if use.ref is not None and not use.ignored:
             by_store.setdefault(use.ref.name, []).append(use)
     for name, uses in by_store.items():
+        value = an.graph.stored_value(uses[0].ref)
+        nonzero = value != 0
+        if not nonzero.any():
+            if len(uses) > 1:
+                an.shared[name] = (len(uses), nonzero)
+            continue
         declared = {(id(u.node), u.input_name) for u in uses}
         strangers = [node for node, via in _readers(an.graph, name) if (id(node), via) not in declared]
         if strangers:
@@ -304,8 +314,9 @@ def reconcile_stored_tensors(an: Analysis) -> None:
             continue
         if len(uses) == 1:
             continue
-        stored = [(u.ref.to_stored(np.broadcast_to(u.rows, u.view_shape)),
-                   u.ref.to_stored(np.broadcast_to(u.cols, u.view_shape))) for u in uses]
+        an.shared[name] = (len(uses), nonzero)
+        stored = [(u.ref.to_stored(np.broadcast_to(u.rows, u.view_shape))[nonzero],
+                   u.ref.to_stored(np.broadcast_to(u.cols, u.view_shape))[nonzero]) for u in uses]
         rows0, cols0 = stored[0]
         why = f"parameter '{name}' is shared by {len(uses)} nodes that cannot follow one scale"
         for rows, cols in stored[1:]:

@@ -8,9 +8,12 @@ that difference relative to the output's scale (its largest magnitude).
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
@@ -91,7 +94,26 @@ def random_inputs(model: onnx.ModelProto, shapes: Dict[str, Tuple[int, ...]], se
     return feeds
 
 
-def _run(model: onnx.ModelProto, feeds: Dict[str, np.ndarray]) -> Tuple[List[np.ndarray], str]:
+@contextmanager
+def _ort_source(model: Union[str, onnx.ModelProto]):
+    """What to give InferenceSession: a path as is, a model as bytes (or, past the 2 GB
+    protobuf limit, as a temporary file with external data)."""
+    if isinstance(model, str):
+        yield model
+    elif model.ByteSize() < _PROTOBUF_LIMIT:
+        yield model.SerializeToString()
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "model.onnx")
+            onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
+            onnx.external_data_helper.load_external_data_for_model(model, folder)
+            yield path
+
+
+_PROTOBUF_LIMIT = 2_000_000_000
+
+
+def _run(model: Union[str, onnx.ModelProto], feeds: Dict[str, np.ndarray]) -> Tuple[List[np.ndarray], str]:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -99,9 +121,11 @@ def _run(model: onnx.ModelProto, feeds: Dict[str, np.ndarray]) -> Tuple[List[np.
     if ort is not None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.enable_cpu_mem_arena = False  # give memory back as soon as the run is over
         options.log_severity_level = 3
         try:
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            with _ort_source(model) as source:
+                session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
             return session.run(None, feeds), "onnxruntime"
         except Exception as e:
             raise ModelError(f"onnxruntime cannot run the model: {str(e).splitlines()[0]}") from None
@@ -113,15 +137,17 @@ def _run(model: onnx.ModelProto, feeds: Dict[str, np.ndarray]) -> Tuple[List[np.
         raise ModelError(f"the reference evaluator cannot run the model: {str(e).splitlines()[0]}") from None
 
 
-def compare(original: onnx.ModelProto, rescaled: onnx.ModelProto, shapes: Dict[str, Tuple[int, ...]],
+def compare(original: Union[str, onnx.ModelProto], rescaled: onnx.ModelProto, shapes: Dict[str, Tuple[int, ...]],
             seed: int = 0, rtol: Optional[float] = None) -> Verification:
+    """Run both on the same random inputs. `original` may be the input file's path (cheaper
+    than a copy of the model: onnxruntime reads it itself)."""
     t0 = time.perf_counter()
-    rtol = default_rtol(original) if rtol is None else rtol
-    feeds = random_inputs(original, shapes, seed)
+    rtol = default_rtol(rescaled) if rtol is None else rtol
+    feeds = random_inputs(rescaled, shapes, seed)
     before, engine = _run(original, feeds)
     after, _ = _run(rescaled, feeds)
     result = Verification(engine, rtol, input_shapes=dict(shapes))
-    for out, a, b in zip(original.graph.output, before, after):
+    for out, a, b in zip(rescaled.graph.output, before, after):
         a = np.asarray(a, dtype=np.float64) if np.asarray(a).dtype.kind in "fc" or np.asarray(a).dtype.name == "bfloat16" \
             else np.asarray(a)
         b = np.asarray(b, dtype=a.dtype)

@@ -64,7 +64,7 @@ def test_cuda_request_without_cuda_says_so():
 
 def _problem(model):
     graph, analysis, groups = analyse_model(model)
-    builder = ProblemBuilder(groups, analysis.uses)
+    builder = ProblemBuilder(groups, analysis.uses, analysis.shared)
     compute_diag_g(graph, analysis, builder.add)
     return builder.finish()
 

@@ -14,7 +14,7 @@ from onnx_pathcond.stats import compute_diag_g
 def problem_and_entries(model):
     """The tool's Problem, and the same entries written out one per parameter element."""
     graph, analysis, groups = analyse_model(model)
-    builder = ProblemBuilder(groups, analysis.uses)
+    builder = ProblemBuilder(groups, analysis.uses, analysis.shared)
     entries = []
 
     def both(use, g):

@@ -150,7 +150,7 @@ class Problem:
 class ProblemBuilder:
     """Collects (use, g) pairs from the statistics pass into a `Problem`."""
 
-    def __init__(self, groups: Groups, uses: List[ParamUse]):
+    def __init__(self, groups: Groups, uses: List[ParamUse], shared: Optional[Dict[str, Tuple[int, np.ndarray]]] = None):
         self.groups = groups
         self.H = groups.count
         self.blocks: List[Block] = []
@@ -164,10 +164,13 @@ class ProblemBuilder:
         self.g_max_before = 0.0
         self.g_min_before = np.inf
         # A tensor read by several nodes is one set of parameters: sum its g over the uses.
+        # Its zero elements are not tied across the uses (see symmetry.reconcile_stored_tensors):
+        # each use keeps its own entries for them.
         self._expected: Dict[str, int] = {}
         for use in uses:
             if use.ref is not None and not use.ignored:
                 self._expected[use.ref.name] = self._expected.get(use.ref.name, 0) + 1
+        self._nonzero = {name: mask for name, (_, mask) in (shared or {}).items()}
         self._pending: Dict[str, Tuple[ParamUse, np.ndarray, int]] = {}
 
     def group_ids(self, positions: np.ndarray) -> np.ndarray:
@@ -178,6 +181,11 @@ class ProblemBuilder:
     def add(self, use: ParamUse, g: np.ndarray) -> None:
         if use.ref is not None and self._expected.get(use.ref.name, 1) > 1:
             name = use.ref.name
+            nonzero = self._nonzero.get(name)
+            if nonzero is not None and not nonzero.all():
+                keep = use.ref.to_view(nonzero)
+                self._add_entries(use, np.where(keep, 0.0, g))  # zero elements: this use's own entries
+                g = np.where(keep, g, 0.0)
             if name in self._pending:
                 first, acc, seen = self._pending[name]
                 acc += first.ref.to_view(use.ref.to_stored(g))
@@ -193,44 +201,63 @@ class ProblemBuilder:
 
     def _add_entries(self, use: ParamUse, g: np.ndarray) -> None:
         label = use.ref.name if use.ref is not None else use.input_name
-        positive = g > 0
-        n_pos = int(positive.sum())
+        n_pos = int(np.count_nonzero(g))  # g ≥ 0: non-zero means positive
         if n_pos == 0:
             return
+        dense_g = n_pos == g.size  # the common case: no mask needed anywhere below
+        positive = None if dense_g else g > 0
         self.p += n_pos
-        self.log_sum += float(np.log(g[positive]).sum())
+        self.log_sum += float(np.log(g if dense_g else g[positive]).sum())
         self.g_max_before = max(self.g_max_before, float(g.max()))
-        self.g_min_before = min(self.g_min_before, float(g[positive].min()))
+        self.g_min_before = min(self.g_min_before, float(g.min() if dense_g else g[positive].min()))
         rows = self.group_ids(use.rows)
         cols = self.group_ids(use.cols)
+        H = self.H
+        if (rows == H).all() and (cols == H).all():  # nothing here can move: a constant
+            self.const_sum += float(g.sum())
+            self.const_max = max(self.const_max, float(g.max()))
+            self.const_min = min(self.const_min, float(g.min() if dense_g else g[positive].min()))
+            return
         nd = g.ndim
         kept = [a for a in range(nd) if rows.shape[a] > 1 or cols.shape[a] > 1]
         reduced = tuple(a for a in range(nd) if a not in kept)
+        taps = int(np.prod([g.shape[a] for a in reduced])) if reduced else 1
         cell_sum = g.sum(axis=reduced) if reduced else g
-        cell_count = positive.sum(axis=reduced) if reduced else positive.astype(np.int64)
-        several = int(np.prod([g.shape[a] for a in reduced])) > 1 if reduced else False
-        cell_max = g.max(axis=reduced) if several else None
-        cell_min = np.where(positive, g, np.inf).min(axis=reduced) if several else None
+        if dense_g:
+            cell_count = np.full(cell_sum.shape, taps, dtype=np.int64)
+        else:
+            cell_count = positive.sum(axis=reduced) if reduced else positive.astype(np.int64)
+        cell_max = g.max(axis=reduced) if taps > 1 else None
+        cell_min = None
+        if taps > 1:
+            cell_min = g.min(axis=reduced) if dense_g else np.where(positive, g, np.inf).min(axis=reduced)
         if reduced:
             rows, cols = rows.reshape([rows.shape[a] for a in kept]), cols.reshape([cols.shape[a] for a in kept])
         G, row, col, gmax, gmin, count = self._as_matrix(cell_sum, rows, cols, cell_max, cell_min, cell_count)
-        fixed = np.broadcast_to(row == col, G.shape)
-        if fixed.any():
+        # Cells whose row and column are the same group never change (λ/λ): constants.
+        shared_groups = np.intersect1d(row[row < H], col[col < H])
+        if shared_groups.size:
+            fixed = np.broadcast_to((row == col) & (row < H), G.shape)
             self.const_sum += float(G[fixed].sum())
             self.const_max = max(self.const_max, float((G if gmax is None else gmax)[fixed].max()))
             low = (G if gmin is None else gmin)[fixed]
             low = low[low > 0]
             if low.size:
                 self.const_min = min(self.const_min, float(low.min()))
-            if fixed.all():
-                return
             G = np.where(fixed, 0.0, G)
             count = np.where(fixed, 0, count)
             if gmin is not None:
                 gmin = np.where(fixed, np.inf, gmin)
                 gmax = np.where(fixed, 0.0, gmax)
-        self.n_in += np.bincount(np.broadcast_to(row, G.shape).ravel(), weights=count.ravel(), minlength=self.H + 1)
-        self.n_out += np.bincount(np.broadcast_to(col, G.shape).ravel(), weights=count.ravel(), minlength=self.H + 1)
+        count = np.broadcast_to(count, G.shape)
+        if row.shape[1] == 1:
+            self.n_in += np.bincount(row[:, 0], weights=count.sum(axis=1), minlength=H + 1)
+        else:
+            self.n_in += np.bincount(row.ravel(), weights=count.ravel(), minlength=H + 1)
+        if col.shape[0] == 1:
+            self.n_out += np.bincount(col[0], weights=count.sum(axis=0), minlength=H + 1)
+        else:
+            self.n_out += np.bincount(np.broadcast_to(col, G.shape).ravel(), weights=count.ravel(), minlength=H + 1)
         self.blocks.append(Block(G, row, col, gmax, gmin, label))
 
     @staticmethod

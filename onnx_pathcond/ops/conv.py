@@ -71,16 +71,17 @@ class ConvRule(OpRule):
 
     @staticmethod
     def _setup(node, pn):
-        use, weight = pn.param(node, "weight")
+        use, w2 = pn.param_sq(node, "weight")
         x = pn.mass(node.input[0])[0]
         groups = attr(node, "group", 1)
         out_shape = pn.graph.shape(node.output[0])
-        geo = geometry(node, x.shape[1:], weight.shape[2:], out_shape[2:] if out_shape else None)
-        w2 = np.square(weight).reshape(groups, weight.shape[0] // groups, -1)
-        return use, weight.shape, x, groups, geo, w2
+        geo = geometry(node, x.shape[1:], w2.shape[2:], out_shape[2:] if out_shape else None)
+        return use, w2.shape, x, groups, geo, w2.reshape(groups, w2.shape[0] // groups, -1)
 
     @staticmethod
     def _columns(x, groups, geo: Geometry) -> np.ndarray:
+        if geo.kernel_volume == 1 and all(s == 1 for s in geo.strides) and geo.padded_size == geo.in_size:
+            return x.reshape(groups, x.shape[0] // groups, -1)  # a 1×1 convolution reads x as it is
         cols = window_view(pad_input(x, geo), geo)
         return cols.reshape(groups, (x.shape[0] // groups) * geo.kernel_volume, -1)
 
@@ -89,7 +90,7 @@ class ConvRule(OpRule):
         y = np.matmul(w2, self._columns(x, groups, geo)).reshape((1, wshape[0]) + geo.out_size)
         b = _bias_name(node)
         if b:
-            y += np.square(pn.param(node, "bias")[1]).reshape((1, -1) + (1,) * len(geo.out_size))
+            y += pn.param_sq(node, "bias")[1].reshape((1, -1) + (1,) * len(geo.out_size))
         pn.set_mass(node.output[0], y)
 
     def backward(self, node, pn):

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from . import rewrite, solve, stats, verify
+from . import protoio, rewrite, solve, stats, verify
 from .criteria.pathcond import ProblemBuilder
 from .errors import InputError, ModelError, SaveError, VerificationError
 from .exporters import folded_batchnorm, folded_batchnorm_warning
@@ -49,7 +49,6 @@ def load_model(path: Union[str, os.PathLike]) -> onnx.ModelProto:
         raise InputError(f"cannot read '{path}' as an ONNX model: {_one_line(e)}") from None
     if not model.graph.node and not model.graph.output:
         raise InputError(f"'{path}' is not an ONNX model (it parsed to an empty graph)")
-    check_model(path)
     external = {t.name for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL}
     if external:
         try:
@@ -57,6 +56,7 @@ def load_model(path: Union[str, os.PathLike]) -> onnx.ModelProto:
         except Exception as e:
             raise InputError(f"cannot read the external data of '{path}': {_one_line(e)}") from None
         _EXTERNAL_TENSORS[id(model)] = external
+    check_model(model)
     return model
 
 
@@ -86,10 +86,10 @@ def _one_line(error: Exception, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def check_model(model: Union[str, onnx.ModelProto]) -> None:
-    """onnx.checker with a one-line error; a path is checked by the C++ side directly."""
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker with a one-line error, run on the weight-free skeleton of the model."""
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(protoio.skeleton(model))
     except onnx.checker.ValidationError as e:
         raise ModelError(f"the model fails onnx.checker: {_one_line(e) or 'invalid model'}") from None
     except ValueError as e:  # > 2 GB protobuf: cannot be checked in memory
@@ -119,44 +119,81 @@ def _new_file_mode(path: str) -> int:
     return 0o666 & ~umask
 
 
-def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], external: Optional[Collection[str]] = None) -> None:
-    """Write atomically; the tensors the input kept in external data stay external.
+class PendingSave:
+    """A model written into a temporary folder next to its target, not yet in place.
 
-    `external` names the tensors to store in `<OUT>.data` (default: those of the file the
-    model was loaded from). Everything is first written into a temporary folder next to the
-    target, then moved into place (the data file before the model that points to it), so a
-    failure leaves nothing at the target and never touches the input's files.
+    `commit()` moves it into place (the data file before the model that points to it);
+    leaving the `with` block without committing removes it. The tensors the input kept in
+    external data stay external (`external` names them; default: those of the file the model
+    was loaded from). A failure leaves nothing at the target and never touches the input.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
-    external = set(external_tensors(model) if external is None else external)
-    data_name = name + ".data"
-    work = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    moved_out = [t for t in _all_tensors(model) if t.name in external and t.HasField("raw_data")]
-    try:
+
+    def __init__(self, model: onnx.ModelProto, path: Union[str, os.PathLike],
+                 external: Optional[Collection[str]] = None):
+        self.path = os.fspath(path)
+        self.folder = os.path.dirname(os.path.abspath(self.path))
+        self.name = os.path.basename(self.path)
+        self.data_name = self.name + ".data"
+        external = set(external_tensors(model) if external is None else external)
         try:
-            for tensor in moved_out:
-                onnx.external_data_helper.set_external_data(tensor, location=data_name)
-            if moved_out:
-                onnx.external_data_helper.write_external_data_tensors(model, work)
-            onnx.save(model, os.path.join(work, name))
-        finally:  # give the caller its values back, inline
-            for tensor in moved_out:
-                if not tensor.HasField("raw_data"):
-                    onnx.external_data_helper.load_external_data_for_tensor(tensor, work)
-                tensor.data_location = onnx.TensorProto.DEFAULT
-                del tensor.external_data[:]
-        mode = _new_file_mode(path)
-        if moved_out:
-            os.chmod(os.path.join(work, data_name), mode)
-            os.replace(os.path.join(work, data_name), os.path.join(folder, data_name))
-        os.chmod(os.path.join(work, name), mode)
-        os.replace(os.path.join(work, name), path)
-    except OSError as e:
-        raise SaveError(f"cannot write '{path}': {e.strerror or _one_line(e)}") from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            self.work = tempfile.mkdtemp(prefix=f".{self.name}.", suffix=".tmp", dir=self.folder)
+        except OSError as e:
+            raise SaveError(f"cannot write '{self.path}': {e.strerror or _one_line(e)}") from None
+        moved_out = [t for t in _all_tensors(model) if t.name in external and t.HasField("raw_data")]
+        self.has_data = bool(moved_out)
+        try:
+            try:
+                for tensor in moved_out:
+                    onnx.external_data_helper.set_external_data(tensor, location=self.data_name)
+                if moved_out:
+                    onnx.external_data_helper.write_external_data_tensors(model, self.work)
+                with open(self.model_path, "wb") as f:
+                    protoio.write_model(model, f)
+            finally:  # give the caller its values back, inline
+                for tensor in moved_out:
+                    if not tensor.HasField("raw_data"):
+                        onnx.external_data_helper.load_external_data_for_tensor(tensor, self.work)
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    del tensor.external_data[:]
+        except OSError as e:
+            self.discard()
+            raise SaveError(f"cannot write '{self.path}': {e.strerror or _one_line(e)}") from None
+        except BaseException:
+            self.discard()
+            raise
+
+    @property
+    def model_path(self) -> str:
+        return os.path.join(self.work, self.name)
+
+    def commit(self) -> None:
+        try:
+            mode = _new_file_mode(self.path)
+            if self.has_data:
+                os.chmod(os.path.join(self.work, self.data_name), mode)
+                os.replace(os.path.join(self.work, self.data_name), os.path.join(self.folder, self.data_name))
+            os.chmod(self.model_path, mode)
+            os.replace(self.model_path, self.path)
+        except OSError as e:
+            raise SaveError(f"cannot write '{self.path}': {e.strerror or _one_line(e)}") from None
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.discard()
+        return False
+
+
+def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], external: Optional[Collection[str]] = None) -> None:
+    """Write atomically (see `PendingSave`)."""
+    with PendingSave(model, path, external) as pending:
+        pending.commit()
 
 
 # ---------------------------------------------------------------------------- pipeline
@@ -198,7 +235,7 @@ def analyse_model(model: onnx.ModelProto, input_shapes=None):
 def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[int, ...]], Sequence[str]]] = None,
             solver: str = "cd", max_iter: int = 10, tol: float = 1e-2, verify_output: bool = True,
             rtol: Optional[float] = None, seed: int = 0, dry_run: bool = False,
-            backend: str = "auto", device: str = "cpu",
+            backend: str = "auto", device: str = "cpu", output: Optional[Union[str, os.PathLike]] = None,
             progress: Optional[Callable[..., None]] = None) -> Tuple[onnx.ModelProto, Report]:
     """Rescale a ReLU network with PathCond; returns the new model and a report.
 
@@ -209,7 +246,9 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     total=None)` is called when a step starts and as it advances. With `dry_run`, only the
     analysis runs and the model is returned unchanged. `backend` computes diag(G) with numpy or
     onnxruntime (`auto`: onnxruntime when installed); `device="cuda"` asks onnxruntime for its
-    CUDA execution provider (the report says which providers really ran).
+    CUDA execution provider (the report says which providers really ran). With `output`, the
+    model is also saved there, and the file that is checked is the written one: it only
+    takes its place once it has passed.
     """
     if solver not in ("cd", "exact"):
         raise InputError(f"unknown solver '{solver}' (choose cd or exact)")
@@ -254,6 +293,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
             result = solve.coordinate_descent(problem, max_iter=max_iter, tol=tol,
                                               progress=lambda k, _: say("solve", k, max_iter))
     _describe_solution(report, problem, builder, result, groups, max_iter, tol)
+    del problem, builder  # the statistics are summarised: free them before the weights are copied
     report.layers = group_layers(graph, analysis, groups, result.u)
     original = None
     if verify_output:  # the input file itself when there is one: no copy of the weights
@@ -263,20 +303,34 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         rewritten = rewrite.apply(model, graph, analysis.uses, groups, result.u)
     report.rewritten = [vars(r) for r in rewritten]
     _dtype_warnings(report, rewritten)
-    if verify_output:
-        say("verify")
-        with clock("verify"):
-            shapes = verify.verification_shapes(model, graph.input_shapes)
-            check = verify.compare(original, model, shapes, seed=seed, rtol=rtol)
-        report.verification = {"engine": check.engine, "rtol": check.rtol, "max_rel": check.max_rel,
-                               "passed": check.passed, "seed": seed,
-                               "input_shapes": {k: list(v) for k, v in check.input_shapes.items()},
-                               "outputs": [vars(o) for o in check.outputs]}
-        if not check.passed:
-            worst = max(check.outputs, key=lambda o: o.max_rel)
-            raise VerificationError(
-                f"the rescaled model differs from the input: output '{worst.name}' max difference "
-                f"{worst.max_rel:.3g} relative to its scale (rtol {check.rtol:.3g}); nothing was written")
+    pending = None
+    if output is not None:
+        say("save")
+        with clock("save"):
+            pending = PendingSave(model, output)
+    try:
+        if verify_output:
+            say("verify")
+            with clock("verify"):
+                shapes = verify.verification_shapes(model, graph.input_shapes)
+                written = pending.model_path if pending is not None else model
+                check = verify.compare(original, written, model, shapes, seed=seed, rtol=rtol)
+            report.verification = {"engine": check.engine, "rtol": check.rtol, "max_rel": check.max_rel,
+                                   "passed": check.passed, "seed": seed,
+                                   "input_shapes": {k: list(v) for k, v in check.input_shapes.items()},
+                                   "outputs": [vars(o) for o in check.outputs]}
+            if not check.passed:
+                worst = max(check.outputs, key=lambda o: o.max_rel)
+                raise VerificationError(
+                    f"the rescaled model differs from the input: output '{worst.name}' max difference "
+                    f"{worst.max_rel:.3g} relative to its scale (rtol {check.rtol:.3g}); nothing was written")
+        if pending is not None:
+            with clock("save"):
+                pending.commit()
+            report.output = os.fspath(output)
+    finally:
+        if pending is not None:
+            pending.discard()
     return model, report
 
 

@@ -109,12 +109,8 @@ def main(input_path, output_path, input_shapes, solver, max_iter, tol, backend, 
         try:
             model, report = api.rescale(input_path, input_shapes=list(input_shapes), solver=solver, max_iter=max_iter,
                                         tol=tol, verify_output=verify, rtol=rtol, seed=seed, dry_run=dry_run,
-                                        backend=backend, device=device, progress=progress)
-            if not dry_run:
-                report.output = output_path
-                progress("save")
-                with api._Clock(report.timings)("save"):
-                    api.save_model(model, output_path)
+                                        backend=backend, device=device, progress=progress,
+                                        output=None if dry_run else output_path)
         finally:
             progress.close()
     except PathCondError as e:

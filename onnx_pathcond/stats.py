@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
+import onnx
 
 from .errors import InputError, ModelError
 from .graph import Graph, node_label
@@ -33,9 +34,15 @@ class NumpyPathNetwork:
         self._on_g = on_g
         self._mass: Dict[str, np.ndarray] = {}
         self._adjoint: Dict[str, np.ndarray] = {}
+        # Masses made by cheap nodes are dropped once the forward pass is done with them and
+        # recomputed if the backward pass needs them: only the outputs of the expensive ops
+        # (convolutions, matrix products) stay in memory between the passes.
+        self._recompute: Dict[str, onnx.NodeProto] = {}
 
     # ------------------------------------------------------------ context for rules
     def mass(self, name: str) -> np.ndarray:
+        if name not in self._mass and name in self._recompute:
+            self._forward(self._recompute.pop(name))  # dropped after the forward pass: redo it
         return self._mass[name]
 
     def set_mass(self, name: str, value: np.ndarray) -> None:
@@ -44,7 +51,7 @@ class NumpyPathNetwork:
     def adjoint(self, name: str) -> np.ndarray:
         adj = self._adjoint.get(name)
         if adj is None:
-            return np.zeros_like(self._mass[name])
+            return np.zeros(self._activation_shape(name))
         return adj
 
     def add_adjoint(self, name: str, value: np.ndarray) -> None:
@@ -98,29 +105,53 @@ class NumpyPathNetwork:
                 self._mass[name] = np.ones(self._activation_shape(name))
         active = [node for node in g.nodes if any(g.is_activation(o) for o in node.output if o)]
         total = 2 * len(active)
+        readers: Dict[str, int] = {}
+        for node in active:
+            for i in set(node.input):
+                readers[i] = readers.get(i, 0) + 1
         for done, node in enumerate(active, start=1):
-            if g.index(node) in cut:
-                for o in node.output:
-                    if o and g.is_activation(o) and g.is_float(o):
-                        self._mass[o] = np.ones(self._activation_shape(o))
-            else:
-                rule_for(node).forward(node, self)
+            self._forward(node)
+            for i in set(node.input):
+                readers[i] = readers.get(i, 1) - 1
+                producer = g.producer.get(i)
+                if readers[i] == 0 and producer is not None and i in self._mass and i not in g.graph_outputs \
+                        and self._cheap(producer):
+                    del self._mass[i]
+                    self._recompute[i] = producer
             self.progress(done, total)
         for name in g.graph_outputs:
-            if name in self._mass:
-                self.add_adjoint(name, np.ones_like(self._mass[name]))
+            if self._has_mass(name):
+                self.add_adjoint(name, np.ones(self._activation_shape(name)))
         for done, node in enumerate(reversed(active), start=len(active) + 1):
             if g.index(node) in cut:
                 for i in dict.fromkeys(node.input):
-                    if i and i in self._mass:
-                        self.add_adjoint(i, np.ones_like(self._mass[i]))
+                    if i and self._has_mass(i):
+                        self.add_adjoint(i, np.ones(self._activation_shape(i)))
             else:
                 rule_for(node).backward(node, self)
             self.progress(done, total)
             for o in node.output:  # every consumer of o came later and is done with it
                 self._adjoint.pop(o, None)
+                self._recompute.pop(o, None)
                 if o not in g.graph_outputs:
                     self._mass.pop(o, None)
+
+    def _forward(self, node) -> None:
+        g = self.graph
+        if g.index(node) in self.analysis.cut_nodes:
+            for o in node.output:
+                if o and g.is_activation(o) and g.is_float(o):
+                    self._mass[o] = np.ones(self._activation_shape(o))
+        else:
+            rule_for(node).forward(node, self)
+
+    def _has_mass(self, name: str) -> bool:
+        return name in self._mass or name in self._recompute
+
+    def _cheap(self, node) -> bool:
+        if self.graph.index(node) in self.analysis.cut_nodes:
+            return True
+        return getattr(rule_for(node), "cheap_forward", False)
 
     def total_mass(self) -> float:
         """S = Σ of the path network's outputs (only meaningful right after the forward pass)."""

@@ -137,17 +137,17 @@ def _run(model: Union[str, onnx.ModelProto], feeds: Dict[str, np.ndarray]) -> Tu
         raise ModelError(f"the reference evaluator cannot run the model: {str(e).splitlines()[0]}") from None
 
 
-def compare(original: Union[str, onnx.ModelProto], rescaled: onnx.ModelProto, shapes: Dict[str, Tuple[int, ...]],
-            seed: int = 0, rtol: Optional[float] = None) -> Verification:
-    """Run both on the same random inputs. `original` may be the input file's path (cheaper
-    than a copy of the model: onnxruntime reads it itself)."""
+def compare(original: Union[str, onnx.ModelProto], rescaled: Union[str, onnx.ModelProto], model: onnx.ModelProto,
+            shapes: Dict[str, Tuple[int, ...]], seed: int = 0, rtol: Optional[float] = None) -> Verification:
+    """Run both on the same random inputs. Each may be a file path (cheaper than a copy of
+    the model in memory: onnxruntime reads it itself); `model` says what inputs to make."""
     t0 = time.perf_counter()
-    rtol = default_rtol(rescaled) if rtol is None else rtol
-    feeds = random_inputs(rescaled, shapes, seed)
+    rtol = default_rtol(model) if rtol is None else rtol
+    feeds = random_inputs(model, shapes, seed)
     before, engine = _run(original, feeds)
     after, _ = _run(rescaled, feeds)
     result = Verification(engine, rtol, input_shapes=dict(shapes))
-    for out, a, b in zip(rescaled.graph.output, before, after):
+    for out, a, b in zip(model.graph.output, before, after):
         a = np.asarray(a, dtype=np.float64) if np.asarray(a).dtype.kind in "fc" or np.asarray(a).dtype.name == "bfloat16" \
             else np.asarray(a)
         b = np.asarray(b, dtype=a.dtype)

@@ -645,16 +645,17 @@ def test_no_rescalable_group(tmp_path, source, category, reason, quiet):
 
 # ---------------------------------------------------------------------------- failures while saving
 def _failing_save(monkeypatch, folder: Path):
-    """onnx.save writes half a file anywhere under `folder` then fails as on a full disk."""
-    real_save = onnx.save
+    """Writing the model file under `folder` writes half of it, then fails as on a full disk."""
+    from onnx_pathcond import protoio
 
-    def save(model, f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)) and folder.resolve() in Path(f).resolve().parents:
-            Path(f).write_bytes(model.SerializeToString()[:100])
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
-        return real_save(model, f, *args, **kwargs)
+    def write_model(model, f):
+        if folder.resolve() in Path(f.name).resolve().parents:
+            f.write(model.SerializeToString()[:100])
+            raise OSError(errno.ENOSPC, "No space left on device", f.name)
+        return real(model, f)
 
-    monkeypatch.setattr(onnx, "save", save)
+    real = protoio.write_model
+    monkeypatch.setattr(protoio, "write_model", write_model)
 
 
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -721,3 +722,13 @@ def test_module_error_is_one_line_on_real_stderr(tmp_path):
     assert proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: ") and "nope.onnx" in proc.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_streamed_writer_gives_protobufs_own_bytes(tmp_path):
+    import io
+    from onnx_pathcond import protoio
+    for path in ["models/resnet.dynamo_bn.onnx", "models/helper_mlp.onnx", "models/mlp.onnx"]:
+        model = onnx.load(path)
+        buf = io.BytesIO()
+        protoio.write_model(model, buf)
+        assert buf.getvalue() == model.SerializeToString()

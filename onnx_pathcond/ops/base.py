@@ -24,6 +24,9 @@ _REGISTRY: Dict[str, "OpRule"] = {}
 
 class OpRule:
     op_types: Tuple[str, ...] = ()
+    # True when the path-network forward is cheap (elementwise, copies): its output is then
+    # dropped after the forward pass and recomputed when the backward pass needs it.
+    cheap_forward = False
 
     def analyse(self, node: onnx.NodeProto, an) -> None:  # pragma: no cover - interface
         raise NotImplementedError

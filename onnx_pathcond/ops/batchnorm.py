@@ -21,6 +21,7 @@ from .base import OpRule, register
 @register
 class BatchNormRule(OpRule):
     op_types = ("BatchNormalization",)
+    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         g = an.graph

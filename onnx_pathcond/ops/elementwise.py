@@ -23,6 +23,7 @@ from .linear import _add_bias_use
 @register
 class PassThroughRule(OpRule):
     op_types = ("Relu", "LeakyRelu", "PRelu", "Identity", "Dropout")
+    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         g = an.graph
@@ -56,6 +57,7 @@ class CombineRule(OpRule):
     """Add, Sub, Sum, Max, Min: activations tied, constants as biases or ReLU thresholds."""
 
     op_types = ("Add", "Sub", "Sum", "Max", "Min")
+    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         g = an.graph
@@ -169,6 +171,7 @@ class ScaleRule(OpRule):
     """Mul / Div of an activation by a constant."""
 
     op_types = ("Mul", "Div")
+    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         g = an.graph

@@ -114,6 +114,7 @@ def _channel_axis(labels: np.ndarray, preferred: int):
 class MovementRule(OpRule):
     op_types = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice",
                 "Pad", "Tile", "Expand", "Gather", "DepthToSpace", "SpaceToDepth")
+    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         g = an.graph

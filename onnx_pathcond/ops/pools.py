@@ -29,6 +29,7 @@ def _require_channel_axis_one(node, an, x) -> bool:
 @register
 class WindowPoolRule(OpRule):
     op_types = ("MaxPool", "AveragePool")
+    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         if len(node.output) > 1 and node.output[1] and an.graph.consumers.get(node.output[1]):
@@ -111,6 +112,7 @@ def _reduce_axes(node, graph, rank):
 @register
 class ReduceRule(OpRule):
     op_types = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceSum", "ReduceMax")
+    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         g = an.graph

@@ -77,6 +77,7 @@ def _along(x, matrix, axis):
 @register
 class ResizeRule(OpRule):
     op_types = ("Resize", "Upsample")
+    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         g = an.graph

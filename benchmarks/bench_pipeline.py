@@ -44,8 +44,14 @@ GENERATED = [f"mlp_k{k}" for k in range(3, 9)] + ["cifar_fcn", "resnet18", "resn
 
 
 # ---------------------------------------------------------------------------- children
-def child_run(path: str, backend: Optional[str], device: Optional[str], solver: str, out: str) -> None:
-    """One tool run: rescale + save, timings and peak RSS written as JSON to `out`."""
+def child_run(path: str, backend: Optional[str], device: Optional[str], solver: str, out: str,
+              separate_save: bool = False) -> None:
+    """One tool run: rescale + save, timings and peak RSS written as JSON to `out`.
+
+    When `rescale` takes `output=` (it then saves, and verifies the written file), the save is
+    part of the run and `report.timings["save"]` times it; otherwise (or with `separate_save`)
+    `onnx_pathcond.save_model` is called after it and timed here.
+    """
     import resource
 
     t_start = time.perf_counter()
@@ -59,15 +65,22 @@ def child_run(path: str, backend: Optional[str], device: Optional[str], solver: 
         if device is not None:
             kwargs["device"] = device
         t_import = time.perf_counter() - t_start
-        model, report = onnx_pathcond.rescale(path, **kwargs)
+        inline = "output" in inspect.signature(onnx_pathcond.rescale).parameters and not separate_save
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            t0 = time.perf_counter()
-            onnx_pathcond.save_model(model, os.path.join(tmp, "out.onnx"))
-            t_save = time.perf_counter() - t0
-        timings = dict(report.timings)
-        timings["save"] = t_save
+            target = os.path.join(tmp, "out.onnx")
+            if inline:
+                model, report = onnx_pathcond.rescale(path, output=target, **kwargs)
+                timings = dict(report.timings)
+            else:
+                model, report = onnx_pathcond.rescale(path, **kwargs)
+                timings = dict(report.timings)
+                t0 = time.perf_counter()
+                onnx_pathcond.save_model(model, target)
+                timings["save"] = timings.get("save", 0.0) + time.perf_counter() - t0
+            if not os.path.exists(target):
+                raise RuntimeError("no output file was written")
         d = report.to_dict() if hasattr(report, "to_dict") else {}
-        result.update(ok=True, import_s=t_import, timings=timings,
+        result.update(ok=True, import_s=t_import, timings=timings, save_mode="rescale(output=)" if inline else "save_model",
                       parameters=(report.model or {}).get("parameters"),
                       groups=(report.groups or {}).get("rescalable"), frozen=(report.groups or {}).get("frozen"),
                       statistics=getattr(report, "statistics", None),
@@ -233,6 +246,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], help="passed to rescale(device=...) when it exists")
     ap.add_argument("--solver", default="cd", choices=["cd", "exact"])
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per child run")
+    ap.add_argument("--separate-save", action="store_true",
+                    help="call save_model after rescale even when rescale takes output= (default: output=)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each child N times and keep the fastest (by in-process work); default 1")
     ap.add_argument("--json", metavar="FILE", help="write all rows as JSON")
@@ -244,7 +259,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.child == "run":
-        child_run(args.path, args.backend or None, args.device, args.solver, args.out)
+        child_run(args.path, args.backend or None, args.device, args.solver, args.out, args.separate_save)
         return 0
     if args.child == "baseline":
         child_baseline(args.path, args.out)
@@ -278,8 +293,10 @@ def main(argv=None) -> int:
     else:
         backends = backends_offered()
     device = args.device if "device" in params else None
+    save = ("save_model() after rescale" if args.separate_save or "output" not in params
+            else "rescale(output=...): save timed by the report, verify reads the written file")
     print(f"onnx_pathcond.rescale(verify_output=True, solver={args.solver!r}"
-          f"{', device=' + repr(device) if device else ''}); backends: {', '.join(b or 'numpy (no backend arg)' for b in backends)}")
+          f"{', device=' + repr(device) if device else ''}); backends: {', '.join(b or 'numpy (no backend arg)' for b in backends)}; {save}")
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; times in seconds; each run in a fresh subprocess\n")
     header = [c[0] for c in COLUMNS]
     print(line(header))
@@ -291,6 +308,8 @@ def main(argv=None) -> int:
         base = best_of(["baseline", "--path", str(path)], args.timeout, args.repeat)
         for backend in backends:
             cmd = ["run", "--path", str(path), "--solver", args.solver]
+            if args.separate_save:
+                cmd.append("--separate-save")
             if backend:
                 cmd += ["--backend", backend]
             if device:
@@ -305,12 +324,16 @@ def main(argv=None) -> int:
         if not base.get("ok"):
             errors.append((name, "baseline", base, ["baseline", "--path", str(path)]))
     if errors:
-        print("\nerrors:")
+        print("\nerrors (identical tracebacks printed once):")
+        by_trace: Dict[str, list] = {}
         for name, backend, r, cmd in errors:
-            print(f"--- {name} [{backend}]: {r.get('error')}")
-            print(f"    reproduce: python benchmarks/bench_pipeline.py --child {' '.join(cmd)} --out /tmp/r.json")
-            if r.get("traceback"):
-                print("    " + r["traceback"].rstrip().replace("\n", "\n    "))
+            by_trace.setdefault(r.get("traceback") or r.get("error", "?"), []).append((name, backend, r, cmd))
+        for trace, runs in by_trace.items():
+            print(f"--- {runs[0][2].get('error')}")
+            print(f"    in {len(runs)} run(s): " + ", ".join(f"{n} [{b}]" for n, b, _, _ in runs))
+            print(f"    reproduce: python benchmarks/bench_pipeline.py --child {' '.join(runs[0][3])} --out /tmp/r.json")
+            if runs[0][2].get("traceback"):
+                print("    " + trace.rstrip().replace("\n", "\n    "))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "solver": args.solver, "rows": rows}, indent=1, default=str))
         print(f"\nwrote {args.json}")

@@ -26,6 +26,7 @@ over neurons.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -81,13 +82,17 @@ def build_problem(path: str):
     t0 = time.perf_counter()
     model = onnx_pathcond.load_model(path)
     graph, analysis, groups = analyse_model(model)
-    builder = ProblemBuilder(groups, analysis.uses)
+    shared = getattr(analysis, "shared", None)  # name -> (uses, mask of non-zero elements), when the tool has it
+    takes_shared = len(inspect.signature(ProblemBuilder).parameters) >= 3
+    builder = ProblemBuilder(groups, analysis.uses, shared) if takes_shared else ProblemBuilder(groups, analysis.uses)
     of = groups.of_position
-    # A tensor read by several nodes is one set of parameters: sum its g over the uses (as the builder does).
+    # A tensor read by several nodes is one set of parameters: sum its g over the uses, as the
+    # builder does (its zero elements, when the tool says which, stay each use's own entries).
     expected: Dict[str, int] = {}
     for use in analysis.uses:
         if use.ref is not None and not use.ignored:
             expected[use.ref.name] = expected.get(use.ref.name, 0) + 1
+    nonzero = {name: mask for name, (_, mask) in (shared or {}).items()} if takes_shared else {}
     pending: Dict[str, list] = {}
     chunks = []
 
@@ -101,18 +106,24 @@ def build_problem(path: str):
 
     def both(use, g):
         builder.add(use, g)
+        g = np.asarray(g, dtype=np.float64)
         if use.ref is not None and expected.get(use.ref.name, 1) > 1:
             name = use.ref.name
+            mask = nonzero.get(name)
+            if mask is not None and not mask.all():
+                keep = use.ref.to_view(mask)
+                flat(use, np.where(keep, 0.0, g))
+                g = np.where(keep, g, 0.0)
             if name in pending:
                 pending[name][1] = pending[name][1] + pending[name][0].ref.to_view(use.ref.to_stored(g))
                 pending[name][2] += 1
             else:
-                pending[name] = [use, np.array(g, dtype=np.float64), 1]
+                pending[name] = [use, g.copy(), 1]
             if pending[name][2] == expected[name]:
                 first, acc, _ = pending.pop(name)
                 flat(first, acc)
             return
-        flat(use, np.asarray(g, dtype=np.float64))
+        flat(use, g)
 
     compute_diag_g(graph, analysis, both, backend="numpy")
     for first, acc, _ in pending.values():
@@ -282,17 +293,17 @@ def bench_model(name: str, path: str, args) -> Dict:
 # ---------------------------------------------------------------------------- printing
 def print_a(results: List[Dict]) -> None:
     print("\n(a) fixed number of sweeps from u = 0 (the tool's default method)")
-    hdr = (f"{'model':<12} {'groups':>6} {'entries p':>10} {'sweeps':>6} {'ours s':>8} {'plain s':>8} "
+    hdr = (f"{'model':<16} {'groups':>6} {'entries p':>10} {'sweeps':>6} {'ours s':>8} {'plain s':>8} "
            f"{'speed-up':>8} {'F(0)':>16} {'F ours':>16} {'F plain':>16} {'max|du|':>8} {'stats s':>7} {'index s':>7}")
     print(hdr)
     print("-" * len(hdr))
     for r in results:
         if "a" not in r:
-            print(f"{r['model']:<12} ERROR: {r.get('error')}")
+            print(f"{r['model']:<16} ERROR: {r.get('error')}")
             continue
         a = r["a"]
-        print(f"{r['model']:<12} {r['groups']:>6,d} {r['p']:>10,d} {a['sweeps']:>6d} {a['ours_s']:>8.3f} "
-              f"{a['plain_s']:>8.2f} {a['speedup']:>7.0f}x {a['F0']:>16.9e} {a['F_ours']:>16.9e} "
+        print(f"{r['model']:<16} {r['groups']:>6,d} {r['p']:>10,d} {a['sweeps']:>6d} {a['ours_s']:>8.3f} "
+              f"{a['plain_s']:>8.2f} {a['speedup']:>7.1f}x {a['F0']:>16.9e} {a['F_ours']:>16.9e} "
               f"{a['F_plain']:>16.9e} {a['max_du']:>8.1e} {r['stats_s']:>7.2f} {r['index_s']:>7.2f}")
 
 
@@ -303,7 +314,7 @@ def print_b(results: List[Dict], args) -> None:
     print(f"\n(b) to convergence: stop when max|∇F| < {args.tol:g} × max|∇F(0)|; coordinate descent capped at "
           f"{args.max_sweeps} sweeps or {args.budget:g} s of sweeping (gradient checks excluded), "
           f"exact at {args.exact_iter} iterations")
-    hdr = (f"{'model':<12} {'method':<12} {'sweeps/it':>9} {'time s':>8} {'ms/sweep':>9} {'check s':>7} "
+    hdr = (f"{'model':<16} {'method':<12} {'sweeps/it':>9} {'time s':>8} {'ms/sweep':>9} {'check s':>7} "
            f"{'F':>16} {'F - F_exact':>11} {'max|∇F|':>9} {'tol':>8} {'max|u|':>7} {'status':<10}")
     print(hdr)
     print("-" * len(hdr))
@@ -317,7 +328,7 @@ def print_b(results: List[Dict], args) -> None:
                 status = "iter cap" if m["sweeps"] >= args.exact_iter else "stalled"
             else:
                 status = "sweep cap" if m["sweeps"] >= args.max_sweeps else "time cap"
-            print(f"{r['model']:<12} {label:<12} {m['sweeps']:>9d} {m['s']:>8.3f} "
+            print(f"{r['model']:<16} {label:<12} {m['sweeps']:>9d} {m['s']:>8.3f} "
                   f"{1e3 * m['s'] / max(m['sweeps'], 1):>9.3f} {m['check_s']:>7.2f} {m['F']:>16.9e} "
                   f"{m['F'] - b['exact']['F']:>11.3e} {m['grad']:>9.2e} {b['tol_abs']:>8.1e} "
                   f"{m['max_abs_u']:>7.2f} {status:<10}")

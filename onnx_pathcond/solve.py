@@ -82,7 +82,8 @@ def _layers(problem: Problem) -> List[_Layer]:
         for L in col_layers[col_layers >= 0].tolist():
             cols_of[L].append(k)
         for L in np.intersect1d(row_layers[row_layers >= 0], col_layers[col_layers >= 0]).tolist():
-            same = (layer_ext[b.row] == L) & (layer_ext[b.col] == L) & (b.row != b.col) & (b.G > 0)
+            same = (layer_ext[b.row] == L) & (layer_ext[b.col] == L) & (b.row != b.col) & (
+                b.G > 0 if b.G is not None else True)  # factored: assume they interact (still exact)
             if same.any():
                 interacting.add(L)
     layers = []

@@ -29,6 +29,12 @@ class NumpyPathNetwork:
     def __init__(self, graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, np.ndarray], None],
                  progress: Optional[Callable[[int, int], None]] = None):
         self.progress = progress or (lambda done, total: None)
+        import inspect
+
+        try:
+            self._on_g_takes_factors = len(inspect.signature(on_g).parameters) >= 3
+        except (TypeError, ValueError):
+            self._on_g_takes_factors = False
         self.graph = graph
         self.analysis = analysis
         self._on_g = on_g
@@ -85,9 +91,16 @@ class NumpyPathNetwork:
             value = value.astype(np.float32)
         return use, np.square(value, dtype=np.float64)
 
-    def emit_g(self, use: ParamUse, g: np.ndarray) -> None:
-        if not use.ignored:
-            self._on_g(use, np.asarray(g, dtype=np.float64).reshape(use.view_shape))
+    def emit_g(self, use: ParamUse, g: np.ndarray, factors=None) -> None:
+        """Hand over a use's g; `factors` = (left, right) when g = left @ rightᵀ over its first
+        two axes (dense layers: lets the criterion keep a large block in factored form)."""
+        if use.ignored:
+            return
+        g = np.asarray(g, dtype=np.float64).reshape(use.view_shape)
+        if factors is not None and self._on_g_takes_factors:
+            self._on_g(use, g, factors)
+        else:
+            self._on_g(use, g)
 
     # ------------------------------------------------------------ the passes
     def _activation_shape(self, name: str) -> Tuple[int, ...]:

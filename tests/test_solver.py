@@ -17,8 +17,8 @@ def problem_and_entries(model):
     builder = ProblemBuilder(groups, analysis.uses, analysis.shared)
     entries = []
 
-    def both(use, g):
-        builder.add(use, g)
+    def both(use, g, factors=None):
+        builder.add(use, g, factors)
         of = groups.of_position
 
         def gid(pos):
@@ -28,11 +28,17 @@ def problem_and_entries(model):
         entries.append((g.ravel().copy(), gid(use.rows).ravel(), gid(use.cols).ravel()))
 
     compute_diag_g(graph, analysis, both)
+    problem = builder.finish()
+    assert any(b.factors is not None for b in problem.blocks) or name_has_no_dense_layer(model)
     g = np.concatenate([e[0] for e in entries])
     gin = np.concatenate([e[1] for e in entries])
     gout = np.concatenate([e[2] for e in entries])
     keep = g > 0
-    return builder.finish(), groups.count, g[keep], gin[keep], gout[keep]
+    return problem, groups.count, g[keep], gin[keep], gout[keep]
+
+
+def name_has_no_dense_layer(model):
+    return not any(n.op_type in ("Gemm", "MatMul") for n in model.graph.node)
 
 
 def exact_root(A, B, C, D, p):
@@ -124,8 +130,12 @@ def test_objective_never_increases_and_am_gm_drops(name):
     values = [result.objective_before] + result.history
     assert all(b <= a + 1e-9 * abs(a) for a, b in zip(values, values[1:]))
     assert problem.log_am_gm(result.u) <= problem.log_am_gm(np.zeros(H)) + 1e-12
-    # The objective agrees with the per-element formula.
+    # The objective and the extremes of the rescaled diag(G) agree with the per-element formula.
     assert result.objective_after == pytest.approx(objective(g, gin, gout, result.u), rel=1e-12)
+    ue = np.append(result.u, 0.0)
+    rescaled = g * np.exp(ue[gout] - ue[gin])
+    high, low = problem.extremes(result.u)
+    assert high == pytest.approx(rescaled.max(), rel=1e-12) and low == pytest.approx(rescaled.min(), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "grouped_residual"])

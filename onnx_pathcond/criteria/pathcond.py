@@ -30,54 +30,95 @@ class Block:
     `row` has shape (R, 1) or (R, C); `col` has shape (1, C) or (R, C). `gmax`/`gmin` are
     the largest / smallest positive entry per cell, kept only where a cell sums several
     entries (None: the cell is a single entry, equal to G).
+
+    A large block of a dense layer may be kept *factored*: G = left @ rightᵀ with
+    left (R, P) and right (C, P), P the positions the layer's weights are used at (one for
+    a fully-connected layer). The statistics of such a layer are a sum of P outer products,
+    so when (R + C)·P < R·C the factors are smaller than G, and products with G cheaper.
     """
 
-    G: np.ndarray
+    G: Optional[np.ndarray]
     row: np.ndarray
     col: np.ndarray
     gmax: Optional[np.ndarray]
     gmin: Optional[np.ndarray]
     name: str
+    factors: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
     @property
     def dense(self) -> bool:
         return self.row.shape[1] == 1 and self.col.shape[0] == 1
 
+    @property
+    def shape(self) -> Tuple[int, int]:
+        if self.factors is not None:
+            return self.factors[0].shape[0], self.factors[1].shape[0]
+        return self.G.shape
+
+    def _mv(self, v: np.ndarray) -> np.ndarray:
+        """G @ v."""
+        if self.factors is not None:
+            left, right = self.factors
+            return left @ (v @ right)
+        return self.G @ v
+
+    def _rmv(self, v: np.ndarray) -> np.ndarray:
+        """v @ G."""
+        if self.factors is not None:
+            left, right = self.factors
+            return right @ (v @ left)
+        return v @ self.G
+
     def incoming(self, u_ext: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Σ g·exp(u[col]) per row key: (keys, values) — the incoming sums at u_row = 0."""
         if self.dense:
-            return self.row[:, 0], self.G @ np.exp(u_ext[self.col[0]])
+            return self.row[:, 0], self._mv(np.exp(u_ext[self.col[0]]))
         values = self.G * np.exp(u_ext[self.col])
         return np.broadcast_to(self.row, values.shape).ravel(), values.ravel()
 
     def outgoing(self, u_ext: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Σ g·exp(−u[row]) per column key: the outgoing sums at u_col = 0."""
         if self.dense:
-            return self.col[0], np.exp(-u_ext[self.row[:, 0]]) @ self.G
+            return self.col[0], self._rmv(np.exp(-u_ext[self.row[:, 0]]))
         values = self.G * np.exp(-u_ext[self.row])
         return np.broadcast_to(self.col, values.shape).ravel(), values.ravel()
 
     def total(self, u_ext: np.ndarray) -> float:
         if self.dense:
-            return float(np.exp(-u_ext[self.row[:, 0]]) @ (self.G @ np.exp(u_ext[self.col[0]])))
+            return float(np.exp(-u_ext[self.row[:, 0]]) @ self._mv(np.exp(u_ext[self.col[0]])))
         return float((self.G * np.exp(u_ext[self.col] - u_ext[self.row])).sum())
 
     def masses(self, u_ext: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Rescaled mass per incoming key and per outgoing key: (row keys, in, col keys, out)."""
         if self.dense:
             er, ec = np.exp(-u_ext[self.row[:, 0]]), np.exp(u_ext[self.col[0]])
-            return self.row[:, 0], er * (self.G @ ec), self.col[0], (er @ self.G) * ec
+            return self.row[:, 0], er * self._mv(ec), self.col[0], self._rmv(er) * ec
         w = self.G * np.exp(u_ext[self.col] - u_ext[self.row])
         return (np.broadcast_to(self.row, w.shape).ravel(), w.ravel(),
                 np.broadcast_to(self.col, w.shape).ravel(), w.ravel())
 
+    def chunks(self, rows_per_chunk: Optional[int] = None):
+        """(row slice, cells) pieces of G, built from the factors a few rows at a time."""
+        if self.factors is None:
+            yield slice(None), self.G
+            return
+        left, right = self.factors
+        step = rows_per_chunk or max(1, (1 << 21) // max(1, right.shape[0]))
+        for start in range(0, left.shape[0], step):
+            yield slice(start, start + step), left[start:start + step] @ right.T
+
     def extremes(self, u_ext: np.ndarray) -> Tuple[float, float]:
         """Largest and smallest positive rescaled entry."""
-        factor = np.exp(u_ext[self.col] - u_ext[self.row])
-        high = (self.G if self.gmax is None else self.gmax) * factor
-        low_src = self.G if self.gmin is None else self.gmin
-        low = np.where(low_src > 0, low_src * factor, np.inf)
-        return float(high.max()), float(low.min())
+        high, low = 0.0, np.inf
+        for rows, G in self.chunks():
+            row = self.row[rows] if self.row.shape[0] > 1 else self.row
+            col = self.col[rows] if self.col.shape[0] > 1 else self.col
+            factor = np.exp(u_ext[col] - u_ext[row])
+            top = (G if self.gmax is None else self.gmax[rows]) * factor
+            low_src = G if self.gmin is None else self.gmin[rows]
+            bottom = np.where(low_src > 0, low_src * factor, np.inf)
+            high, low = max(high, float(top.max())), min(low, float(bottom.min()))
+        return high, low
 
 
 @dataclass
@@ -178,7 +219,9 @@ class ProblemBuilder:
         ids = np.where(positions >= 0, of[np.maximum(positions, 0)] if of.size else NO_POSITION, NO_POSITION)
         return np.where(ids >= 0, ids, self.H)
 
-    def add(self, use: ParamUse, g: np.ndarray) -> None:
+    def add(self, use: ParamUse, g: np.ndarray, factors=None) -> None:
+        """Take one use's statistics. `factors` = (left, right) with g = left @ rightᵀ over the
+        first two axes of the use's layout, when the statistics come as such a product."""
         if use.ref is not None and self._expected.get(use.ref.name, 1) > 1:
             name = use.ref.name
             nonzero = self._nonzero.get(name)
@@ -197,9 +240,9 @@ class ProblemBuilder:
                 del self._pending[name]
                 self._add_entries(first, acc)
             return
-        self._add_entries(use, g)
+        self._add_entries(use, g, factors)
 
-    def _add_entries(self, use: ParamUse, g: np.ndarray) -> None:
+    def _add_entries(self, use: ParamUse, g: np.ndarray, factors=None) -> None:
         label = use.ref.name if use.ref is not None else use.input_name
         n_pos = int(np.count_nonzero(g))  # g ≥ 0: non-zero means positive
         if n_pos == 0:
@@ -233,7 +276,8 @@ class ProblemBuilder:
             cell_min = g.min(axis=reduced) if dense_g else np.where(positive, g, np.inf).min(axis=reduced)
         if reduced:
             rows, cols = rows.reshape([rows.shape[a] for a in kept]), cols.reshape([cols.shape[a] for a in kept])
-        G, row, col, gmax, gmin, count = self._as_matrix(cell_sum, rows, cols, cell_max, cell_min, cell_count)
+        G, row, col, gmax, gmin, count, turned = self._as_matrix(cell_sum, rows, cols, cell_max, cell_min,
+                                                                 cell_count)
         # Cells whose row and column are the same group never change (λ/λ): constants.
         shared_groups = np.intersect1d(row[row < H], col[col < H])
         if shared_groups.size:
@@ -250,6 +294,12 @@ class ProblemBuilder:
                 gmin = np.where(fixed, np.inf, gmin)
                 gmax = np.where(fixed, 0.0, gmax)
         count = np.broadcast_to(count, G.shape)
+        stored = None
+        if factors is not None and taps == 1 and kept == [0, 1] and row.shape[1] == 1 and col.shape[0] == 1 \
+                and not shared_groups.size:
+            left, right = (factors[1], factors[0]) if turned else factors
+            if (left.shape[0] + right.shape[0]) * left.shape[1] * 2 < G.size:
+                stored = (np.ascontiguousarray(left, dtype=np.float64), np.ascontiguousarray(right, dtype=np.float64))
         if row.shape[1] == 1:
             self.n_in += np.bincount(row[:, 0], weights=count.sum(axis=1), minlength=H + 1)
         else:
@@ -258,7 +308,10 @@ class ProblemBuilder:
             self.n_out += np.bincount(col[0], weights=count.sum(axis=0), minlength=H + 1)
         else:
             self.n_out += np.bincount(np.broadcast_to(col, G.shape).ravel(), weights=count.ravel(), minlength=H + 1)
-        self.blocks.append(Block(G, row, col, gmax, gmin, label))
+        if stored is not None:
+            self.blocks.append(Block(None, row, col, None, None, label, factors=stored))
+        else:
+            self.blocks.append(Block(G, row, col, gmax, gmin, label))
 
     @staticmethod
     def _as_matrix(G, rows, cols, gmax, gmin, count):
@@ -282,7 +335,8 @@ class ProblemBuilder:
             gmin = None if gmin is None else gmin.reshape(-1, 1)
             count = count.reshape(-1, 1)
         # Orient so that rows vary along axis 0 only when that makes the block dense.
-        if rows.shape[0] == 1 and cols.shape[1] == 1 and (rows.shape[1] > 1 or cols.shape[0] > 1):
+        turned = rows.shape[0] == 1 and cols.shape[1] == 1 and (rows.shape[1] > 1 or cols.shape[0] > 1)
+        if turned:
             G, rows, cols, count = G.T, rows.T, cols.T, count.T
             gmax = None if gmax is None else gmax.T
             gmin = None if gmin is None else gmin.T
@@ -294,7 +348,7 @@ class ProblemBuilder:
             rows = np.broadcast_to(rows, (R, C)) if rows.shape[1] != 1 else np.broadcast_to(rows, (R, 1))
             cols = np.broadcast_to(cols, (R, C))
         return (np.ascontiguousarray(G, dtype=np.float64), np.ascontiguousarray(rows), np.ascontiguousarray(cols),
-                gmax, gmin, np.asarray(count))
+                gmax, gmin, np.asarray(count), turned)
 
     def finish(self) -> Problem:
         if self._pending:  # a shared tensor not reached by all its uses (off every path)

@@ -99,7 +99,8 @@ class ConvRule(OpRule):
         back = np.matmul(w2.transpose(0, 2, 1), adj).reshape((x.shape[0],) + geo.kernel + geo.out_size)
         pn.add_adjoint(node.input[0], crop_input(scatter_windows(back, geo), geo)[None])
         cols = self._columns(x, groups, geo)
-        pn.emit_g(use, np.matmul(adj, cols.transpose(0, 2, 1)).reshape(wshape))
+        factors = (adj[0], cols[0]) if groups == 1 and geo.kernel_volume == 1 else None
+        pn.emit_g(use, np.matmul(adj, cols.transpose(0, 2, 1)).reshape(wshape), factors)
         if _bias_name(node):
             pn.emit_g(pn.use(node, "bias"), adj.sum(axis=-1).reshape(-1))
 

@@ -116,12 +116,15 @@ class GemmRule(OpRule):
         grad_opb = alpha ** 2 * opa.T @ adj
         grad_a = grad_opa.T if ta else grad_opa
         grad_b = grad_opb.T if tb else grad_opb
+        # The weight's g is a product over the batch: hand it over as factors as well.
         if side == 1:
             pn.add_adjoint(node.input[0], grad_a)
-            pn.emit_g(pn.use(node, "weight"), grad_b)
+            factors = (alpha ** 2 * adj.T, opa.T) if tb else (opa.T, alpha ** 2 * adj.T)
+            pn.emit_g(pn.use(node, "weight"), grad_b, factors)
         else:
             pn.add_adjoint(node.input[1], grad_b)
-            pn.emit_g(pn.use(node, "weight"), grad_a)
+            factors = (opb, alpha ** 2 * adj) if ta else (alpha ** 2 * adj, opb)
+            pn.emit_g(pn.use(node, "weight"), grad_a, factors)
         if len(node.input) > 2 and node.input[2]:
             use = pn.use(node, "bias")
             pn.emit_g(use, beta ** 2 * unbroadcast(adj, use.view_shape))
@@ -227,14 +230,15 @@ class MatMulRule(OpRule):
         if pn.graph.is_activation(node.input[0]):
             x = pn.mass(node.input[0])
             pn.add_adjoint(node.input[0], np.matmul(adj, w2.T))
-            g = x.reshape(-1, x.shape[-1]).T @ adj.reshape(-1, adj.shape[-1])
+            x2, a2 = x.reshape(-1, x.shape[-1]), adj.reshape(-1, adj.shape[-1])
+            g, factors = x2.T @ a2, (x2.T, a2.T)
         else:
             x = pn.mass(node.input[1])
             pn.add_adjoint(node.input[1], np.matmul(w2.T, adj))
             xt = np.swapaxes(x, -1, -2).reshape(-1, x.shape[-2])
             at = np.swapaxes(adj, -1, -2).reshape(-1, adj.shape[-2])
-            g = at.T @ xt
-        pn.emit_g(use, g)
+            g, factors = at.T @ xt, (at.T, xt.T)
+        pn.emit_g(use, g, factors)
 
     # ------------------------------------------------------------ onnxruntime forms
     def onnx_forward(self, node, b):

@@ -52,11 +52,14 @@ class OnnxPathNetwork:
         self.inputs: List[onnx.ValueInfoProto] = []
         self.outputs: List[onnx.ValueInfoProto] = []
         self.feeds: Dict[str, np.ndarray] = {}
-        self.g_outputs: Dict[str, ParamUse] = {}
+        self.g_outputs: Dict[str, Tuple[ParamUse, bool]] = {}  # name -> (use, given as factors)
         self._mass: Dict[str, str] = {}
         self._adjoint_parts: Dict[str, List[str]] = {}
         self._adjoint: Dict[str, str] = {}
-        self._params: Dict[Tuple[str, str], str] = {}
+        self._params: Dict[tuple, str] = {}
+        self._feeds_of: Dict[str, str] = {}  # stored tensor -> graph input feeding it
+        self.phase = "forward"
+        self._stale: set = set()
         self._n = 0
 
     # ------------------------------------------------------------ building blocks
@@ -112,6 +115,15 @@ class OnnxPathNetwork:
         return self.graph.shape(name)
 
     def mass(self, name: str) -> str:
+        if self.phase == "backward" and name in self._stale:
+            # Recompute a cheap op's output for the backward pass rather than keep the forward
+            # one alive until then (the same trade as the numpy executor).
+            self._stale.discard(name)
+            node = self.graph.producer[name]
+            if self.graph.index(node) in self.analysis.cut_nodes:
+                self._mass[name] = self.filled(self.graph.shape(name), 1.0)
+            else:
+                rule_for(node).onnx_forward(node, self)
         return self._mass[name]
 
     def set_mass(self, name: str, tensor: str) -> None:
@@ -142,18 +154,23 @@ class OnnxPathNetwork:
     def param(self, node, role: str) -> Tuple[ParamUse, str]:
         """A parameter as the op sees it, in float64 (fed as a graph input)."""
         use = self.use(node, role)
-        key = (use.ref.name if use.ref is not None else use.input_name, str(use.ref.perm if use.ref else None))
+        # Cast (and square) separately in each pass, so that no weight-sized float64 tensor has
+        # to stay alive from the forward to the backward pass.
+        key = (use.ref.name if use.ref is not None else use.input_name, str(use.ref.perm if use.ref else None),
+               self.phase)
         if key in self._params:
             return use, self._params[key]
         if use.ref is not None:
-            value = self.graph.stored_value(use.ref)
-            if value.dtype.name == "bfloat16":  # onnxruntime takes no ml_dtypes arrays: widen exactly
-                value = value.astype(np.float32)
-            feed = self.fresh("param")
-            self.feeds[feed] = value
-            self.inputs.append(helper.make_tensor_value_info(feed, helper.np_dtype_to_tensor_dtype(value.dtype),
-                                                             value.shape))
-            tensor = feed if value.dtype == np.float64 else self.op("Cast", [feed], to=DOUBLE)
+            feed = self._feeds_of.get(use.ref.name)
+            if feed is None:
+                value = self.graph.stored_value(use.ref)
+                if value.dtype.name == "bfloat16":  # onnxruntime takes no ml_dtypes arrays: widen exactly
+                    value = value.astype(np.float32)
+                feed = self._feeds_of[use.ref.name] = self.fresh("param")
+                self.feeds[feed] = value
+                self.inputs.append(helper.make_tensor_value_info(feed, helper.np_dtype_to_tensor_dtype(value.dtype),
+                                                                 value.shape))
+            tensor = feed if self.feeds[feed].dtype == np.float64 else self.op("Cast", [feed], to=DOUBLE)
             if use.ref.perm is not None:
                 tensor = self.transpose(tensor, use.ref.perm)
         else:
@@ -162,7 +179,7 @@ class OnnxPathNetwork:
         return use, tensor
 
     def param_sq(self, node, role: str) -> Tuple[ParamUse, str]:
-        key = ("squared", role, self.graph.index(node))
+        key = ("squared", role, self.graph.index(node), self.phase)
         use, value = self.param(node, role)
         if key not in self._params:
             self._params[key] = self.square(value)
@@ -171,14 +188,22 @@ class OnnxPathNetwork:
     def constant(self, name: str) -> np.ndarray:
         return np.asarray(self.graph.constant_value(name), dtype=np.float64)
 
-    def emit_g(self, use: ParamUse, tensor: str) -> None:
+    def emit_g(self, use: ParamUse, tensor: Optional[str], factors: Optional[Tuple[str, str]] = None) -> None:
+        """Make a use's g a graph output, or its two factors (g = left @ rightᵀ over its first
+        two axes) for dense layers: much smaller, and multiplied out one use at a time."""
         if use.ignored:
             return
-        out = self.reshape(tensor, use.view_shape)
         name = f"g_{use.index}"
+        if factors is not None:
+            for suffix, part in zip(("left", "right"), factors):
+                self.nodes.append(helper.make_node("Identity", [part], [f"{name}_{suffix}"]))
+                self.outputs.append(helper.make_tensor_value_info(f"{name}_{suffix}", DOUBLE, None))
+            self.g_outputs[name] = (use, True)
+            return
+        out = self.reshape(tensor, use.view_shape)
         self.nodes.append(helper.make_node("Identity", [out], [name]))
         self.outputs.append(helper.make_tensor_value_info(name, DOUBLE, list(use.view_shape)))
-        self.g_outputs[name] = use
+        self.g_outputs[name] = (use, False)
 
     # ------------------------------------------------------------ the passes
     def build(self) -> onnx.ModelProto:
@@ -201,6 +226,12 @@ class OnnxPathNetwork:
                         self._mass[o] = self.filled(g.shape(o), 1.0)
                 continue
             rule_for(node).onnx_forward(node, self)
+        for name in list(self._mass):
+            producer = g.producer.get(name)
+            if producer is not None and name not in g.graph_outputs and (
+                    g.index(producer) in cut or getattr(rule_for(producer), "cheap_forward", False)):
+                self._stale.add(name)
+        self.phase = "backward"
         for name in g.graph_outputs:
             if name in self._mass:
                 self.add_adjoint(name, self.filled(g.shape(name), 1.0))
@@ -234,6 +265,8 @@ def _session(model: onnx.ModelProto, device: str, info: RuntimeInfo):
                            "(install onnx-pathcond[gpu]); the statistics ran on the CPU")
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False  # the graph runs once: give each buffer back when done
+    options.enable_mem_pattern = False  # and do not plan one block for all intermediates
     session = ort.InferenceSession(model.SerializeToString(), options, providers=wanted)
     info.providers = session.get_providers()
     if device == "cuda" and "CUDAExecutionProvider" not in info.providers and not info.notice:
@@ -252,10 +285,22 @@ def compute_diag_g(graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, n
         return info
     session = _session(model, device, info)
     del model
-    names = list(builder.g_outputs)
-    results = session.run(names, builder.feeds)
+    names = []
+    for name, (use, factored) in builder.g_outputs.items():
+        names.extend([f"{name}_left", f"{name}_right"] if factored else [name])
+    results = dict(zip(names, session.run(names, builder.feeds)))
     builder.feeds.clear()
-    for k, name in enumerate(names):
-        on_g(builder.g_outputs[name], results[k])
-        results[k] = None  # let each g go as soon as it is consumed
+    import inspect
+
+    takes_factors = len(inspect.signature(on_g).parameters) >= 3
+    for name, (use, factored) in builder.g_outputs.items():
+        if factored:
+            left, right = results.pop(f"{name}_left"), results.pop(f"{name}_right")
+            g = (left @ right.T).reshape(use.view_shape)
+            if takes_factors:
+                on_g(use, g, (left, right))
+            else:
+                on_g(use, g)
+        else:
+            on_g(use, results.pop(name))  # each g goes as soon as it is consumed
     return info

@@ -131,7 +131,10 @@ class ConvRule(OpRule):
         back = b.op("MatMul", [b.transpose(w2r, [0, 2, 1]), adj])
         b.add_adjoint(node.input[0], graphops.scatter_columns(b, back, x_shape[1], geo))
         cols = graphops.columns(b, b.mass(node.input[0]), x_shape[1], groups, geo)
-        b.emit_g(use, b.op("MatMul", [adj, b.transpose(cols, [0, 2, 1])]))
+        if groups == 1 and geo.kernel_volume == 1:
+            b.emit_g(use, None, (b.reshape(adj, [wshape[0], -1]), b.reshape(cols, [x_shape[1], -1])))
+        else:
+            b.emit_g(use, b.op("MatMul", [adj, b.transpose(cols, [0, 2, 1])]))
         if _bias_name(node):
             b.emit_g(b.use(node, "bias"), b.reduce_sum(adj, [2]))
 

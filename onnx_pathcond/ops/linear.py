@@ -160,12 +160,16 @@ class GemmRule(OpRule):
         grad_b = b.op("Gemm", [a2, adj], alpha=float(alpha) ** 2, transA=0 if ta else 1, transB=0)
         if tb:
             grad_b = b.transpose(grad_b, [1, 0])
+        scaled_adj_t = b.transpose(b.op("Mul", [adj, b.const(float(alpha) ** 2)]), [1, 0])
         if side == 1:
             b.add_adjoint(node.input[0], grad_a)
-            b.emit_g(b.use(node, "weight"), grad_b)
+            opa_t = a2 if ta else b.transpose(a2, [1, 0])
+            b.emit_g(b.use(node, "weight"), grad_b, (scaled_adj_t, opa_t) if tb else (opa_t, scaled_adj_t))
         else:
             b.add_adjoint(node.input[1], grad_b)
-            b.emit_g(b.use(node, "weight"), grad_a)
+            opb = b.transpose(b2, [1, 0]) if tb else b2
+            scaled_adj = b.transpose(scaled_adj_t, [1, 0])
+            b.emit_g(b.use(node, "weight"), grad_a, (opb, scaled_adj) if ta else (scaled_adj, opb))
         if len(node.input) > 2 and node.input[2]:
             use = b.use(node, "bias")
             scaled = b.op("Mul", [adj, b.const(float(beta) ** 2)])
@@ -257,7 +261,7 @@ class MatMulRule(OpRule):
             b.add_adjoint(node.input[0], b.op("MatMul", [adj, b.transpose(w2, [1, 0])]))
             x2 = b.reshape(b.mass(node.input[0]), [-1, xs[-1]])
             a2 = b.reshape(adj, [-1, use.view_shape[1]])
-            g = b.op("MatMul", [b.transpose(x2, [1, 0]), a2])
+            factors = (b.transpose(x2, [1, 0]), b.transpose(a2, [1, 0]))
         else:
             xs = b.shape(node.input[1])
             b.add_adjoint(node.input[1], b.op("MatMul", [b.transpose(w2, [1, 0]), adj]))
@@ -265,5 +269,5 @@ class MatMulRule(OpRule):
             swap = list(range(rank - 2)) + [rank - 1, rank - 2]
             xt = b.reshape(b.transpose(b.mass(node.input[1]), swap), [-1, xs[-2]])
             at = b.reshape(b.transpose(adj, swap), [-1, use.view_shape[0]])
-            g = b.op("MatMul", [b.transpose(at, [1, 0]), xt])
-        b.emit_g(use, g)
+            factors = (b.transpose(at, [1, 0]), b.transpose(xt, [1, 0]))
+        b.emit_g(use, None, factors)

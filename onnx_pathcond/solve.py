@@ -49,7 +49,7 @@ def positive_root(A, D, B, C, p):
     qb = A * D
     qc = C * (A - p)
     disc = np.sqrt(np.maximum(qb * qb - 4.0 * qa * qc, 0.0))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         return np.where(qb > 0, -2.0 * qc / (qb + disc), (disc - qb) / (2.0 * qa))
 
 
@@ -133,29 +133,54 @@ def _sequential_updates(total, B, C, A, e_old, p):
     return X, total
 
 
-def _layer_updates(total, B, C, A, e_old, p):
-    """New exp(u_h) for a layer, and the running total after it, as the sequential loop gives."""
+def _layer_updates(total, B, C, A, e_old, p, guess=None):
+    """New exp(u_h) for a layer, and the running total after it, as the sequential loop gives.
+
+    The totals T_k seen by the groups solve T_{k+1} = T_k + δ_k(T_k) with T_0 = total. Each
+    round evaluates δ and its slope δ' at the current guess of every T_k, then corrects all
+    of them with the linearised recurrence e_{k+1} = (1 + δ'_k)·e_k − r_k (a cumulative
+    product and sum): Newton's method on the whole prefix at once, a few rounds to machine
+    precision. `guess` (last sweep's increments) starts it close.
+    """
     active = (B > 0) | (C > 0)
     if not active.all():
         idx = np.flatnonzero(active)
         X = e_old.copy()
         if idx.size:
-            X[idx], total = _layer_updates(total, B[idx], C[idx], A[idx], e_old[idx], p)
+            X[idx], total = _layer_updates(total, B[idx], C[idx], A[idx], e_old[idx], p,
+                                           None if guess is None else guess[idx])
         return X, total
     own = B * e_old + C / e_old
-    prefix = np.full(len(B), total)
-    for _ in range(_PICARD_ROUNDS):
-        D = prefix - own
-        X = positive_root(A, D, B, C, p)
-        bad = ~(np.isfinite(X) & (X > 0))
-        if bad.any():
-            break
-        delta = B * X + C / X - own
-        new_prefix = total + np.concatenate(([0.0], np.cumsum(delta[:-1])))
-        if np.array_equal(new_prefix, prefix) or np.max(np.abs(new_prefix - prefix)) <= 4e-16 * abs(total):
-            final = D[-1] + B[-1] * X[-1] + C[-1] / X[-1]
-            return X, float(final)
-        prefix = new_prefix
+    n = len(B)
+    if guess is not None and guess.shape == (n,):
+        prefix = total + np.concatenate(([0.0], np.cumsum(guess[:-1])))
+    else:
+        prefix = np.full(n, total)
+    qa = B * (A + p)
+    qc = C * (A - p)
+    growth = np.ones(n)
+    correction = np.zeros(n)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for _ in range(_PICARD_ROUNDS):
+            D = prefix - own
+            qb = A * D
+            disc = np.sqrt(np.maximum(qb * qb - 4.0 * qa * qc, 0.0))
+            X = np.where(qb > 0, -2.0 * qc / (qb + disc), (disc - qb) / (2.0 * qa))  # positive_root
+            if not np.all(np.isfinite(X) & (X > 0)):
+                break
+            delta = B * X + C / X - own
+            # residual of T_{k+1} = T_k + δ_k, and the slope of δ_k in T_k
+            residual = prefix[1:] - prefix[:-1] - delta[:-1]
+            if n == 1 or np.abs(residual).max() <= 4e-16 * abs(total):
+                return X, float(D[-1] + B[-1] * X[-1] + C[-1] / X[-1])
+            slope = (B - C / (X * X)) * (-A * X / (2.0 * qa * X + qb))
+            np.cumprod(1.0 + slope[:-1], out=growth[1:])
+            np.cumsum(-residual / growth[1:], out=correction[1:])
+            correction[1:] *= growth[1:]
+            if np.all(np.isfinite(correction)):
+                prefix = prefix + correction
+            else:  # fall back to a plain fixed-point round
+                prefix = total + np.concatenate(([0.0], np.cumsum(delta[:-1])))
     return _sequential_updates(total, B, C, A, e_old, p)
 
 
@@ -173,19 +198,22 @@ def coordinate_descent(problem: Problem, max_iter: int = 10, tol: float = 1e-2,
     history = []
     change = math.inf
     sweeps = 0
+    increments = {}  # per layer: the total's increments in the last sweep (a warm start)
     for sweep in range(1, max_iter + 1):
         sweeps = sweep
         total = problem.total(u_ext[:-1])
         change = 0.0
-        for layer in layers:
+        for k, layer in enumerate(layers):
             B, C = _layer_sums(problem, layer, u_ext)
             sl = slice(layer.start, layer.stop)
             e_old = np.exp(u_ext[sl])
-            X, total = _layer_updates(total, B, C, A[sl], e_old, p)
+            X, new_total = _layer_updates(total, B, C, A[sl], e_old, p, increments.get(k))
+            increments[k] = B * X + C / X - (B * e_old + C / e_old)
+            total = new_total
             new_u = np.log(X)
             change += float(np.abs(new_u - u_ext[sl]).sum())
             u_ext[sl] = new_u
-        history.append(problem.objective(u_ext[:-1]))
+        history.append(p * math.log(total) + float(A @ u_ext[:-1]))  # F from the running total
         if progress is not None:
             progress(sweeps, change)
         if change < tol:
@@ -232,7 +260,8 @@ def exact_minimiser(problem: Problem, max_iter: int = 200, tol: float = 1e-6, me
         step = 1.0
         while True:
             u_new = u + step * direction
-            F_new, grad_new, touch_new = problem.evaluate(u_new)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a trial step may overshoot
+                F_new, grad_new, touch_new = problem.evaluate(u_new)
             if np.isfinite(F_new) and F_new <= F + 1e-4 * step * slope:
                 break
             step *= 0.5

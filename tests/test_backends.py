@@ -92,3 +92,13 @@ def test_exact_solver_end_to_end_is_equivalent():
     assert report.solver["converged"] and report.solver["method"].startswith("exact")
     assert report.verification["passed"]
     assert report.criterion["am_gm_after"] <= report.criterion["am_gm_before"]
+
+
+def test_auto_backend_choice():
+    import onnxruntime as ort
+    _, report = rescale(mlp([4, 6, 2]))
+    assert report.statistics["backend"] == "numpy"  # on the CPU, numpy is the faster executor
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        _, report = rescale(mlp([4, 6, 2]), device="cuda")
+        assert report.statistics["backend"] == "numpy"
+        assert any("CUDA was asked for" in w for w in report.warnings)

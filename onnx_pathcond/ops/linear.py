@@ -89,15 +89,15 @@ class GemmRule(OpRule):
             _add_bias_use(node, an, c, cshape, yshape, out_axis, out_pos)
 
     @staticmethod
-    def _operands(node, pn):
+    def _operands(node, ctx):
+        """(which side is the activation, [op inputs in the path network], transA, transB);
+        ctx is either executor's context (numpy arrays or ONNX tensor names)."""
         a, b = node.input[0], node.input[1]
-        side = 1 if pn.graph.is_activation(a) else 0
-        _, w = pn.param(node, "weight")
-        w2 = np.square(w)
-        x = pn.mass(a if side == 1 else b)
-        ta, tb = attr(node, "transA", 0), attr(node, "transB", 0)
+        side = 1 if ctx.graph.is_activation(a) else 0
+        _, w2 = ctx.param_sq(node, "weight")
+        x = ctx.mass(a if side == 1 else b)
         ops = [x, w2] if side == 1 else [w2, x]
-        return side, ops, ta, tb
+        return side, ops, attr(node, "transA", 0), attr(node, "transB", 0)
 
     def forward(self, node, pn):
         side, (a2, b2), ta, tb = self._operands(node, pn)
@@ -130,18 +130,8 @@ class GemmRule(OpRule):
             pn.emit_g(use, beta ** 2 * unbroadcast(adj, use.view_shape))
 
     # ------------------------------------------------------------ onnxruntime forms
-    @staticmethod
-    def _onnx_operands(node, b):
-        a, bb = node.input[0], node.input[1]
-        side = 1 if b.graph.is_activation(a) else 0
-        _, w2 = b.param_sq(node, "weight")
-        x = b.mass(a if side == 1 else bb)
-        ta, tb = attr(node, "transA", 0), attr(node, "transB", 0)
-        ops = [x, w2] if side == 1 else [w2, x]
-        return side, ops, ta, tb
-
     def onnx_forward(self, node, b):
-        side, (a2, b2), ta, tb = self._onnx_operands(node, b)
+        side, (a2, b2), ta, tb = self._operands(node, b)
         alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
         inputs = [a2, b2]
         if len(node.input) > 2 and node.input[2]:
@@ -150,7 +140,7 @@ class GemmRule(OpRule):
                                         transA=ta, transB=tb))
 
     def onnx_backward(self, node, b):
-        side, (a2, b2), ta, tb = self._onnx_operands(node, b)
+        side, (a2, b2), ta, tb = self._operands(node, b)
         alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
         adj = b.adjoint(node.output[0])
         # grad(op(A)) = α²·adj·op(B)ᵀ; grad(op(B)) = α²·op(A)ᵀ·adj; then undo the trans flags.

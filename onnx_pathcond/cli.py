@@ -56,10 +56,10 @@ def _same_file(a: str, b: str) -> bool:
               help="cd: the authors' cyclic coordinate descent (10 sweeps). exact: the minimiser of the "
                    "criterion (can rescale weights by 1e3 or more; see README).")
 @click.option("--max-iter", type=click.IntRange(min=0), default=None,
-              help="Sweeps of coordinate descent (default 10) or iterations of the exact solver (default 200).")
+              help="Sweeps of coordinate descent (default 10) or iterations of the exact solver (default 1000).")
 @click.option("--tol", type=click.FloatRange(min=0.0), default=None,
               help="Stop when a sweep changes Σ|Δu| by less (cd, default 1e-2) or when the gradient's "
-                   "largest entry is below it (exact, default 1e-6).")
+                   "largest entry falls below this fraction of its value at no rescaling (exact, default 1e-6).")
 @click.option("--backend", type=click.Choice(["auto", "numpy", "onnxruntime"]), default="auto", show_default=True,
               help="What computes diag(G): numpy, or onnxruntime (auto: onnxruntime with --device cuda, numpy on "
                    "the CPU, where it measured faster and leaner).")
@@ -103,7 +103,7 @@ def main(input_path, output_path, input_shapes, solver, max_iter, tol, backend, 
         if output_path is not None and not dry_run:
             api.check_output_path(output_path, input_path if os.path.exists(input_path) else None, overwrite)
         if max_iter is None:
-            max_iter = 200 if solver == "exact" else 10
+            max_iter = 1000 if solver == "exact" else 10
         if tol is None:
             tol = 1e-6 if solver == "exact" else 1e-2
         progress = Progress(verbose=verbose)

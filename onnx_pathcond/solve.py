@@ -227,7 +227,11 @@ def coordinate_descent(problem: Problem, max_iter: int = 10, tol: float = 1e-2,
 
 def exact_minimiser(problem: Problem, max_iter: int = 200, tol: float = 1e-6, memory: int = 20,
                     progress: Optional[Callable[[int, float], None]] = None) -> SolveResult:
-    """The minimiser of the convex criterion, by L-BFGS until max |∇F| < tol.
+    """The minimiser of the convex criterion, by L-BFGS until max |∇F| < tol · max |∇F(0)|.
+
+    The tolerance is relative to the gradient at no rescaling: F grows with the number of
+    parameters p, and float64 resolves its gradient only to about p·1e-16 in absolute terms.
+    The run also stops when no step can lower F any more (the rounding floor).
 
     Why L-BFGS: one iteration costs one pass over the parameter blocks (F and ∇F together),
     where a Newton-CG iteration costs tens of Hessian-vector products, each a pass too. The
@@ -247,7 +251,9 @@ def exact_minimiser(problem: Problem, max_iter: int = 200, tol: float = 1e-6, me
     y_list: List[np.ndarray] = []
     iterations = 0
     grad_norm = float(np.abs(grad).max())
-    while iterations < max_iter and grad_norm >= tol:
+    threshold = tol * max(grad_norm, 1e-300)
+    stalled = 0
+    while iterations < max_iter and grad_norm >= threshold:
         iterations += 1
         diag = 1.0 / np.maximum(problem.p * touch, 1e-12)  # inverse of the Hessian diagonal's main term
         direction = -_two_loop(grad, s_list, y_list, diag)
@@ -265,10 +271,16 @@ def exact_minimiser(problem: Problem, max_iter: int = 200, tol: float = 1e-6, me
             if np.isfinite(F_new) and F_new <= F + 1e-4 * step * slope:
                 break
             step *= 0.5
-            if step < 1e-20:
+            if step < 1e-12:
                 break
         if not (np.isfinite(F_new) and F_new <= F):
-            break  # no progress possible at this precision
+            break  # no step keeps F from rising: the rounding floor
+        if F_new == F and float(np.abs(grad_new).max()) >= grad_norm:
+            stalled += 1  # F no longer moves at float64 resolution and neither does ∇F
+            if stalled >= 3:
+                break
+        else:
+            stalled = 0
         s, y = u_new - u, grad_new - grad
         if float(s @ y) > 1e-12 * float(y @ y):
             s_list.append(s)
@@ -281,7 +293,7 @@ def exact_minimiser(problem: Problem, max_iter: int = 200, tol: float = 1e-6, me
         history.append(F)
         if progress is not None:
             progress(iterations, grad_norm)
-    return SolveResult(u, "exact (L-BFGS)", iterations, grad_norm, grad_norm < tol, f0, F, history,
+    return SolveResult(u, "exact (L-BFGS)", iterations, grad_norm, grad_norm < threshold, f0, F, history,
                        time.perf_counter() - t0)
 
 

@@ -170,14 +170,20 @@ class Problem:
     def evaluate(self, u: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
         """F(u), ∇F(u) = p·Bᵀw/Σw − Bᵀ1, and the rescaled mass touching each group, in one pass."""
         ue = self.u_ext(u)
-        w_in = np.zeros(self.H + 1)
-        w_out = np.zeros(self.H + 1)
         total = self.const_sum
+        keys_in, vals_in, keys_out, vals_out = [], [], [], []
         for b in self.blocks:
             rk, rin, ck, cout = b.masses(ue)
-            w_in += np.bincount(rk, weights=rin, minlength=self.H + 1)
-            w_out += np.bincount(ck, weights=cout, minlength=self.H + 1)
+            keys_in.append(rk)
+            vals_in.append(rin)
+            keys_out.append(ck)
+            vals_out.append(cout)
             total += float(rin.sum())
+        # one bincount over all blocks: each is O(H), so not one per block
+        w_in = np.bincount(np.concatenate(keys_in), np.concatenate(vals_in), minlength=self.H + 1) \
+            if self.blocks else np.zeros(self.H + 1)
+        w_out = np.bincount(np.concatenate(keys_out), np.concatenate(vals_out), minlength=self.H + 1) \
+            if self.blocks else np.zeros(self.H + 1)
         if self.p == 0 or total <= 0:
             return 0.0, np.zeros(self.H), np.zeros(self.H)
         F = self.p * np.log(total) + float(self.A @ u)
@@ -186,6 +192,12 @@ class Problem:
 
     def gradient(self, u: np.ndarray) -> np.ndarray:
         return self.evaluate(u)[1]
+
+
+def _sum_of_logs(values: np.ndarray, chunk: int = 1 << 20) -> float:
+    """Σ log(values), a chunk at a time (no temporary as large as a big weight tensor)."""
+    flat = values.reshape(-1)
+    return float(sum(np.log(flat[i:i + chunk]).sum() for i in range(0, flat.size, chunk)))
 
 
 class ProblemBuilder:
@@ -250,7 +262,7 @@ class ProblemBuilder:
         dense_g = n_pos == g.size  # the common case: no mask needed anywhere below
         positive = None if dense_g else g > 0
         self.p += n_pos
-        self.log_sum += float(np.log(g if dense_g else g[positive]).sum())
+        self.log_sum += _sum_of_logs(g if dense_g else g[positive])
         self.g_max_before = max(self.g_max_before, float(g.max()))
         self.g_min_before = min(self.g_min_before, float(g.min() if dense_g else g[positive].min()))
         rows = self.group_ids(use.rows)
@@ -266,8 +278,8 @@ class ProblemBuilder:
         reduced = tuple(a for a in range(nd) if a not in kept)
         taps = int(np.prod([g.shape[a] for a in reduced])) if reduced else 1
         cell_sum = g.sum(axis=reduced) if reduced else g
-        if dense_g:
-            cell_count = np.full(cell_sum.shape, taps, dtype=np.int64)
+        if dense_g:  # every cell holds `taps` entries: a broadcast view, no array
+            cell_count = np.broadcast_to(np.int64(taps), cell_sum.shape)
         else:
             cell_count = positive.sum(axis=reduced) if reduced else positive.astype(np.int64)
         cell_max = g.max(axis=reduced) if taps > 1 else None

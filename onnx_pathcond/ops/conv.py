@@ -97,7 +97,9 @@ class ConvRule(OpRule):
         use, wshape, x, groups, geo, w2 = self._setup(node, pn)
         adj = pn.adjoint(node.output[0])[0].reshape(groups, wshape[0] // groups, -1)
         back = np.matmul(w2.transpose(0, 2, 1), adj).reshape((x.shape[0],) + geo.kernel + geo.out_size)
+        del w2  # the weights' copies go before the statistics' arrays arrive
         pn.add_adjoint(node.input[0], crop_input(scatter_windows(back, geo), geo)[None])
+        del back
         cols = self._columns(x, groups, geo)
         factors = (adj[0], cols[0]) if groups == 1 and geo.kernel_volume == 1 else None
         pn.emit_g(use, np.matmul(adj, cols.transpose(0, 2, 1)).reshape(wshape), factors)

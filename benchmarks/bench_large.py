@@ -1,0 +1,158 @@
+"""Scale checks: the exact solver on 10⁵ groups / 10⁸ parameters, and a model over 2 GB.
+
+    python benchmarks/bench_large.py            # both (about 5 minutes, 10 GB of memory, 5 GB of disk)
+    python benchmarks/bench_large.py --only solver
+    python benchmarks/bench_large.py --only external
+
+* `solver`: an MLP of 101 layers of width 1000 (10⁵ hidden neurons, 10⁸ weights), built with
+  onnx.helper, its weights in external data. Runs the statistics once, then the exact solver
+  (L-BFGS) to max|∇F| < tol, and the default 10-sweep coordinate descent, and prints
+  iterations, time, F, the gradient norm and max |u|.
+* `external`: an MLP whose weights take 2.15 GB (more than protobuf's 2 GB limit for one
+  file), saved with external data. Runs the command line on it in a subprocess, prints the
+  time of each step and the peak memory, and checks that the output keeps its weights
+  external and that onnxruntime gives the same outputs for both files.
+
+Generated files go to benchmarks/.cache/large/ and are removed afterwards unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "large")
+
+
+def build_mlp(path: str, widths, seed: int = 0) -> int:
+    """A ReLU MLP (Gemm layers, transB=1) saved with external data; returns its parameter count."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    count = 0
+    for k, (fin, fout) in enumerate(zip(widths[:-1], widths[1:])):
+        w = (rng.standard_normal((fout, fin), dtype=np.float32) * np.float32(np.sqrt(2.0 / fin)))
+        b = (rng.standard_normal(fout, dtype=np.float32) * np.float32(0.01))
+        inits += [numpy_helper.from_array(w, f"fc{k}.weight"), numpy_helper.from_array(b, f"fc{k}.bias")]
+        count += w.size + b.size
+        y = f"h{k}"
+        nodes.append(helper.make_node("Gemm", [x, f"fc{k}.weight", f"fc{k}.bias"], [y], transB=1, name=f"fc{k}"))
+        x = y
+        if k < len(widths) - 2:
+            nodes.append(helper.make_node("Relu", [x], [f"r{k}"], name=f"relu{k}"))
+            x = f"r{k}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, widths[0]])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, widths[-1]])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location=os.path.basename(path) + ".data", size_threshold=1024)
+    return count
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_solver(keep: bool) -> None:
+    from onnx_pathcond.api import analyse_model, load_model
+    from onnx_pathcond.criteria.pathcond import ProblemBuilder
+    from onnx_pathcond.solve import coordinate_descent, exact_minimiser
+    from onnx_pathcond.stats import compute_diag_g
+
+    os.makedirs(CACHE, exist_ok=True)
+    path = os.path.join(CACHE, "mlp_1000x101.onnx")
+    t0 = time.perf_counter()
+    params = build_mlp(path, [1000] * 101 + [10])
+    print(f"built {path}: {params:,} parameters in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    model = load_model(path)
+    graph, analysis, groups = analyse_model(model)
+    builder = ProblemBuilder(groups, analysis.uses, analysis.shared)
+    compute_diag_g(graph, analysis, builder.add)
+    problem = builder.finish()
+    print(f"groups {groups.count:,}, entries {problem.p:,}; load+analyse+statistics {time.perf_counter() - t0:.1f} s")
+    rows = []
+    for name, run in [("coordinate descent, 10 sweeps", lambda: coordinate_descent(problem, 10, 1e-2)),
+                      ("exact (L-BFGS), tol 1e-6", lambda: exact_minimiser(problem, max_iter=2000, tol=1e-6))]:
+        t0 = time.perf_counter()
+        result = run()
+        seconds = time.perf_counter() - t0
+        grad = float(np.abs(problem.gradient(result.u)).max())
+        rows.append((name, result.sweeps, seconds, result.objective_before, result.objective_after, grad,
+                     float(np.abs(result.u).max()), result.converged))
+    print(f"{'method':<32} {'iters':>6} {'time s':>8} {'F before':>16} {'F after':>16} {'max|grad F|':>12} "
+          f"{'max|u|':>7} converged")
+    for r in rows:
+        print(f"{r[0]:<32} {r[1]:>6} {r[2]:>8.2f} {r[3]:>16.9e} {r[4]:>16.9e} {r[5]:>12.3e} {r[6]:>7.2f} {r[7]}")
+    print(f"peak memory {peak_rss_mb():.0f} MB (the weights take {params * 4 / 2**20:.0f} MB)")
+    if not keep:
+        os.remove(path)
+        os.remove(path + ".data")
+
+
+def bench_external(keep: bool) -> None:
+    os.makedirs(CACHE, exist_ok=True)
+    src = os.path.join(CACHE, "mlp_2gb.onnx")
+    out = os.path.join(CACHE, "mlp_2gb.rescaled.onnx")
+    report_path = os.path.join(CACHE, "mlp_2gb.report.json")
+    t0 = time.perf_counter()
+    params = build_mlp(src, [8192] * 9 + [10], seed=1)
+    size = os.path.getsize(src) + os.path.getsize(src + ".data")
+    print(f"built {src}: {params:,} parameters, {size / 2**30:.2f} GiB on disk, in {time.perf_counter() - t0:.1f} s")
+    command = [sys.executable, "-c",
+               "import resource, sys, runpy; sys.argv = ['onnx-pathcond'] + sys.argv[1:];"
+               "from onnx_pathcond.cli import main\n"
+               "try:\n    main()\nexcept SystemExit as e:\n"
+               "    print('peak_rss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n"
+               "    raise",
+               src, out, "--report", report_path, "-q"]
+    t0 = time.perf_counter()
+    run = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    print(f"exit code {run.returncode}, wall {wall:.1f} s")
+    if run.returncode != 0:
+        print(run.stderr)
+        return
+    peak = [line for line in run.stderr.splitlines() if line.startswith("peak_rss_mb")]
+    report = json.load(open(report_path))
+    print("steps:", "  ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items()))
+    print(f"peak memory {float(peak[0].split()[1]):.0f} MB for a {size / 2**20:.0f} MB model "
+          f"({float(peak[0].split()[1]) * 2**20 / size:.2f}x)")
+    print(f"verification: {report['verification']['engine']}, max relative difference "
+          f"{report['verification']['max_rel']:.2e}")
+    written = onnx.load(out, load_external_data=False)
+    big = [t for t in written.graph.initializer if np.prod(t.dims) > 1024]
+    print(f"output: {os.path.getsize(out) / 2**20:.2f} MB model file + "
+          f"{os.path.getsize(out + '.data') / 2**30:.2f} GiB data file; "
+          f"{sum(t.data_location == TensorProto.EXTERNAL for t in big)}/{len(big)} large tensors external")
+    if not keep:
+        for f in (src, src + ".data", out, out + ".data", report_path):
+            if os.path.exists(f):
+                os.remove(f)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["solver", "external"])
+    parser.add_argument("--keep", action="store_true", help="keep the generated models")
+    args = parser.parse_args()
+    if args.only in (None, "solver"):
+        bench_solver(args.keep)
+    if args.only in (None, "external"):
+        bench_external(args.keep)
+
+
+if __name__ == "__main__":
+    main()

@@ -30,7 +30,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import sys
 import time
 import warnings

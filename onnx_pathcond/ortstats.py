@@ -13,7 +13,6 @@ of every parameter use, handed to the same callback as the numpy executor.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -22,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import InputError, ModelError
-from .graph import Graph, stored_array
+from .graph import Graph
 from .ops import rule_for
 from .symmetry import Analysis, ParamUse
 

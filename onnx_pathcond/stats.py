@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError, ModelError
-from .graph import Graph, node_label
+from .graph import Graph
 from .ops import rule_for
 from .symmetry import Analysis, ParamUse
 

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from nets import Net, cnn, mlp
+from nets import cnn, mlp
 from onnx_pathcond import rescale
 
 MODELS = sorted(glob.glob("models/*.onnx"))

@@ -15,7 +15,7 @@ sides fixed, or the same group on both sides) are folded into constants.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np

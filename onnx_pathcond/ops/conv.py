@@ -274,7 +274,6 @@ class ConvTransposeRule(OpRule):
     @staticmethod
     def _crop_pads(geo, begin, out_size):
         """Pads (negative = crop) that take the full scatter [*full] to the output window."""
-        nd = len(out_size)
         return [0, 0] + [-bg for bg in begin] + [0, 0] + [o + bg - f for o, bg, f in
                                                          zip(out_size, begin, geo.padded_size)]
 

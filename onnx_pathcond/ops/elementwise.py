@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import attr, node_label
+from ..graph import node_label
 from ..symmetry import Layout
 from .base import OpRule, register, unbroadcast
 from .linear import _add_bias_use

@@ -15,7 +15,6 @@ from .windows import Geometry
 
 def pad_input(b, x: str, geo: Geometry) -> str:
     """[1, C, *S] → [1, C, *padded_size] (zeros around)."""
-    nd = len(geo.kernel)
     end = [p - s - a for p, s, a in zip(geo.padded_size, geo.in_size, geo.pads_begin)]
     if not any(geo.pads_begin) and not any(end):
         return x
@@ -68,7 +67,6 @@ def dilate(b, t: str, shape, geo: Geometry, first_axis: int = 2) -> str:
 
 def scatter_windows(b, parts: List[str], channels: int, geo: Geometry) -> str:
     """Adjoint of `window_slices`: sum each offset's [1, C, *out] into [1, C, *padded_size]."""
-    nd = len(geo.kernel)
     dilated_size = [(o - 1) * st + 1 for o, st in zip(geo.out_size, geo.strides)]
     placed = []
     for k, part in zip(offsets(geo), parts):

@@ -53,6 +53,8 @@ def build_mlp(path: str, widths, seed: int = 0) -> int:
                               initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    if os.path.exists(path + ".data"):
+        os.remove(path + ".data")  # onnx.save appends to an existing data file
     onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
               location=os.path.basename(path) + ".data", size_threshold=1024)
     return count
@@ -111,11 +113,10 @@ def bench_external(keep: bool) -> None:
     size = os.path.getsize(src) + os.path.getsize(src + ".data")
     print(f"built {src}: {params:,} parameters, {size / 2**30:.2f} GiB on disk, in {time.perf_counter() - t0:.1f} s")
     command = [sys.executable, "-c",
-               "import resource, sys, runpy; sys.argv = ['onnx-pathcond'] + sys.argv[1:];"
+               "import resource, sys; sys.argv = ['onnx-pathcond'] + sys.argv[1:];"
                "from onnx_pathcond.cli import main\n"
-               "try:\n    main()\nexcept SystemExit as e:\n"
-               "    print('peak_rss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n"
-               "    raise",
+               "try:\n    main()\nfinally:\n"
+               "    print('peak_rss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)",
                src, out, "--report", report_path, "-q"]
     t0 = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True)

@@ -295,11 +295,14 @@ def compute_diag_g(graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, n
     for name, (use, factored) in builder.g_outputs.items():
         if factored:
             left, right = results.pop(f"{name}_left"), results.pop(f"{name}_right")
-            g = (left @ right.T).reshape(use.view_shape)
+
+            def g(left=left, right=right, use=use):
+                return (left @ right.T).reshape(use.view_shape)
+
             if takes_factors:
                 on_g(use, g, (left, right))
             else:
-                on_g(use, g)
+                on_g(use, g())
         else:
             on_g(use, results.pop(name))  # each g goes as soon as it is consumed
     return info

@@ -23,6 +23,10 @@ from .ops import rule_for
 from .symmetry import Analysis, ParamUse
 
 
+def _as_view(g, use: ParamUse) -> np.ndarray:
+    return np.asarray(g, dtype=np.float64).reshape(use.view_shape)
+
+
 class NumpyPathNetwork:
     """The numpy executor of the path network, and the context rules read and write."""
 
@@ -91,16 +95,16 @@ class NumpyPathNetwork:
             value = value.astype(np.float32)
         return use, np.square(value, dtype=np.float64)
 
-    def emit_g(self, use: ParamUse, g: np.ndarray, factors=None) -> None:
+    def emit_g(self, use: ParamUse, g, factors=None) -> None:
         """Hand over a use's g; `factors` = (left, right) when g = left @ rightᵀ over its first
-        two axes (dense layers: lets the criterion keep a large block in factored form)."""
+        two axes (dense layers: lets the criterion keep a large block in factored form). With
+        factors, g may be a function that computes it: the criterion may not need it at all."""
         if use.ignored:
             return
-        g = np.asarray(g, dtype=np.float64).reshape(use.view_shape)
         if factors is not None and self._on_g_takes_factors:
-            self._on_g(use, g, factors)
+            self._on_g(use, g if callable(g) else _as_view(g, use), factors)
         else:
-            self._on_g(use, g)
+            self._on_g(use, _as_view(g() if callable(g) else g, use))
 
     # ------------------------------------------------------------ the passes
     def _activation_shape(self, name: str) -> Tuple[int, ...]:

@@ -18,7 +18,8 @@ def problem_and_entries(model):
     entries = []
 
     def both(use, g, factors=None):
-        builder.add(use, g, factors)
+        builder.add(use, g, factors)  # g may be lazy: the builder may use the factors alone
+        g = np.asarray(g() if callable(g) else g, dtype=np.float64).reshape(use.view_shape)
         of = groups.of_position
 
         def gid(pos):

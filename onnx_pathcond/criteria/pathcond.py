@@ -233,8 +233,14 @@ class ProblemBuilder:
 
     def add(self, use: ParamUse, g: np.ndarray, factors=None) -> None:
         """Take one use's statistics. `factors` = (left, right) with g = left @ rightᵀ over the
-        first two axes of the use's layout, when the statistics come as such a product."""
-        if use.ref is not None and self._expected.get(use.ref.name, 1) > 1:
+        first two axes of the use's layout, when the statistics come as such a product; then g
+        may be a function computing it, called only when the factors do not suffice."""
+        shared = use.ref is not None and self._expected.get(use.ref.name, 1) > 1
+        if callable(g):
+            if not shared and self._add_outer_product(use, factors):
+                return
+            g = np.asarray(g(), dtype=np.float64).reshape(use.view_shape)
+        if shared:
             name = use.ref.name
             nonzero = self._nonzero.get(name)
             if nonzero is not None and not nonzero.all():
@@ -253,6 +259,41 @@ class ProblemBuilder:
                 self._add_entries(first, acc)
             return
         self._add_entries(use, g, factors)
+
+    def _add_outer_product(self, use: ParamUse, factors) -> bool:
+        """A fully-connected layer with a batch of one: g = l ⊗ r. Everything the criterion
+        needs follows from the two vectors, without forming g. False when the case is not
+        that simple (then g is formed and takes the general path)."""
+        left, right = factors
+        if left.ndim != 2 or left.shape[1] != 1 or len(use.view_shape) != 2:
+            return False
+        l, r = np.asarray(left[:, 0], dtype=np.float64), np.asarray(right[:, 0], dtype=np.float64)
+        rows = self.group_ids(use.rows)
+        cols = self.group_ids(use.cols)
+        H = self.H
+        if rows.shape != (l.size, 1) or cols.shape != (1, r.size):
+            return False  # groups not one per row and one per column
+        row, col = rows[:, 0], cols[0]
+        if np.intersect1d(row[row < H], col[col < H]).size:
+            return False  # cells joining a group to itself: the general path handles them
+        l_pos, r_pos = l > 0, r > 0
+        nl, nr = int(l_pos.sum()), int(r_pos.sum())
+        if nl == 0 or nr == 0:
+            return True
+        self.p += nl * nr
+        self.log_sum += nr * float(np.log(l[l_pos]).sum()) + nl * float(np.log(r[r_pos]).sum())
+        high, low = float(l.max() * r.max()), float(l[l_pos].min() * r[r_pos].min())
+        self.g_max_before = max(self.g_max_before, high)
+        self.g_min_before = min(self.g_min_before, low)
+        if (row == H).all() and (col == H).all():
+            self.const_sum += float(l.sum() * r.sum())
+            self.const_max, self.const_min = max(self.const_max, high), min(self.const_min, low)
+            return True
+        self.n_in += np.bincount(row, weights=l_pos * float(nr), minlength=H + 1)
+        self.n_out += np.bincount(col, weights=r_pos * float(nl), minlength=H + 1)
+        label = use.ref.name if use.ref is not None else use.input_name
+        self.blocks.append(Block(None, rows, cols, None, None, label, factors=(l[:, None], r[:, None])))
+        return True
 
     def _add_entries(self, use: ParamUse, g: np.ndarray, factors=None) -> None:
         label = use.ref.name if use.ref is not None else use.input_name

@@ -112,17 +112,23 @@ class GemmRule(OpRule):
         alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
         adj = pn.adjoint(node.output[0])
         opa, opb = (a2.T if ta else a2), (b2.T if tb else b2)
-        grad_opa = alpha ** 2 * adj @ opb.T
-        grad_opb = alpha ** 2 * opa.T @ adj
-        grad_a = grad_opa.T if ta else grad_opa
-        grad_b = grad_opb.T if tb else grad_opb
-        # The weight's g is a product over the batch: hand it over as factors as well.
+
+        def grad_a():
+            grad_opa = alpha ** 2 * adj @ opb.T
+            return grad_opa.T if ta else grad_opa
+
+        def grad_b():
+            grad_opb = alpha ** 2 * opa.T @ adj
+            return grad_opb.T if tb else grad_opb
+
+        # The weight's g is a product over the batch: it goes as factors, and is computed
+        # only if the criterion asks for it.
         if side == 1:
-            pn.add_adjoint(node.input[0], grad_a)
+            pn.add_adjoint(node.input[0], grad_a())
             factors = (alpha ** 2 * adj.T, opa.T) if tb else (opa.T, alpha ** 2 * adj.T)
             pn.emit_g(pn.use(node, "weight"), grad_b, factors)
         else:
-            pn.add_adjoint(node.input[1], grad_b)
+            pn.add_adjoint(node.input[1], grad_b())
             factors = (opb, alpha ** 2 * adj) if ta else (alpha ** 2 * adj, opb)
             pn.emit_g(pn.use(node, "weight"), grad_a, factors)
         if len(node.input) > 2 and node.input[2]:
@@ -225,13 +231,13 @@ class MatMulRule(OpRule):
             x = pn.mass(node.input[0])
             pn.add_adjoint(node.input[0], np.matmul(adj, w2.T))
             x2, a2 = x.reshape(-1, x.shape[-1]), adj.reshape(-1, adj.shape[-1])
-            g, factors = x2.T @ a2, (x2.T, a2.T)
+            g, factors = (lambda: x2.T @ a2), (x2.T, a2.T)
         else:
             x = pn.mass(node.input[1])
             pn.add_adjoint(node.input[1], np.matmul(w2.T, adj))
             xt = np.swapaxes(x, -1, -2).reshape(-1, x.shape[-2])
             at = np.swapaxes(adj, -1, -2).reshape(-1, adj.shape[-2])
-            g, factors = at.T @ xt, (at.T, xt.T)
+            g, factors = (lambda: at.T @ xt), (at.T, xt.T)
         pn.emit_g(use, g, factors)
 
     # ------------------------------------------------------------ onnxruntime forms

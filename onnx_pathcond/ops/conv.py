@@ -40,21 +40,33 @@ def _bias_name(node):
     return node.input[2] if len(node.input) > 2 and node.input[2] else None
 
 
+def _source_prologue(node, an, out_axis):
+    """What Conv and ConvTranspose share: constant weights, and fresh positions for the
+    output channels (their count is the weight's `out_axis` times the groups, for
+    ConvTranspose, whose weight is [C_in, C_out/G, ...]). None after cutting the node."""
+    x, w, b = node.input[0], node.input[1], _bias_name(node)
+    if not _constant_inputs_or_cut(node, an, [w, b]):
+        return None
+    wshape = an.graph.shape(w)
+    groups = attr(node, "group", 1)
+    n_out = wshape[0] if out_axis == 0 else wshape[1] * groups
+    y = node.output[0]
+    out_pos = an.new_positions(node, y, n_out)
+    an.set_layout(y, Layout(1, out_pos))
+    return x, w, b, wshape, groups, out_pos
+
+
 @register
 class ConvRule(OpRule):
     op_types = ("Conv",)
 
     def analyse(self, node, an):
-        x, w, b = node.input[0], node.input[1], _bias_name(node)
-        if not _constant_inputs_or_cut(node, an, [w, b]):
+        prologue = _source_prologue(node, an, out_axis=0)
+        if prologue is None:
             return
-        wshape = an.graph.shape(w)
-        groups = attr(node, "group", 1)
+        x, w, b, wshape, groups, out_pos = prologue
         n_out, per_group_in = wshape[0], wshape[1]
         n_in, nd = per_group_in * groups, len(wshape) - 2
-        y = node.output[0]
-        out_pos = an.new_positions(node, y, n_out)
-        an.set_layout(y, Layout(1, out_pos))
         in_pos = _input_cols(node, an, x, n_in)
         spatial = (1,) * nd
         cols = None
@@ -203,16 +215,12 @@ class ConvTransposeRule(OpRule):
     op_types = ("ConvTranspose",)
 
     def analyse(self, node, an):
-        x, w, b = node.input[0], node.input[1], _bias_name(node)
-        if not _constant_inputs_or_cut(node, an, [w, b]):
+        prologue = _source_prologue(node, an, out_axis=1)
+        if prologue is None:
             return
-        wshape = an.graph.shape(w)
-        groups = attr(node, "group", 1)
+        x, w, b, wshape, groups, out_pos = prologue
         n_in, per_group_out = wshape[0], wshape[1]
         n_out, nd = per_group_out * groups, len(wshape) - 2
-        y = node.output[0]
-        out_pos = an.new_positions(node, y, n_out)
-        an.set_layout(y, Layout(1, out_pos))
         spatial = (1,) * nd
         if groups == 1:
             rows = out_pos.reshape((1, n_out) + spatial)

@@ -22,13 +22,10 @@ with ``onnx.checker`` and run in onnxruntime against the PyTorch module (eval mo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
-import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -199,20 +196,14 @@ def initialise(module, seed: int = SEED) -> None:
 
 
 # ---------------------------------------------------------------------------- export
-@contextlib.contextmanager
 def _quiet():
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with contextlib.redirect_stdout(io.StringIO()):
-                yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+    """Silence exporter chatter (the same helper as models/make_models.py, which imports torch)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from models.make_models import _quiet as quiet
+
+    return quiet()
 
 
 def export_legacy(module, x, preserve_bn: bool = False):

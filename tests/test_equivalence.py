@@ -99,3 +99,13 @@ def test_all_zero_layer_gives_no_nan():
     for t in after.graph.initializer:
         assert np.all(np.isfinite(onnx.numpy_helper.to_array(t)))
     assert_equivalent(model, after)
+
+
+def test_without_onnxruntime_the_reference_evaluator_checks(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
+    model = cnn([2, 4, 3], size=8, seed=11)
+    after, report = rescale(model)
+    assert report.verification["engine"] == "onnx reference evaluator"
+    assert report.verification["passed"] and 0 < report.verification["max_rel"] < 1e-5
+    assert report.statistics["backend"] == "numpy"

@@ -33,8 +33,8 @@ ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 def load_model(path: Union[str, os.PathLike]) -> onnx.ModelProto:
     """Read and check an ONNX file, with one-line errors for the ways that fails.
 
-    External data is loaded into memory; `uses_external_data(model)` remembers that the file
-    kept its weights outside, so `save_model` can do the same.
+    External data is loaded into memory; `external_tensors(model)` remembers which tensors
+    the file kept outside, so that `save_model` does the same.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -68,9 +68,6 @@ def external_tensors(model: onnx.ModelProto) -> set:
     """Names of the tensors that the model's file stored as external data."""
     return _EXTERNAL_TENSORS.get(id(model), set())
 
-
-def uses_external_data(model: onnx.ModelProto) -> bool:
-    return bool(external_tensors(model))
 
 
 def _all_tensors(model: onnx.ModelProto):

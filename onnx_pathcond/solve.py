@@ -43,14 +43,16 @@ class SolveResult:
     seconds: float = 0.0
 
 
-def positive_root(A, D, B, C, p):
-    """The positive root X of B(A+p)X² + A·D·X + C(A−p) = 0, computed without cancellation."""
-    qa = B * (A + p)
-    qb = A * D
-    qc = C * (A - p)
+def _quadratic_root(qa, qb, qc):
+    """The positive root of qa·X² + qb·X + qc = 0 (qa ≥ 0 ≥ qc), without cancellation."""
     disc = np.sqrt(np.maximum(qb * qb - 4.0 * qa * qc, 0.0))
+    return np.where(qb > 0, -2.0 * qc / (qb + disc), (disc - qb) / (2.0 * qa))
+
+
+def positive_root(A, D, B, C, p):
+    """The positive root X of B(A+p)X² + A·D·X + C(A−p) = 0, the closed-form group update."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return np.where(qb > 0, -2.0 * qc / (qb + disc), (disc - qb) / (2.0 * qa))
+        return _quadratic_root(B * (A + p), A * D, C * (A - p))
 
 
 @dataclass
@@ -164,8 +166,7 @@ def _layer_updates(total, B, C, A, e_old, p, guess=None):
         for _ in range(_PICARD_ROUNDS):
             D = prefix - own
             qb = A * D
-            disc = np.sqrt(np.maximum(qb * qb - 4.0 * qa * qc, 0.0))
-            X = np.where(qb > 0, -2.0 * qc / (qb + disc), (disc - qb) / (2.0 * qa))  # positive_root
+            X = _quadratic_root(qa, qb, qc)
             if not np.all(np.isfinite(X) & (X > 0)):
                 break
             delta = B * X + C / X - own

@@ -170,9 +170,6 @@ class NumpyPathNetwork:
             return True
         return getattr(rule_for(node), "cheap_forward", False)
 
-    def total_mass(self) -> float:
-        """S = Σ of the path network's outputs (only meaningful right after the forward pass)."""
-        return float(sum(self._mass[o].sum() for o in self.graph.graph_outputs if o in self._mass))
 
 
 BACKENDS = ("auto", "numpy", "onnxruntime")

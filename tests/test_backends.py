@@ -6,30 +6,24 @@ import os
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
-from nets import Net, cnn, mlp
+from nets import cnn, mlp
 from onnx_pathcond import rescale
 from onnx_pathcond.api import analyse_model
 from onnx_pathcond.criteria.pathcond import ProblemBuilder
 from onnx_pathcond.solve import coordinate_descent, exact_minimiser
 from onnx_pathcond.stats import compute_diag_g, diag_g_by_tensor
-from test_diag_g import CASES
+from test_diag_g import CASES, _resize_net
 
 pytest.importorskip("onnxruntime")
 
 
 def _resize(mode):
-    net = Net([1, 2, 3, 4], seed=31, opset=13)
-    y = net.relu(net.conv(net.x, 2, 3, 1))
-    scales = net.name("scales")
-    net.inits.append(numpy_helper.from_array(np.array([1, 1, 2, 1.5], dtype=np.float32), scales))
-    y = net.node("Resize", [y, "", scales], mode=mode)
-    return net.model(net.conv(y, 3, 1, 1))
+    return _resize_net(mode, shape=(1, 2, 3, 4), scales=(1, 1, 2, 1.5), channels=3, seed=31)
 
 
 SOURCES = {name: build for name, build in CASES.items()}
-SOURCES.update({"resize_linear": lambda: _resize("linear"), "resize_cubic": lambda: _resize("cubic")})
+SOURCES.update({"resize_linear": _resize("linear"), "resize_cubic": _resize("cubic")})
 SOURCES.update({os.path.basename(p): (lambda p=p: onnx.load(p)) for p in sorted(glob.glob("models/*.onnx"))})
 
 

@@ -159,14 +159,14 @@ def test_closed_form_one_hidden_layer():
     np.testing.assert_allclose(g[names[3]], np.ones(2), rtol=1e-12)
 
 
-def _resize_net(mode):
+def _resize_net(mode, shape=(1, 2, 3, 3), scales=(1, 1, 2, 2), channels=2, seed=12):
     def build():
-        net = Net([1, 2, 3, 3], seed=12, opset=13)
-        y = net.relu(net.conv(net.x, 2, 2, 1))
-        scales = net.name("scales")
-        net.inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], dtype=np.float32), scales))
-        y = net.node("Resize", [y, "", scales], mode=mode)
-        return net.model(net.conv(y, 2, 1, 1))
+        net = Net(list(shape), seed=seed, opset=13)
+        y = net.relu(net.conv(net.x, shape[1], channels, 1))
+        name = net.name("scales")
+        net.inits.append(numpy_helper.from_array(np.array(scales, dtype=np.float32), name))
+        y = net.node("Resize", [y, "", name], mode=mode)
+        return net.model(net.conv(y, channels, 1, 1))
     return build
 
 

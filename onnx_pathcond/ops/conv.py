@@ -40,6 +40,16 @@ def _bias_name(node):
     return node.input[2] if len(node.input) > 2 and node.input[2] else None
 
 
+def _onnx_weight(node, b):
+    """Squared weight as [G, first axis / G, rest] in the onnxruntime graph, and the shapes."""
+    use, w2 = b.param_sq(node, "weight")
+    wshape = use.view_shape
+    groups = attr(node, "group", 1)
+    out_shape = b.shape(node.output[0])
+    w2r = b.reshape(w2, [groups, wshape[0] // groups, -1])
+    return use, wshape, b.shape(node.input[0]), (out_shape[2:] if out_shape else None), groups, w2r
+
+
 def _source_prologue(node, an, out_axis):
     """What Conv and ConvTranspose share: constant weights, and fresh positions for the
     output channels (their count is the weight's `out_axis` times the groups, for
@@ -121,13 +131,8 @@ class ConvRule(OpRule):
     # ------------------------------------------------------------ onnxruntime forms
     @staticmethod
     def _onnx_setup(node, b):
-        use, w2 = b.param_sq(node, "weight")
-        wshape = use.view_shape
-        groups = attr(node, "group", 1)
-        x_shape = b.shape(node.input[0])
-        out_shape = b.shape(node.output[0])
-        geo = geometry(node, x_shape[2:], wshape[2:], out_shape[2:] if out_shape else None)
-        w2r = b.reshape(w2, [groups, wshape[0] // groups, -1])
+        use, wshape, x_shape, out_spatial, groups, w2r = _onnx_weight(node, b)
+        geo = geometry(node, x_shape[2:], wshape[2:], out_spatial)
         return use, wshape, x_shape, groups, geo, w2r
 
     def onnx_forward(self, node, b):
@@ -270,13 +275,8 @@ class ConvTransposeRule(OpRule):
     # ------------------------------------------------------------ onnxruntime forms
     @staticmethod
     def _onnx_setup(node, b):
-        use, w2 = b.param_sq(node, "weight")
-        wshape = use.view_shape
-        groups = attr(node, "group", 1)
-        x_shape = b.shape(node.input[0])
-        out_shape = b.shape(node.output[0])
-        geo, begin, out_size = _transpose_geometry(node, x_shape[2:], wshape[2:], out_shape[2:] if out_shape else None)
-        w2r = b.reshape(w2, [groups, wshape[0] // groups, -1])  # [G, Cg, Og*K]
+        use, wshape, x_shape, out_spatial, groups, w2r = _onnx_weight(node, b)  # w2r: [G, Cg, Og*K]
+        geo, begin, out_size = _transpose_geometry(node, x_shape[2:], wshape[2:], out_spatial)
         return use, wshape, x_shape, groups, geo, begin, out_size, w2r
 
     @staticmethod

@@ -72,6 +72,10 @@ def external_tensors(model: onnx.ModelProto) -> set:
 
 def _all_tensors(model: onnx.ModelProto):
     yield from model.graph.initializer
+    yield from _attribute_tensors(model)
+
+
+def _attribute_tensors(model: onnx.ModelProto):
     for node in model.graph.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
@@ -126,30 +130,42 @@ class PendingSave:
     """
 
     def __init__(self, model: onnx.ModelProto, path: Union[str, os.PathLike],
-                 external: Optional[Collection[str]] = None):
+                 external: Optional[Collection[str]] = None,
+                 new_raw: Optional[Dict[str, Callable[[], np.ndarray]]] = None):
         self.path = os.fspath(path)
         self.folder = os.path.dirname(os.path.abspath(self.path))
         self.name = os.path.basename(self.path)
         self.data_name = self.name + ".data"
         external = set(external_tensors(model) if external is None else external)
+        new_raw = dict(new_raw or {})
         try:
             self.work = tempfile.mkdtemp(prefix=f".{self.name}.", suffix=".tmp", dir=self.folder)
         except OSError as e:
             raise SaveError(f"cannot write '{self.path}': {e.strerror or _one_line(e)}") from None
-        moved_out = [t for t in _all_tensors(model) if t.name in external and t.HasField("raw_data")]
-        self.has_data = bool(moved_out)
+        initializers = [t for t in model.graph.initializer if t.name in external and t.HasField("raw_data")]
+        attributes = [t for t in _attribute_tensors(model) if t.name in external and t.HasField("raw_data")]
+        self.has_data = bool(initializers or attributes)
+        stubs: Dict[str, onnx.TensorProto] = {}
+        restore = []
         try:
             try:
-                for tensor in moved_out:
-                    onnx.external_data_helper.set_external_data(tensor, location=self.data_name)
-                if moved_out:
-                    onnx.external_data_helper.write_external_data_tensors(model, self.work)
+                if self.has_data:
+                    with open(os.path.join(self.work, self.data_name), "wb") as data:
+                        for tensor, in_node in [(t, False) for t in initializers] + [(t, True) for t in attributes]:
+                            offset = data.tell()
+                            data.write(protoio.raw_bytes_of(tensor, new_raw))
+                            new_raw.pop(tensor.name, None)
+                            stub = protoio.external_stub(tensor, self.data_name, offset, data.tell() - offset)
+                            if in_node:  # inside the graph's nodes: swapped in place, restored below
+                                restore.append((tensor, tensor.raw_data))
+                                tensor.CopyFrom(stub)
+                            else:
+                                stubs[tensor.name] = stub
                 with open(self.model_path, "wb") as f:
-                    protoio.write_model(model, f)
-            finally:  # give the caller its values back, inline
-                for tensor in moved_out:
-                    if not tensor.HasField("raw_data"):
-                        onnx.external_data_helper.load_external_data_for_tensor(tensor, self.work)
+                    protoio.write_model(model, f, replace=stubs, new_raw=new_raw)
+            finally:  # give the caller its Constant-node values back, inline
+                for tensor, raw in restore:
+                    tensor.raw_data = raw
                     tensor.data_location = onnx.TensorProto.DEFAULT
                     del tensor.external_data[:]
         except OSError as e:
@@ -233,7 +249,8 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
             solver: str = "cd", max_iter: int = 10, tol: float = 1e-2, verify_output: bool = True,
             rtol: Optional[float] = None, seed: int = 0, dry_run: bool = False,
             backend: str = "auto", device: str = "cpu", output: Optional[Union[str, os.PathLike]] = None,
-            progress: Optional[Callable[..., None]] = None) -> Tuple[onnx.ModelProto, Report]:
+            progress: Optional[Callable[..., None]] = None,
+            return_model: bool = True) -> Tuple[Optional[onnx.ModelProto], Report]:
     """Rescale a ReLU network with PathCond; returns the new model and a report.
 
     `model` is a path or a ModelProto (a ModelProto is copied, never modified). The result
@@ -245,7 +262,10 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     onnxruntime (`auto`: onnxruntime when installed); `device="cuda"` asks onnxruntime for its
     CUDA execution provider (the report says which providers really ran). With `output`, the
     model is also saved there, and the file that is checked is the written one: it only
-    takes its place once it has passed.
+    takes its place once it has passed. With `output` and `return_model=False` (what the
+    command line does), the rescaled weights are computed one tensor at a time as they are
+    written, the input model is released before the check, and None is returned in place of
+    the model: the run then holds about one copy of the weights instead of two or three.
     """
     if solver not in ("cd", "exact"):
         raise InputError(f"unknown solver '{solver}' (choose cd or exact)")
@@ -292,26 +312,38 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     _describe_solution(report, problem, builder, result, groups, max_iter, tol)
     del problem, builder  # the statistics are summarised: free them before the weights are copied
     report.layers = group_layers(graph, analysis, groups, result.u)
+    items = rewrite.plan(analysis.uses, groups, result.u)
+    stream = output is not None and not return_model
     original = None
     if verify_output:  # the input file itself when there is one: no copy of the weights
-        original = report.input if report.input is not None else (copy.deepcopy(model) if groups.count else model)
+        original = report.input if report.input is not None else (copy.deepcopy(model) if items else model)
     say("rewrite")
     with clock("rewrite"):
-        rewritten = rewrite.apply(model, graph, analysis.uses, groups, result.u)
-    report.rewritten = [vars(r) for r in rewritten]
-    _dtype_warnings(report, rewritten)
+        summaries: list = []
+        new_raw = rewrite.apply_streamed(graph, items, summaries) if stream else None
+        if not stream:
+            summaries = rewrite.apply(graph, items)
     pending = None
     if output is not None:
         say("save")
         with clock("save"):
-            pending = PendingSave(model, output)
+            pending = PendingSave(model, output, new_raw=new_raw)
     try:
+        order = {item.name: k for k, item in enumerate(items)}
+        report.rewritten = [vars(r) for r in sorted(summaries, key=lambda r: order[r.name])]
+        _dtype_warnings(report, summaries)
+        shapes = verify.verification_shapes(model, graph.input_shapes) if verify_output else None
+        if stream:  # only the written file is needed from here: let the input's weights go
+            reference = protoio.skeleton(model)
+            del model, graph, analysis, groups, items, new_raw, summaries
+            model = None
+        else:
+            reference = model
         if verify_output:
             say("verify")
             with clock("verify"):
-                shapes = verify.verification_shapes(model, graph.input_shapes)
-                written = pending.model_path if pending is not None else model
-                check = verify.compare(original, written, model, shapes, seed=seed, rtol=rtol)
+                written = pending.model_path if pending is not None else reference
+                check = verify.compare(original, written, reference, shapes, seed=seed, rtol=rtol)
             report.verification = {"engine": check.engine, "rtol": check.rtol, "max_rel": check.max_rel,
                                    "passed": check.passed, "seed": seed,
                                    "input_shapes": {k: list(v) for k, v in check.input_shapes.items()},

@@ -110,7 +110,7 @@ def main(input_path, output_path, input_shapes, solver, max_iter, tol, backend, 
             model, report = api.rescale(input_path, input_shapes=list(input_shapes), solver=solver, max_iter=max_iter,
                                         tol=tol, verify_output=verify, rtol=rtol, seed=seed, dry_run=dry_run,
                                         backend=backend, device=device, progress=progress,
-                                        output=None if dry_run else output_path)
+                                        output=None if dry_run else output_path, return_model=False)
         finally:
             progress.close()
     except PathCondError as e:

@@ -11,12 +11,14 @@ the place where the initializers go (protobuf writes fields in field-number orde
 
 from __future__ import annotations
 
-from typing import BinaryIO, List, Tuple
+from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import onnx
 
 _MODEL_GRAPH_FIELD = 7
 _GRAPH_INITIALIZER_FIELD = 5
+_TENSOR_RAW_DATA_FIELD = 9
 
 
 def _copy_except(src, dst, skip) -> None:
@@ -95,15 +97,52 @@ def _field(number: int, payload_length: int) -> bytes:
     return _varint(number << 3 | 2) + _varint(payload_length)
 
 
-def write_model(model: onnx.ModelProto, f: BinaryIO) -> None:
-    """Write `model` as `model.SerializeToString()` would, holding one initializer at a time."""
+def tensor_metadata(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """A copy of everything in `tensor` but its raw data (which is never read here)."""
+    meta = onnx.TensorProto()
+    for fd in tensor.DESCRIPTOR.fields:
+        if fd.name == "raw_data":
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if repeated:
+            values = getattr(tensor, fd.name)
+            if len(values):
+                getattr(meta, fd.name).extend(values)
+        elif tensor.HasField(fd.name):
+            if fd.message_type is not None:
+                getattr(meta, fd.name).CopyFrom(getattr(tensor, fd.name))
+            else:
+                setattr(meta, fd.name, getattr(tensor, fd.name))
+    return meta
+
+
+def _raw_bytes(values) -> memoryview:
+    array = np.ascontiguousarray(values)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
+def write_model(model: onnx.ModelProto, f: BinaryIO, replace: Optional[Dict[str, onnx.TensorProto]] = None,
+                new_raw: Optional[Dict[str, Callable[[], np.ndarray]]] = None) -> None:
+    """Write `model` as `model.SerializeToString()` would, holding one initializer at a time.
+
+    Initializers named in `replace` are written as the given tensor instead (e.g. a stub that
+    points to external data). Those named in `new_raw` are written with the raw data of the
+    array the function returns (same dtype and element count: computed just before it is
+    written, so a rescaled copy of the weights never exists all at once).
+    """
+    replace = replace or {}
+    new_raw = new_raw or {}
     shell = onnx.ModelProto()
     _copy_except(model, shell, {"graph"})
     model_lo, model_hi = _split_before(shell.SerializeToString(), _MODEL_GRAPH_FIELD + 1)
     graph_shell = onnx.GraphProto()
     _copy_except(model.graph, graph_shell, {"initializer"})
     graph_lo, graph_hi = _split_before(graph_shell.SerializeToString(), _GRAPH_INITIALIZER_FIELD + 1)
-    sizes: List[int] = [t.ByteSize() for t in model.graph.initializer]
+    sizes: List[int] = []
+    for t in model.graph.initializer:
+        sizes.append(replace[t.name].ByteSize() if t.name in replace else t.ByteSize())
     inits_length = sum(len(_field(_GRAPH_INITIALIZER_FIELD, n)) + n for n in sizes)
     graph_length = len(graph_lo) + inits_length + len(graph_hi)
     f.write(model_lo)
@@ -112,6 +151,42 @@ def write_model(model: onnx.ModelProto, f: BinaryIO) -> None:
         f.write(graph_lo)
         for t, n in zip(model.graph.initializer, sizes):
             f.write(_field(_GRAPH_INITIALIZER_FIELD, n))
-            f.write(t.SerializeToString())
+            if t.name in replace:
+                f.write(replace[t.name].SerializeToString())
+            elif t.name in new_raw:
+                _write_with_raw(f, t, new_raw[t.name], n)
+            else:
+                f.write(t.SerializeToString())
         f.write(graph_hi)
     f.write(model_hi)
+
+
+def _write_with_raw(f: BinaryIO, tensor: onnx.TensorProto, produce: Callable[[], np.ndarray], size: int) -> None:
+    """`tensor` serialized with new raw data: its other fields around a new field 9."""
+    lo, hi = _split_before(tensor_metadata(tensor).SerializeToString(), _TENSOR_RAW_DATA_FIELD + 1)
+    raw = _raw_bytes(produce())
+    head = _field(_TENSOR_RAW_DATA_FIELD, raw.nbytes)
+    if len(lo) + len(head) + raw.nbytes + len(hi) != size:
+        raise ValueError(f"new values of '{tensor.name}' do not have the size of the old ones")
+    f.write(lo)
+    f.write(head)
+    f.write(raw)
+    f.write(hi)
+
+
+def external_stub(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
+    """`tensor` without its data, pointing to `length` bytes at `offset` of file `location`."""
+    stub = tensor_metadata(tensor)
+    del stub.external_data[:]
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = stub.external_data.add()
+        entry.key, entry.value = key, value
+    return stub
+
+
+def raw_bytes_of(tensor: onnx.TensorProto, new_raw: Optional[Dict[str, Callable[[], np.ndarray]]] = None):
+    """The raw data to store for `tensor`: its new values if `new_raw` has them, else its own."""
+    if new_raw and tensor.name in new_raw:
+        return _raw_bytes(new_raw[tensor.name]())
+    return tensor.raw_data

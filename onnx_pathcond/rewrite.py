@@ -1,15 +1,19 @@
-"""Writing the rescaled parameters back into the ModelProto (DESIGN.md §4).
+"""Writing the rescaled parameters back (DESIGN.md §4).
 
 Only the *values* of initializers and Constant-node tensors change; names, shapes, dtypes,
 node order, opsets and metadata stay as they were. Each element is multiplied, in float64,
 by exp((u[in] − u[out]) / 2) (λ of the group it is incoming to, over λ of the group it is
 outgoing from) and cast back to the tensor's own dtype.
+
+`plan` says which tensors change and by what; `apply` writes the new values into the
+ModelProto, and `new_raw_data` computes one tensor's new bytes on demand, for a writer that
+streams them to the output file without ever holding a second copy of the weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import onnx
@@ -17,6 +21,9 @@ from onnx import TensorProto, numpy_helper
 
 from .graph import Graph, stored_array
 from .symmetry import Groups, ParamUse
+
+# Elements rescaled per float64 temporary: the temporaries stay a few MB whatever the tensor.
+_CHUNK = 1 << 20
 
 
 @dataclass
@@ -31,8 +38,23 @@ class RewrittenTensor:
     max_abs_after: float
 
 
-def element_scales(use: ParamUse, groups: Groups, u: np.ndarray) -> np.ndarray:
-    """Per-element multiplier of a parameter in its consumer's layout (broadcastable)."""
+@dataclass
+class TensorRescale:
+    """One stored tensor to rescale by `incoming × outgoing`, two factors in its stored layout
+    broadcastable to it (λ of the group each element is incoming to, and 1/λ of the group it
+    is outgoing from). They stay two: their product is as large as the tensor."""
+    use: ParamUse  # the first use that reaches it (named in the report)
+    incoming: np.ndarray
+    outgoing: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return self.use.ref.name
+
+
+def element_factors(use: ParamUse, groups: Groups, u: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """λ of the incoming group and 1/λ of the outgoing group of every element of a
+    parameter, in its consumer's layout (each broadcastable to it; 1 where no group)."""
     u_ext = np.append(u, 0.0)
     H = groups.count
 
@@ -41,7 +63,54 @@ def element_scales(use: ParamUse, groups: Groups, u: np.ndarray) -> np.ndarray:
             if groups.of_position.size else np.full(positions.shape, -1)
         return u_ext[np.where(ids >= 0, ids, H)]
 
-    return np.exp((log_scale(use.rows) - log_scale(use.cols)) / 2.0)
+    return np.exp(log_scale(use.rows) / 2.0), np.exp(-log_scale(use.cols) / 2.0)
+
+
+def plan(uses: List[ParamUse], groups: Groups, u: np.ndarray) -> List[TensorRescale]:
+    """Every stored tensor that some rescalable group touches, with its multipliers."""
+    todo: Dict[str, TensorRescale] = {}
+    for use in uses:
+        if use.ref is None or use.ignored or use.ref.name in todo:
+            continue
+        incoming, outgoing = element_factors(use, groups, u)
+        if np.all(incoming == 1.0) and np.all(outgoing == 1.0):
+            continue
+        todo[use.ref.name] = TensorRescale(use, use.ref.to_stored(np.broadcast_to(incoming, use.view_shape)),
+                                           use.ref.to_stored(np.broadcast_to(outgoing, use.view_shape)))
+    return list(todo.values())
+
+
+@dataclass
+class Rescaled:
+    values: np.ndarray  # in the original dtype
+    max_abs: float  # largest magnitude of the new values
+    min_factor: float
+    max_factor: float
+
+
+def rescaled(original: np.ndarray, incoming: np.ndarray, outgoing: np.ndarray) -> Rescaled:
+    """original × incoming × outgoing in float64, cast back to original's dtype, a chunk of
+    rows at a time (no temporary as large as the tensor)."""
+    original = np.asarray(original)
+    shape = original.shape
+    flat = original.ndim == 0
+    if flat:
+        original = original.reshape(1)
+    incoming = np.broadcast_to(incoming, shape).reshape(original.shape)
+    outgoing = np.broadcast_to(outgoing, shape).reshape(original.shape)
+    new = np.empty_like(original)
+    rows = max(1, _CHUNK // max(1, original[0].size)) if original.shape[0] else 1
+    high, low_f, high_f = 0.0, np.inf, 0.0
+    for start in range(0, original.shape[0], rows):
+        part = slice(start, start + rows)
+        factor = incoming[part] * outgoing[part]
+        new[part] = (original[part].astype(np.float64) * factor).astype(original.dtype)
+        if factor.size:
+            high = max(high, float(np.abs(new[part].astype(np.float64)).max()))
+            low_f, high_f = min(low_f, float(factor.min())), max(high_f, float(factor.max()))
+    if not original.size:
+        low_f = high_f = 1.0
+    return Rescaled(new.reshape(shape) if flat else new, high, low_f, high_f)
 
 
 def _write_values(tensor: TensorProto, values: np.ndarray) -> None:
@@ -77,43 +146,67 @@ def _constant_tensor(node: onnx.NodeProto) -> TensorProto:
     return None
 
 
-def apply(model: onnx.ModelProto, graph: Graph, uses: List[ParamUse], groups: Groups,
-          u: np.ndarray) -> List[RewrittenTensor]:
-    """Rescale, in place, every stored tensor that some rescalable group touches."""
-    done: Dict[str, RewrittenTensor] = {}
-    for use in uses:
-        if use.ref is None or use.ignored or use.ref.name in done:
-            continue
-        scale_view = np.broadcast_to(element_scales(use, groups, u), use.view_shape)
-        if np.all(scale_view == 1.0):
-            continue
-        scale = use.ref.to_stored(scale_view)
-        if use.ref.kind == "initializer":
-            tensor = graph.initializers[use.ref.name]
-        else:
-            tensor = _constant_tensor(graph.constant_nodes[use.ref.name])
-            if tensor is None:  # value_float(s): rewrite the list attribute
-                node = graph.constant_nodes[use.ref.name]
-                original = graph.stored_value(use.ref)
-                new = (original.astype(np.float64) * scale).astype(original.dtype)
-                a = node.attribute[0]
-                if a.name == "value_float":
-                    a.f = float(new)
-                else:
-                    del a.floats[:]
-                    a.floats.extend(new.ravel().tolist())
-                done[use.ref.name] = _summary(use, original.dtype, scale, new)
-                continue
-        original = stored_array(tensor)
-        new = (original.astype(np.float64) * scale).astype(original.dtype)
-        _write_values(tensor, new)
-        done[use.ref.name] = _summary(use, original.dtype, scale, new)
-    return list(done.values())
+def _raw_initializer(graph: Graph, item: TensorRescale):
+    """The initializer of `item` when its value is stored as raw bytes, else None."""
+    if item.use.ref.kind != "initializer":
+        return None
+    tensor = graph.initializers[item.name]
+    return tensor if tensor.HasField("raw_data") else None
 
 
-def _summary(use: ParamUse, dtype, scale: np.ndarray, new: np.ndarray) -> RewrittenTensor:
-    finite = np.asarray(new, dtype=np.float64)
+def apply(graph: Graph, items: List[TensorRescale]) -> List[RewrittenTensor]:
+    """Rescale, in place in the graph's ModelProto, every tensor of `items`."""
+    return [_apply_one(graph, item) for item in items]
+
+
+def _apply_one(graph: Graph, item: TensorRescale) -> RewrittenTensor:
+    ref = item.use.ref
+    if ref.kind == "initializer":
+        tensor = graph.initializers[ref.name]
+    else:
+        tensor = _constant_tensor(graph.constant_nodes[ref.name])
+        if tensor is None:  # value_float(s): rewrite the list attribute
+            node = graph.constant_nodes[ref.name]
+            original = graph.stored_value(ref)
+            new = rescaled(original, item.incoming, item.outgoing)
+            a = node.attribute[0]
+            if a.name == "value_float":
+                a.f = float(new.values)
+            else:
+                del a.floats[:]
+                a.floats.extend(new.values.ravel().tolist())
+            return _summary(item, new)
+    original = stored_array(tensor)
+    new = rescaled(original, item.incoming, item.outgoing)
+    _write_values(tensor, new.values)
+    return _summary(item, new)
+
+
+def apply_streamed(graph: Graph, items: List[TensorRescale],
+                   summaries: List[RewrittenTensor]) -> Dict[str, Callable[[], np.ndarray]]:
+    """Like `apply`, but initializers stored as raw bytes are left untouched in the ModelProto:
+    for each, a function that returns its new value (as an array of its dtype, to be written
+    as its raw data) is returned instead, by name. Other tensors (small: Constant nodes,
+    typed-field storage) are rewritten in place. `summaries` receives each tensor's report
+    entry as it is rewritten or produced."""
+    deferred: Dict[str, Callable[[], np.ndarray]] = {}
+    for item in items:
+        tensor = _raw_initializer(graph, item)
+        if tensor is None:
+            summaries.append(_apply_one(graph, item))
+            continue
+
+        def produce(tensor=tensor, item=item) -> np.ndarray:
+            new = rescaled(stored_array(tensor), item.incoming, item.outgoing)
+            summaries.append(_summary(item, new))
+            return new.values
+
+        deferred[item.name] = produce
+    return deferred
+
+
+def _summary(item: TensorRescale, new: Rescaled) -> RewrittenTensor:
+    use = item.use
     return RewrittenTensor(
         name=use.ref.name, consumer=use.node.name or use.node.output[0], op_type=use.node.op_type, role=use.role,
-        dtype=str(np.dtype(dtype)), min_factor=float(scale.min()), max_factor=float(scale.max()),
-        max_abs_after=float(np.abs(finite).max()) if finite.size else 0.0)
+        dtype=str(new.values.dtype), min_factor=new.min_factor, max_factor=new.max_factor, max_abs_after=new.max_abs)

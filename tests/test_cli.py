@@ -648,11 +648,11 @@ def _failing_save(monkeypatch, folder: Path):
     """Writing the model file under `folder` writes half of it, then fails as on a full disk."""
     from onnx_pathcond import protoio
 
-    def write_model(model, f):
+    def write_model(model, f, **kwargs):
         if folder.resolve() in Path(f.name).resolve().parents:
             f.write(model.SerializeToString()[:100])
             raise OSError(errno.ENOSPC, "No space left on device", f.name)
-        return real(model, f)
+        return real(model, f, **kwargs)
 
     real = protoio.write_model
     monkeypatch.setattr(protoio, "write_model", write_model)

@@ -411,6 +411,8 @@ class _Builder:
 
     # Gemm: Y = alpha * A' B' + beta * C
     def _op_Gemm(self, node, a):
+        if self.is_const(node.input[0]) and self.is_act(node.input[1]):
+            return self._gemm_constant_a(node, a)
         A = self._need_act(node.input[0])
         Bname = node.input[1]
         Bv = self._need_const(Bname)
@@ -426,6 +428,28 @@ class _Builder:
         Y = self.new_units(node.output[0], (M, N))
         for m, n, k in itertools.product(range(M), range(N), range(K)):
             self.add(A[m, k], Y[m, n], alpha * Bv[k, n], self.label(Bname, Bp[k, n]), d=alpha)
+        if Cname:
+            Cv = np.broadcast_to(self._need_const(Cname), (M, N))
+            Cp = np.broadcast_to(self.cprov(Cname), (M, N))
+            for m, n in itertools.product(range(M), range(N)):
+                self.add(START, Y[m, n], beta * Cv[m, n], self.label(Cname, Cp[m, n]), d=beta, kind="bias")
+
+    def _gemm_constant_a(self, node, a):
+        """Y = alpha * A' B' + beta * C with A the constant and B the activation."""
+        Aname = node.input[0]
+        Av, Ap = self._need_const(Aname), self.cprov(Aname)
+        B = self._need_act(node.input[1])
+        Cname = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+        if a.get("transA", 0):
+            Av, Ap = Av.T, Ap.T
+        if a.get("transB", 0):
+            B = B.T
+        M, K = Av.shape
+        N = B.shape[1]
+        Y = self.new_units(node.output[0], (M, N))
+        for m, n, k in itertools.product(range(M), range(N), range(K)):
+            self.add(B[k, n], Y[m, n], alpha * Av[m, k], self.label(Aname, Ap[m, k]), d=alpha)
         if Cname:
             Cv = np.broadcast_to(self._need_const(Cname), (M, N))
             Cp = np.broadcast_to(self.cprov(Cname), (M, N))

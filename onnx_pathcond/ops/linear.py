@@ -52,6 +52,46 @@ def _weight_indices(const_side, trans_const, out_pos, in_pos):
     return rows, cols
 
 
+# Rows of a weight squared at once: the float64 square of a large weight (twice its float32
+# size) never exists whole, only this many elements of it.
+_SQUARE_CHUNK = 1 << 22
+
+
+def squared_product(w: np.ndarray, x: np.ndarray, w_left: bool, transposed: bool) -> np.ndarray:
+    """x @ M or M @ x (`w_left`) with M = w² or (w²)ᵀ (`transposed`), in float64.
+
+    `w` is a 2-D weight in its stored dtype; x may have leading batch axes (np.matmul's
+    broadcasting). w² is formed a block of rows at a time.
+    """
+    n0, n1 = w.shape
+    step = max(1, _SQUARE_CHUNK // max(1, n1))
+    if w_left:
+        out = np.zeros(x.shape[:-2] + ((n1 if transposed else n0), x.shape[-1]))
+    else:
+        out = np.zeros(x.shape[:-1] + ((n0 if transposed else n1),))
+    for start in range(0, n0, step):
+        rows = slice(start, start + step)
+        part = w[rows]
+        part = np.square(part.astype(np.float32) if part.dtype.name == "bfloat16" else part, dtype=np.float64)
+        if w_left and not transposed:  # rows of M are rows of w
+            out[..., rows, :] = np.matmul(part, x)
+        elif w_left:  # Mᵀ: rows of w are columns of M
+            out += np.matmul(part.T, x[..., rows, :])
+        elif not transposed:  # x @ w²: rows of w meet columns of x
+            out += np.matmul(x[..., rows], part)
+        else:  # x @ (w²)ᵀ: rows of w make columns of the output
+            out[..., rows] = np.matmul(x, part.T)
+    return out
+
+
+def _weight_as_seen(pn, node) -> np.ndarray:
+    """The weight in its stored dtype, in the layout the op sees (no float64 copy)."""
+    use = pn.use(node, "weight")
+    if use.ref is not None:
+        return use.ref.to_view(pn.graph.stored_value(use.ref))
+    return np.asarray(pn.graph.constant_value(use.input_name))
+
+
 @register
 class GemmRule(OpRule):
     op_types = ("Gemm",)
@@ -99,38 +139,56 @@ class GemmRule(OpRule):
         ops = [x, w2] if side == 1 else [w2, x]
         return side, ops, attr(node, "transA", 0), attr(node, "transB", 0)
 
+    @staticmethod
+    def _numpy_operands(node, pn):
+        """(activation side, its mass, the weight as stored, transA, transB)."""
+        side = 1 if pn.graph.is_activation(node.input[0]) else 0
+        return side, pn.mass(node.input[0 if side == 1 else 1]), _weight_as_seen(pn, node), \
+            attr(node, "transA", 0), attr(node, "transB", 0)
+
     def forward(self, node, pn):
-        side, (a2, b2), ta, tb = self._operands(node, pn)
+        side, x, w, ta, tb = self._numpy_operands(node, pn)
         alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
-        y = alpha ** 2 * ((a2.T if ta else a2) @ (b2.T if tb else b2))
+        if side == 1:  # op(A)·op(B²)
+            y = squared_product(w, x.T if ta else x, w_left=False, transposed=bool(tb))
+        else:  # op(A²)·op(B)
+            y = squared_product(w, x.T if tb else x, w_left=True, transposed=bool(ta))
+        y *= alpha ** 2
         if len(node.input) > 2 and node.input[2]:
             y = y + beta ** 2 * np.square(pn.param(node, "bias")[1])
         pn.set_mass(node.output[0], y)
 
     def backward(self, node, pn):
-        side, (a2, b2), ta, tb = self._operands(node, pn)
+        side, x, w, ta, tb = self._numpy_operands(node, pn)
         alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
         adj = pn.adjoint(node.output[0])
-        opa, opb = (a2.T if ta else a2), (b2.T if tb else b2)
-
-        def grad_a():
-            grad_opa = alpha ** 2 * adj @ opb.T
-            return grad_opa.T if ta else grad_opa
-
-        def grad_b():
-            grad_opb = alpha ** 2 * opa.T @ adj
-            return grad_opb.T if tb else grad_opb
-
+        use = pn.use(node, "weight")
         # The weight's g is a product over the batch: it goes as factors, and is computed
         # only if the criterion asks for it.
         if side == 1:
-            pn.add_adjoint(node.input[0], grad_a())
+            opa = x.T if ta else x
+            grad_opa = alpha ** 2 * squared_product(w, adj, w_left=False, transposed=not tb)  # adj·op(B²)ᵀ
+            pn.add_adjoint(node.input[0], grad_opa.T if ta else grad_opa)
+            del grad_opa
+
+            def grad_b():
+                grad_opb = alpha ** 2 * opa.T @ adj
+                return grad_opb.T if tb else grad_opb
+
             factors = (alpha ** 2 * adj.T, opa.T) if tb else (opa.T, alpha ** 2 * adj.T)
-            pn.emit_g(pn.use(node, "weight"), grad_b, factors)
+            pn.emit_g(use, grad_b, factors)
         else:
-            pn.add_adjoint(node.input[1], grad_b())
+            opb = x.T if tb else x
+            grad_opb = alpha ** 2 * squared_product(w, adj, w_left=True, transposed=not ta)  # op(A²)ᵀ·adj
+            pn.add_adjoint(node.input[1], grad_opb.T if tb else grad_opb)
+            del grad_opb
+
+            def grad_a():
+                grad_opa = alpha ** 2 * adj @ opb.T
+                return grad_opa.T if ta else grad_opa
+
             factors = (opb, alpha ** 2 * adj) if ta else (alpha ** 2 * adj, opb)
-            pn.emit_g(pn.use(node, "weight"), grad_a, factors)
+            pn.emit_g(use, grad_a, factors)
         if len(node.input) > 2 and node.input[2]:
             use = pn.use(node, "bias")
             pn.emit_g(use, beta ** 2 * unbroadcast(adj, use.view_shape))
@@ -216,25 +274,24 @@ class MatMulRule(OpRule):
         an.add_use(node, "weight", const, wshape, rows=rows, cols=cols)
 
     def forward(self, node, pn):
-        _, w = pn.param(node, "weight")
+        w = _weight_as_seen(pn, node)
         if pn.graph.is_activation(node.input[0]):
-            y = np.matmul(pn.mass(node.input[0]), np.square(w))
+            y = squared_product(w, pn.mass(node.input[0]), w_left=False, transposed=False)
         else:
-            y = np.matmul(np.square(w), pn.mass(node.input[1]))
+            y = squared_product(w, pn.mass(node.input[1]), w_left=True, transposed=False)
         pn.set_mass(node.output[0], y)
 
     def backward(self, node, pn):
-        use, w = pn.param(node, "weight")
-        w2 = np.square(w)
+        use, w = pn.use(node, "weight"), _weight_as_seen(pn, node)
         adj = pn.adjoint(node.output[0])
         if pn.graph.is_activation(node.input[0]):
             x = pn.mass(node.input[0])
-            pn.add_adjoint(node.input[0], np.matmul(adj, w2.T))
+            pn.add_adjoint(node.input[0], squared_product(w, adj, w_left=False, transposed=True))
             x2, a2 = x.reshape(-1, x.shape[-1]), adj.reshape(-1, adj.shape[-1])
             g, factors = (lambda: x2.T @ a2), (x2.T, a2.T)
         else:
             x = pn.mass(node.input[1])
-            pn.add_adjoint(node.input[1], np.matmul(w2.T, adj))
+            pn.add_adjoint(node.input[1], squared_product(w, adj, w_left=True, transposed=True))
             xt = np.swapaxes(x, -1, -2).reshape(-1, x.shape[-2])
             at = np.swapaxes(adj, -1, -2).reshape(-1, adj.shape[-2])
             g, factors = (lambda: at.T @ xt), (at.T, xt.T)

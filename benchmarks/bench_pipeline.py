@@ -12,8 +12,10 @@ run alone. Columns:
 * params, groups: parameters of the model, rescalable groups (the report's figures);
 * load … verify: `report.timings` (seconds); save: `onnx_pathcond.save_model`; total: their sum;
 * peak: peak RSS of the child (MB), which includes the interpreter and its libraries;
-  file: the model's size (MB); peak/file: their ratio; +peak/file: (peak − the baseline
-  child's peak) / file, the memory the tool needs beyond loading and running the model;
+  libs: the child's RSS once python, numpy, onnx, onnxruntime and onnx_pathcond are
+  imported, before any model is read (the same for every model); file: the model's size
+  (external data included); all in MiB; peak/file: their ratio; work/file: (peak − libs) / file,
+  the memory that the model costs; base/file: the baseline child's peak / file;
 * base: the baseline, timed the same way in its own child: `onnx.load` + `onnx.save` + one
   onnxruntime CPU inference (session creation included) on a random input;
 * --repeat N runs every child N times and keeps the fastest (timings on a shared machine are
@@ -57,8 +59,11 @@ def child_run(path: str, backend: Optional[str], device: Optional[str], solver: 
     t_start = time.perf_counter()
     result: Dict = {"ok": False}
     try:
+        import onnxruntime  # noqa: F401 -- imported before the RSS of the libraries is taken
+
         import onnx_pathcond
 
+        result["libs_rss_mb"] = _current_rss_mb()
         kwargs = {"verify_output": True, "solver": solver}
         if backend is not None:
             kwargs["backend"] = backend
@@ -69,6 +74,8 @@ def child_run(path: str, backend: Optional[str], device: Optional[str], solver: 
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
             target = os.path.join(tmp, "out.onnx")
             if inline:
+                if "return_model" in inspect.signature(onnx_pathcond.rescale).parameters:
+                    kwargs["return_model"] = False  # what the command line does
                 model, report = onnx_pathcond.rescale(path, output=target, **kwargs)
                 timings = dict(report.timings)
             else:
@@ -93,6 +100,14 @@ def child_run(path: str, backend: Optional[str], device: Optional[str], solver: 
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     result["child_s"] = time.perf_counter() - t_start
     Path(out).write_text(json.dumps(result, default=str))
+
+
+def _current_rss_mb() -> Optional[float]:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux
+        return None
 
 
 def child_baseline(path: str, out: str) -> None:
@@ -203,8 +218,9 @@ def fmt_int(x) -> str:
 
 
 COLUMNS = [("model", 28, "<"), ("backend", 11, "<"), ("params", 11, ">"), ("groups", 6, ">"),
-           *[({"statistics": "stats"}.get(s, s), 7, ">") for s in STEPS], ("total", 7, ">"), ("peak MB", 8, ">"), ("file MB", 7, ">"),
-           ("peak/file", 9, ">"), ("+peak/file", 10, ">"), ("base s", 7, ">"), ("wall×", 6, ">"), ("work×", 6, ">")]
+           *[({"statistics": "stats"}.get(s, s), 7, ">") for s in STEPS], ("total", 7, ">"), ("peak MB", 8, ">"), ("libs MB", 7, ">"),
+           ("file MB", 7, ">"), ("peak/file", 9, ">"), ("work/file", 9, ">"), ("base/file", 9, ">"), ("base s", 7, ">"),
+           ("wall×", 6, ">"), ("work×", 6, ">")]
 
 
 def line(cells) -> str:
@@ -218,12 +234,15 @@ def row_cells(name, backend, r, base) -> List[str]:
     t = r["timings"]
     total = sum(t.get(s, 0.0) for s in STEPS)
     peak = r["peak_rss_mb"]
+    libs = r.get("libs_rss_mb")
     base_ok = base is not None and base.get("ok")
     base_work = sum(base["timings"].values()) if base_ok else None
     return [name, backend or "numpy", fmt_int(r.get("parameters")), fmt_int(r.get("groups")),
-            *[fmt_s(t.get(s)) for s in STEPS], fmt_s(total), f"{peak:.0f}", f"{file_mb:.2f}",
+            *[fmt_s(t.get(s)) for s in STEPS], fmt_s(total), f"{peak:.0f}",
+            f"{libs:.0f}" if libs else "-", f"{file_mb:.2f}",
             f"{peak / file_mb:.1f}" if file_mb else "-",
-            f"{(peak - base['peak_rss_mb']) / file_mb:.1f}" if file_mb and base_ok else "-",
+            f"{(peak - libs) / file_mb:.1f}" if file_mb and libs else "-",
+            f"{base['peak_rss_mb'] / file_mb:.1f}" if file_mb and base_ok else "-",
             fmt_s(base_work) if base_ok else "err",
             f"{r['wall_s'] / base['wall_s']:.2f}" if base_ok else "-",
             f"{total / base_work:.1f}" if base_ok and base_work else "-"]
@@ -304,7 +323,9 @@ def main(argv=None) -> int:
     rows = []
     errors = []
     for name, path in table.items():
-        file_mb = path.stat().st_size / 1e6 if path.exists() else None
+        # MiB, like ru_maxrss / 1024; a data file next to the model counts too
+        file_mb = sum(p.stat().st_size for p in (path, Path(str(path) + ".data")) if p.exists()) / 2**20 \
+            if path.exists() else None
         base = best_of(["baseline", "--path", str(path)], args.timeout, args.repeat)
         for backend in backends:
             cmd = ["run", "--path", str(path), "--solver", args.solver]

@@ -231,7 +231,14 @@ def _check_finite(graph: Graph, analysis) -> None:
         seen.add(use.ref.name)
         value = graph.stored_value(use.ref)
         if value.dtype.kind == "f" or value.dtype.name == "bfloat16":
-            if not np.all(np.isfinite(value.astype(np.float64) if value.dtype.name == "bfloat16" else value)):
+            if value.dtype.name == "bfloat16":
+                value = value.astype(np.float32)
+            # A float64 sum is finite exactly when every element is (a NaN or an infinity
+            # propagates), short of overflow, which only float64 weights near 1e308 reach:
+            # then each element is checked. No array as large as the tensor is made.
+            with np.errstate(over="ignore", invalid="ignore"):
+                total = value.sum(dtype=np.float64)
+            if not np.isfinite(total) and not np.all(np.isfinite(value)):
                 raise ModelError(f"parameter '{use.ref.name}' contains NaN or Inf values")
 
 

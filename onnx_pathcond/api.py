@@ -50,6 +50,7 @@ def load_model(path: Union[str, os.PathLike]) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise InputError(f"'{path}' is not an ONNX model (it parsed to an empty graph)")
     external = {t.name for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL}
+    _EXTERNAL_TENSORS.pop(id(model), None)  # an entry left by a freed model that had this id
     if external:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
@@ -342,6 +343,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         shapes = verify.verification_shapes(model, graph.input_shapes) if verify_output else None
         if stream:  # only the written file is needed from here: let the input's weights go
             reference = protoio.skeleton(model)
+            _EXTERNAL_TENSORS.pop(id(model), None)
             del model, graph, analysis, groups, items, new_raw, summaries
             model = None
         else:

@@ -104,12 +104,19 @@ def rescaled(original: np.ndarray, incoming: np.ndarray, outgoing: np.ndarray) -
     for start in range(0, original.shape[0], rows):
         part = slice(start, start + rows)
         factor = incoming[part] * outgoing[part]
-        new[part] = (original[part].astype(np.float64) * factor).astype(original.dtype)
-        if factor.size:
-            high = max(high, float(np.abs(new[part].astype(np.float64)).max()))
-            low_f, high_f = min(low_f, float(factor.min())), max(high_f, float(factor.max()))
+        if not factor.size:
+            continue
+        values = original[part].astype(np.float64)
+        values *= factor
+        new[part] = values  # cast back to the tensor's dtype
+        high = max(high, float(np.abs(values).max()))
+        low_f, high_f = min(low_f, float(factor.min())), max(high_f, float(factor.max()))
     if not original.size:
         low_f = high_f = 1.0
+    # Rounding to the dtype is monotone: the largest magnitude after the cast is the cast of
+    # the largest before it (inf where it overflows).
+    with np.errstate(over="ignore"):
+        high = float(np.asarray(high).astype(original.dtype).astype(np.float64))
     return Rescaled(new.reshape(shape) if flat else new, high, low_f, high_f)
 
 

@@ -12,7 +12,7 @@ parameter, so the full g never has to be held for all parameters at once.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import onnx
@@ -20,6 +20,7 @@ import onnx
 from .errors import InputError, ModelError
 from .graph import Graph
 from .ops import rule_for
+from .ops.elementwise import PassThroughRule
 from .symmetry import Analysis, ParamUse
 
 
@@ -27,11 +28,88 @@ def _as_view(g, use: ParamUse) -> np.ndarray:
     return np.asarray(g, dtype=np.float64).reshape(use.view_shape)
 
 
+class _MassStore(dict):
+    """The forward masses by tensor name, counting the bytes they hold (an array shared by
+    several names, e.g. the output of an identity, counts once): `live_bytes` now and
+    `peak_bytes` over the run."""
+
+    def __init__(self):
+        super().__init__()
+        self._holders: Dict[int, List] = {}  # id(root array) -> [bytes, names holding it]
+        self.live_bytes = 0
+        self.peak_bytes = 0
+
+    @staticmethod
+    def _root(value: np.ndarray) -> np.ndarray:
+        while isinstance(value.base, np.ndarray):
+            value = value.base
+        return value
+
+    def _hold(self, value: np.ndarray) -> None:
+        root = self._root(value)
+        entry = self._holders.get(id(root))
+        if entry is None:
+            self._holders[id(root)] = [root.nbytes, 1, root]
+            self.live_bytes += root.nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        else:
+            entry[1] += 1
+
+    def _release(self, value: np.ndarray) -> None:
+        key = id(self._root(value))
+        entry = self._holders[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._holders[key]
+            self.live_bytes -= entry[0]
+
+    def __setitem__(self, name: str, value: np.ndarray) -> None:
+        old = self.get(name)
+        self._hold(value)  # before releasing the old value: the same array may be set again
+        if old is not None:
+            self._release(old)
+        super().__setitem__(name, value)
+
+    def __delitem__(self, name: str) -> None:
+        self._release(self[name])
+        super().__delitem__(name)
+
+    _missing = object()
+
+    def pop(self, name: str, default=_missing):
+        if name in self:
+            value = super().pop(name)
+            self._release(value)
+            return value
+        if default is self._missing:
+            raise KeyError(name)
+        return default
+
+
 class NumpyPathNetwork:
-    """The numpy executor of the path network, and the context rules read and write."""
+    """The numpy executor of the path network, and the context rules read and write.
+
+    Memory: the forward masses are what the pass holds the longest (the adjoints live only
+    for the span of the graph the backward pass is crossing). Masses made by cheap nodes
+    (elementwise ops, copies, pools) are dropped once the forward pass is done with them and
+    recomputed when the backward pass needs them. Of the masses of expensive nodes
+    (convolutions, matrix products), the forward pass keeps those of the last `budget` bytes
+    of the network (the backward pass needs them first) and, before that, only *checkpoints*:
+    the network is cut, from its end backwards, into stretches whose masses hold at most
+    `budget` bytes, and the masses that cross a cut are kept. The rest is dropped, and
+    recomputed from the checkpoints before it when the backward pass reaches its stretch; a
+    recomputed mass stays until the backward pass reaches the node that made it, so nothing
+    is computed more than twice, and the masses held at any time are about the checkpoints
+    plus one stretch. Recomputation runs the same rules on the same inputs: g is unchanged.
+
+    `budget=None` takes `default_mass_budget` of the network; `math.inf` keeps every mass of
+    an expensive node (no checkpoints). After `run()`, `mass_bytes_peak` is the most bytes
+    the masses held at once, `recomputed_nodes` how many node forwards the backward pass
+    redid, and `checkpoints` the masses kept at the cuts.
+    """
 
     def __init__(self, graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, np.ndarray], None],
-                 progress: Optional[Callable[[int, int], None]] = None):
+                 progress: Optional[Callable[[int, int], None]] = None, budget: Optional[float] = None):
         self.progress = progress or (lambda done, total: None)
         import inspect
 
@@ -42,18 +120,30 @@ class NumpyPathNetwork:
         self.graph = graph
         self.analysis = analysis
         self._on_g = on_g
-        self._mass: Dict[str, np.ndarray] = {}
+        if budget is not None and not budget > 0:
+            raise ValueError(f"the mass budget must be a positive number of bytes, not {budget}")
+        self.budget = budget
+        self._mass = _MassStore()
         self._adjoint: Dict[str, np.ndarray] = {}
-        # Masses made by cheap nodes are dropped once the forward pass is done with them and
-        # recomputed if the backward pass needs them: only the outputs of the expensive ops
-        # (convolutions, matrix products) stay in memory between the passes.
+        # Dropped masses, by name, with the node that recomputes them.
         self._recompute: Dict[str, onnx.NodeProto] = {}
+        self._order: Dict[int, int] = {}  # id(node) -> its place in the forward pass
+        self.recomputed_nodes = 0
+        self.checkpoints: Set[str] = set()
+
+    @property
+    def mass_bytes_peak(self) -> int:
+        return self._mass.peak_bytes
 
     # ------------------------------------------------------------ context for rules
     def mass(self, name: str) -> np.ndarray:
-        if name not in self._mass and name in self._recompute:
-            self._forward(self._recompute.pop(name))  # dropped after the forward pass: redo it
-        return self._mass[name]
+        value = self._mass.get(name)
+        if value is None and name in self._recompute:
+            self._recompute_for(name)  # dropped after the forward pass: redo it
+            value = self._mass.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
 
     def set_mass(self, name: str, value: np.ndarray) -> None:
         self._mass[name] = np.asarray(value, dtype=np.float64)
@@ -121,18 +211,21 @@ class NumpyPathNetwork:
             if g.is_float(name):
                 self._mass[name] = np.ones(self._activation_shape(name))
         active = [node for node in g.nodes if any(g.is_activation(o) for o in node.output if o)]
+        self._order = {id(node): t for t, node in enumerate(active)}
         total = 2 * len(active)
         readers: Dict[str, int] = {}
         for node in active:
             for i in set(node.input):
                 readers[i] = readers.get(i, 0) + 1
+        self.checkpoints, kept_from = self._plan(active)
         for done, node in enumerate(active, start=1):
             self._forward(node)
             for i in set(node.input):
                 readers[i] = readers.get(i, 1) - 1
                 producer = g.producer.get(i)
                 if readers[i] == 0 and producer is not None and i in self._mass and i not in g.graph_outputs \
-                        and self._cheap(producer):
+                        and i not in self.checkpoints \
+                        and (self._cheap(producer) or self._order.get(id(producer), kept_from) < kept_from):
                     del self._mass[i]
                     self._recompute[i] = producer
             self.progress(done, total)
@@ -153,6 +246,134 @@ class NumpyPathNetwork:
                 if o not in g.graph_outputs:
                     self._mass.pop(o, None)
 
+    def _plan(self, active) -> Tuple[Set[str], int]:
+        """Where to cut the network: (the masses kept as checkpoints, the place in `active`
+        from which the forward pass keeps the masses of expensive nodes: the last stretch).
+
+        While the backward pass crosses a stretch it holds the checkpoints made before it
+        (they live until the backward pass reaches the nodes that made them) plus the arrays
+        the stretch's nodes make. The walk goes in forward order and lets a stretch grow
+        while that stays within the budget; then it cuts the network at the point of the
+        stretch's second half where the fewest new bytes cross, and what crosses becomes a
+        checkpoint. Checkpoints add up, so a budget can be too small for any plan of this
+        form: then the smallest budget that has one is taken (found by bisection).
+        """
+        g = self.graph
+        cut = self.analysis.cut_nodes
+        owner: Dict[str, str] = {}  # a mass -> the mass whose array it is (identities share)
+        size: Dict[str, int] = {}
+        made = [0] * len(active)  # bytes of the new arrays each node's forward makes
+        last_read: Dict[str, int] = {}
+        for t, node in enumerate(active):
+            for i in node.input:
+                last_read[i] = t
+            alias = g.index(node) not in cut and isinstance(rule_for(node), PassThroughRule)
+            for o in node.output:
+                if not o or not g.is_activation(o):
+                    continue
+                if alias:
+                    owner[o] = owner.get(node.input[0], node.input[0])
+                    continue
+                owner[o] = o
+                shape = g.shape(o)
+                size[o] = 8 * int(np.prod(shape, dtype=np.int64)) if shape is not None else 0
+                made[t] += size[o]
+        total = sum(made)
+        budget = self.budget if self.budget is not None else default_mass_budget(total)
+        if total <= budget:
+            return set(), 0
+        # the masses crossing each point of the network (made before node t, read at t or later)
+        crossing: List[frozenset] = []
+        live: Set[str] = set()
+        for t, node in enumerate(active):
+            crossing.append(frozenset(live))
+            for i in node.input:
+                if last_read.get(i) == t:
+                    live.discard(i)
+            live.update(o for o in node.output if o in owner and last_read.get(o, -1) > t)
+
+        def plan(limit: float, tail: Optional[int] = None):
+            """Cuts for `limit`, the last one before node `tail` when given; None if none fit."""
+            checkpoints: Set[str] = set()
+            kept_arrays: Set[str] = set()
+
+            def new_bytes(t: int) -> int:
+                return sum(size.get(a, 0) for a in {owner[x] for x in crossing[t]} - kept_arrays)
+
+            def cut_before(t: int) -> int:
+                checkpoints.update(crossing[t])
+                added = new_bytes(t)
+                kept_arrays.update(owner[x] for x in crossing[t])
+                return added
+
+            held = start = kept = 0  # `held`: bytes the current stretch makes; `kept`: checkpoints'
+            for t, step in enumerate(made):
+                if t == tail:
+                    kept += cut_before(t)
+                    return (checkpoints, t) if kept + sum(made[t:]) <= limit else None
+                if held and kept + held + step > limit:
+                    later = range(start + 1 + (t - start) // 2, t + 1)  # cut before one of these
+                    start = min(later, key=lambda c: (new_bytes(c), -c))
+                    kept += cut_before(start)
+                    held = sum(made[start:t])
+                    if kept + step > limit:
+                        return None  # the checkpoints alone fill the budget
+                held += step
+            return checkpoints, start
+
+        limit, best = budget, plan(budget)
+        if best is None:
+            low, high = budget, float(total)
+            best = set(), 0  # no cut at all fits any limit ≥ total
+            for _ in range(16):
+                middle = (low + high) / 2
+                found = plan(middle)
+                if found is None:
+                    low = middle
+                else:
+                    high, best = middle, found
+                if high - low < 0.01 * high:
+                    break
+            limit = high
+        # Where the budget leaves room, make the last stretch (kept, never recomputed) longer:
+        # the earliest start for it that still fits, by bisection.
+        low, high = 1, best[1]
+        while low < high:
+            middle = (low + high) // 2
+            found = plan(limit, middle)
+            if found is None:
+                low = middle + 1
+            else:
+                high, best = middle, found
+        return best
+
+    def _recompute_for(self, name: str) -> None:
+        """Recompute a dropped mass: first find every dropped mass it needs, back to the ones
+        held, then run their nodes in forward order (no recursion, however long the chain)."""
+        g = self.graph
+        cut = self.analysis.cut_nodes
+        todo: Dict[int, onnx.NodeProto] = {}
+        stack = [name]
+        while stack:
+            current = stack.pop()
+            if current in self._mass:
+                continue
+            node = self._recompute.get(current)
+            if node is None:
+                continue
+            place = self._order[id(node)]
+            if place in todo:
+                continue
+            todo[place] = node
+            if g.index(node) not in cut:  # a barrier's outputs are ones: it reads nothing
+                stack.extend(i for i in node.input if i)
+        for place in sorted(todo):
+            node = todo[place]
+            for o in node.output:
+                self._recompute.pop(o, None)
+            self._forward(node)
+            self.recomputed_nodes += 1
+
     def _forward(self, node) -> None:
         g = self.graph
         if g.index(node) in self.analysis.cut_nodes:
@@ -170,6 +391,12 @@ class NumpyPathNetwork:
             return True
         return getattr(rule_for(node), "cheap_forward", False)
 
+
+def default_mass_budget(total_bytes: float) -> float:
+    """The default `budget` of `NumpyPathNetwork`, from the bytes all the masses of a network
+    would take: a quarter of them, and never below 16 MiB (a network whose masses are that
+    small keeps them all)."""
+    return max(total_bytes / 4, 16 * 2 ** 20)
 
 
 BACKENDS = ("auto", "numpy", "onnxruntime")

@@ -51,3 +51,18 @@ def test_budget_must_be_positive():
     graph, analysis, _ = analyse_model(model)
     with pytest.raises(ValueError, match="budget"):
         NumpyPathNetwork(graph, analysis, lambda use, g: None, budget=0)
+
+
+def test_dense_layers_next_to_graph_inputs_stay_factored():
+    # Batch of one: every Gemm's g is an outer product, kept as two vectors, never as a matrix,
+    # the first layer (its inputs are the graph's, with no group) included.
+    from onnx_pathcond.criteria.pathcond import ProblemBuilder
+    from onnx_pathcond.stats import compute_diag_g
+
+    model = mlp([50, 40, 30, 5], seed=4)
+    graph, analysis, groups = analyse_model(model)
+    builder = ProblemBuilder(groups, analysis.uses, analysis.shared)
+    compute_diag_g(graph, analysis, builder.add)
+    weights = [b for b in builder.blocks if b.name.startswith("w")]
+    assert len(weights) == 3
+    assert all(b.G is None and b.factors is not None for b in weights)

@@ -268,9 +268,14 @@ class ProblemBuilder:
         if left.ndim != 2 or left.shape[1] != 1 or len(use.view_shape) != 2:
             return False
         l, r = np.asarray(left[:, 0], dtype=np.float64), np.asarray(right[:, 0], dtype=np.float64)
-        rows = self.group_ids(use.rows)
-        cols = self.group_ids(use.cols)
         H = self.H
+        # a side with no positions (a graph input, a graph output) is the fixed group H
+        rows = self.group_ids(use.rows) if use.rows is not None else np.full((1, 1), H)
+        cols = self.group_ids(use.cols) if use.cols is not None else np.full((1, 1), H)
+        if rows.shape == (1, 1):
+            rows = np.broadcast_to(rows, (l.size, 1))
+        if cols.shape == (1, 1):
+            cols = np.broadcast_to(cols, (1, r.size))
         if rows.shape != (l.size, 1) or cols.shape != (1, r.size):
             return False  # groups not one per row and one per column
         row, col = rows[:, 0], cols[0]

@@ -92,20 +92,23 @@ class NumpyPathNetwork:
     Memory: the forward masses are what the pass holds the longest (the adjoints live only
     for the span of the graph the backward pass is crossing). Masses made by cheap nodes
     (elementwise ops, copies, pools) are dropped once the forward pass is done with them and
-    recomputed when the backward pass needs them. Of the masses of expensive nodes
-    (convolutions, matrix products), the forward pass keeps those of the last `budget` bytes
-    of the network (the backward pass needs them first) and, before that, only *checkpoints*:
-    the network is cut, from its end backwards, into stretches whose masses hold at most
-    `budget` bytes, and the masses that cross a cut are kept. The rest is dropped, and
-    recomputed from the checkpoints before it when the backward pass reaches its stretch; a
-    recomputed mass stays until the backward pass reaches the node that made it, so nothing
-    is computed more than twice, and the masses held at any time are about the checkpoints
-    plus one stretch. Recomputation runs the same rules on the same inputs: g is unchanged.
+    recomputed when the backward pass needs them. Masses of expensive nodes (convolutions,
+    matrix products) are checkpointed: the network is cut into stretches (`_plan`); the masses
+    that cross a cut are kept (checkpoints), those of the last stretch too (the backward pass
+    starts there), and every other mass is dropped once its readers are done. When the
+    backward pass needs a dropped mass it recomputes it, and whatever it depends on, from the
+    kept masses before it, in forward order (no recursion); a recomputed mass stays until the
+    backward pass reaches the node that made it, so a node's forward runs at most twice.
+    Recomputation runs the same rules on the same inputs: g is bitwise the same.
 
-    `budget=None` takes `default_mass_budget` of the network; `math.inf` keeps every mass of
-    an expensive node (no checkpoints). After `run()`, `mass_bytes_peak` is the most bytes
-    the masses held at once, `recomputed_nodes` how many node forwards the backward pass
-    redid, and `checkpoints` the masses kept at the cuts.
+    `budget` is the bytes the masses may hold at once (a target: stretches are sized so that
+    the checkpoints before a stretch plus the arrays it makes fit). Checkpoints add up, so a
+    budget below what any plan can meet is raised to the least one that can. `None` takes
+    `default_mass_budget` of the network; `math.inf` keeps every mass of an expensive node.
+    After `run()`, `mass_bytes_peak` is the most bytes the masses held at once (an array
+    shared by several names counted once), `recomputed_nodes` how many node forwards the
+    backward pass redid (`recomputed_expensive` of them for expensive nodes), and
+    `checkpoints` the names of the masses kept at the cuts.
     """
 
     def __init__(self, graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, np.ndarray], None],
@@ -129,6 +132,7 @@ class NumpyPathNetwork:
         self._recompute: Dict[str, onnx.NodeProto] = {}
         self._order: Dict[int, int] = {}  # id(node) -> its place in the forward pass
         self.recomputed_nodes = 0
+        self.recomputed_expensive = 0
         self.checkpoints: Set[str] = set()
 
     @property
@@ -373,6 +377,7 @@ class NumpyPathNetwork:
                 self._recompute.pop(o, None)
             self._forward(node)
             self.recomputed_nodes += 1
+            self.recomputed_expensive += not self._cheap(node)
 
     def _forward(self, node) -> None:
         g = self.graph

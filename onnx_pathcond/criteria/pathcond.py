@@ -200,6 +200,57 @@ def _sum_of_logs(values: np.ndarray, chunk: int = 1 << 20) -> float:
     return float(sum(np.log(flat[i:i + chunk]).sum() for i in range(0, flat.size, chunk)))
 
 
+# Cells of a convolution sum the taps of one kernel slice: g (o, i, kh, kw) reduced over its
+# trailing axes. numpy's reductions over a few trailing axes are slow (a short inner loop per
+# cell), so where those axes are trailing and contiguous, g is read as a (cells, taps) matrix:
+# sums are matrix-vector products with ones, extremes a running np.maximum / np.minimum over
+# the taps, both a block of cells at a time so that the block stays in cache.
+_CELLS_PER_BLOCK = 8192
+_MAX_TAPS = 32  # beyond this, a row of taps is long enough for numpy's own reduction
+
+
+def _as_cells(g: np.ndarray, reduced: Tuple[int, ...]) -> Optional[np.ndarray]:
+    """g as a (cells, taps) view when `reduced` are its trailing axes, it is C-contiguous and
+    has a few taps per cell; None otherwise (then numpy's reductions are used)."""
+    nd, r = g.ndim, len(reduced)
+    if not r or tuple(reduced) != tuple(range(nd - r, nd)) or not g.flags.c_contiguous:
+        return None
+    taps = int(np.prod(g.shape[nd - r:]))
+    if taps < 2 or taps > _MAX_TAPS or g.size < 2 * _CELLS_PER_BLOCK:
+        return None
+    return g.reshape(-1, taps)
+
+
+def _cell_sum(g: np.ndarray, reduced: Tuple[int, ...]) -> np.ndarray:
+    """g summed over the axes `reduced`, in float64."""
+    kept_shape = tuple(n for a, n in enumerate(g.shape) if a not in reduced)
+    if all(g.shape[a] == 1 for a in reduced):
+        return np.asarray(g.reshape(kept_shape), dtype=np.float64)  # one entry per cell: nothing to add
+    cells = _as_cells(g, reduced)
+    if cells is None:
+        return g.sum(axis=reduced, dtype=np.float64)
+    ones = np.ones(cells.shape[1])
+    out = np.empty(cells.shape[0])
+    for start in range(0, cells.shape[0], _CELLS_PER_BLOCK):
+        block = cells[start:start + _CELLS_PER_BLOCK]
+        np.matmul(np.asarray(block, dtype=np.float64), ones, out=out[start:start + _CELLS_PER_BLOCK])
+    return out.reshape(kept_shape)
+
+
+def _cell_extreme(g: np.ndarray, reduced: Tuple[int, ...], ufunc) -> np.ndarray:
+    """g reduced over the axes `reduced` with `ufunc` (np.maximum or np.minimum)."""
+    cells = _as_cells(g, reduced)
+    if cells is None:
+        return ufunc.reduce(g, axis=reduced)
+    out = np.empty(cells.shape[0], dtype=g.dtype)
+    for start in range(0, cells.shape[0], _CELLS_PER_BLOCK):
+        block, acc = cells[start:start + _CELLS_PER_BLOCK], out[start:start + _CELLS_PER_BLOCK]
+        ufunc(block[:, 0], block[:, 1], out=acc)
+        for tap in range(2, cells.shape[1]):
+            ufunc(acc, block[:, tap], out=acc)
+    return out.reshape(tuple(n for a, n in enumerate(g.shape) if a not in reduced))
+
+
 class ProblemBuilder:
     """Collects (use, g) pairs from the statistics pass into a `Problem`."""
 
@@ -323,15 +374,16 @@ class ProblemBuilder:
         kept = [a for a in range(nd) if rows.shape[a] > 1 or cols.shape[a] > 1]
         reduced = tuple(a for a in range(nd) if a not in kept)
         taps = int(np.prod([g.shape[a] for a in reduced])) if reduced else 1
-        cell_sum = g.sum(axis=reduced) if reduced else g
+        cell_sum = _cell_sum(g, reduced) if reduced else g
         if dense_g:  # every cell holds `taps` entries: a broadcast view, no array
             cell_count = np.broadcast_to(np.int64(taps), cell_sum.shape)
         else:
-            cell_count = positive.sum(axis=reduced) if reduced else positive.astype(np.int64)
-        cell_max = g.max(axis=reduced) if taps > 1 else None
+            cell_count = np.rint(_cell_sum(positive, reduced)).astype(np.int64) if reduced \
+                else positive.astype(np.int64)
+        cell_max = _cell_extreme(g, reduced, np.maximum) if taps > 1 else None
         cell_min = None
         if taps > 1:
-            cell_min = g.min(axis=reduced) if dense_g else np.where(positive, g, np.inf).min(axis=reduced)
+            cell_min = _cell_extreme(g if dense_g else np.where(positive, g, np.inf), reduced, np.minimum)
         if reduced:
             rows, cols = rows.reshape([rows.shape[a] for a in kept]), cols.reshape([cols.shape[a] for a in kept])
         G, row, col, gmax, gmin, count, turned = self._as_matrix(cell_sum, rows, cols, cell_max, cell_min,
@@ -351,6 +403,7 @@ class ProblemBuilder:
             if gmin is not None:
                 gmin = np.where(fixed, np.inf, gmin)
                 gmax = np.where(fixed, 0.0, gmax)
+        uniform = dense_g and not shared_groups.size  # every cell counts `taps` entries
         count = np.broadcast_to(count, G.shape)
         stored = None
         if factors is not None and taps == 1 and kept == [0, 1] and row.shape[1] == 1 and col.shape[0] == 1 \
@@ -358,14 +411,22 @@ class ProblemBuilder:
             left, right = (factors[1], factors[0]) if turned else factors
             if (left.shape[0] + right.shape[0]) * left.shape[1] * 2 < G.size:
                 stored = (np.ascontiguousarray(left, dtype=np.float64), np.ascontiguousarray(right, dtype=np.float64))
-        if row.shape[1] == 1:
-            self.n_in += np.bincount(row[:, 0], weights=count.sum(axis=1), minlength=H + 1)
+        if uniform:  # count cells rather than sum a broadcast array cell by cell
+            R, C = G.shape
+            in_keys = row[:, 0] if row.shape[1] == 1 else row.ravel()
+            out_keys = col[0] if col.shape[0] == 1 else np.broadcast_to(col, G.shape).ravel()
+            self.n_in += np.bincount(in_keys, minlength=H + 1) * float(taps * (C if row.shape[1] == 1 else 1))
+            self.n_out += np.bincount(out_keys, minlength=H + 1) * float(taps * (R if col.shape[0] == 1 else 1))
         else:
-            self.n_in += np.bincount(row.ravel(), weights=count.ravel(), minlength=H + 1)
-        if col.shape[0] == 1:
-            self.n_out += np.bincount(col[0], weights=count.sum(axis=0), minlength=H + 1)
-        else:
-            self.n_out += np.bincount(np.broadcast_to(col, G.shape).ravel(), weights=count.ravel(), minlength=H + 1)
+            if row.shape[1] == 1:
+                self.n_in += np.bincount(row[:, 0], weights=count.sum(axis=1), minlength=H + 1)
+            else:
+                self.n_in += np.bincount(row.ravel(), weights=count.ravel(), minlength=H + 1)
+            if col.shape[0] == 1:
+                self.n_out += np.bincount(col[0], weights=count.sum(axis=0), minlength=H + 1)
+            else:
+                self.n_out += np.bincount(np.broadcast_to(col, G.shape).ravel(), weights=count.ravel(),
+                                          minlength=H + 1)
         if stored is not None:
             self.blocks.append(Block(None, row, col, None, None, label, factors=stored))
         else:

@@ -411,7 +411,7 @@ def resolve_backend(backend: str, device: str = "cpu") -> str:
     """What `auto` means: onnxruntime for a GPU, numpy on the CPU.
 
     Measured on ResNet-50 with 2 CPU cores (benchmarks/bench_pipeline.py), the numpy executor
-    computes diag(G) in 0.8 s with a 433 MB peak where onnxruntime's CPU provider needs 1.8 s
+    computes diag(G) in 0.7 s with a 408 MiB peak where onnxruntime's CPU provider needs 1.8 s
     and 965 MB (no float64 convolution kernels there: the graph spells them out with slices
     and matrix products). So `auto` takes onnxruntime only when CUDA is asked for and present,
     and numpy otherwise; both can always be chosen by name.

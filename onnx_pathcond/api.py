@@ -327,10 +327,11 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         original = report.input if report.input is not None else (copy.deepcopy(model) if items else model)
     say("rewrite")
     with clock("rewrite"):
-        summaries: list = []
-        new_raw = rewrite.apply_streamed(graph, items, summaries) if stream else None
-        if not stream:
-            summaries = rewrite.apply(graph, items)
+        if stream:
+            summaries: list = []  # filled as the writer asks for each tensor's new values
+            new_raw = rewrite.apply_streamed(graph, items, summaries)
+        else:
+            summaries, new_raw = rewrite.apply(graph, items), None
     pending = None
     if output is not None:
         say("save")

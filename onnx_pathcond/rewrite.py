@@ -6,8 +6,8 @@ by exp((u[in] − u[out]) / 2) (λ of the group it is incoming to, over λ of th
 outgoing from) and cast back to the tensor's own dtype.
 
 `plan` says which tensors change and by what; `apply` writes the new values into the
-ModelProto, and `new_raw_data` computes one tensor's new bytes on demand, for a writer that
-streams them to the output file without ever holding a second copy of the weights.
+ModelProto; `apply_streamed` instead hands a writer one function per large tensor that
+computes its new values on demand, so that no second copy of the weights is ever held.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def rescaled(original: np.ndarray, incoming: np.ndarray, outgoing: np.ndarray) -
     rows at a time (no temporary as large as the tensor)."""
     original = np.asarray(original)
     shape = original.shape
-    flat = original.ndim == 0
-    if flat:
+    scalar = original.ndim == 0
+    if scalar:
         original = original.reshape(1)
     incoming = np.broadcast_to(incoming, shape).reshape(original.shape)
     outgoing = np.broadcast_to(outgoing, shape).reshape(original.shape)
@@ -117,7 +117,7 @@ def rescaled(original: np.ndarray, incoming: np.ndarray, outgoing: np.ndarray) -
     # the largest before it (inf where it overflows).
     with np.errstate(over="ignore"):
         high = float(np.asarray(high).astype(original.dtype).astype(np.float64))
-    return Rescaled(new.reshape(shape) if flat else new, high, low_f, high_f)
+    return Rescaled(new.reshape(shape) if scalar else new, high, low_f, high_f)
 
 
 def _write_values(tensor: TensorProto, values: np.ndarray) -> None:

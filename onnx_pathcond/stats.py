@@ -171,20 +171,21 @@ class NumpyPathNetwork:
     def has_use(self, node, role: str) -> bool:
         return role in self.analysis.uses_by_node.get(self.graph.index(node), {})
 
-    def param(self, node, role: str) -> Tuple[ParamUse, np.ndarray]:
-        """A parameter's value in float64, in the layout its op sees."""
+    def param_stored(self, node, role: str) -> Tuple[ParamUse, np.ndarray]:
+        """A parameter in its stored dtype (no copy), in the layout its op sees."""
         use = self.use(node, role)
         if use.ref is not None:
-            value = use.ref.to_view(self.graph.stored_value(use.ref))
-        else:
-            value = self.graph.constant_value(use.input_name)
+            return use, use.ref.to_view(self.graph.stored_value(use.ref))
+        return use, np.asarray(self.graph.constant_value(use.input_name))
+
+    def param(self, node, role: str) -> Tuple[ParamUse, np.ndarray]:
+        """A parameter's value in float64, in the layout its op sees."""
+        use, value = self.param_stored(node, role)
         return use, np.asarray(value, dtype=np.float64)
 
     def param_sq(self, node, role: str) -> Tuple[ParamUse, np.ndarray]:
         """A parameter squared, in float64 (one pass from the stored dtype)."""
-        use = self.use(node, role)
-        value = use.ref.to_view(self.graph.stored_value(use.ref)) if use.ref is not None \
-            else np.asarray(self.graph.constant_value(use.input_name))
+        use, value = self.param_stored(node, role)
         if value.dtype.name == "bfloat16":
             value = value.astype(np.float32)
         return use, np.square(value, dtype=np.float64)

@@ -428,11 +428,17 @@ class _Builder:
         Y = self.new_units(node.output[0], (M, N))
         for m, n, k in itertools.product(range(M), range(N), range(K)):
             self.add(A[m, k], Y[m, n], alpha * Bv[k, n], self.label(Bname, Bp[k, n]), d=alpha)
-        if Cname:
-            Cv = np.broadcast_to(self._need_const(Cname), (M, N))
-            Cp = np.broadcast_to(self.cprov(Cname), (M, N))
-            for m, n in itertools.product(range(M), range(N)):
-                self.add(START, Y[m, n], beta * Cv[m, n], self.label(Cname, Cp[m, n]), d=beta, kind="bias")
+        self._gemm_bias(Y, Cname, beta)
+
+    def _gemm_bias(self, Y, Cname, beta):
+        """beta * C added to every unit of Y (C broadcast to Y's shape)."""
+        if not Cname:
+            return
+        M, N = Y.shape
+        Cv = np.broadcast_to(self._need_const(Cname), (M, N))
+        Cp = np.broadcast_to(self.cprov(Cname), (M, N))
+        for m, n in itertools.product(range(M), range(N)):
+            self.add(START, Y[m, n], beta * Cv[m, n], self.label(Cname, Cp[m, n]), d=beta, kind="bias")
 
     def _gemm_constant_a(self, node, a):
         """Y = alpha * A' B' + beta * C with A the constant and B the activation."""
@@ -450,11 +456,7 @@ class _Builder:
         Y = self.new_units(node.output[0], (M, N))
         for m, n, k in itertools.product(range(M), range(N), range(K)):
             self.add(B[k, n], Y[m, n], alpha * Av[m, k], self.label(Aname, Ap[m, k]), d=alpha)
-        if Cname:
-            Cv = np.broadcast_to(self._need_const(Cname), (M, N))
-            Cp = np.broadcast_to(self.cprov(Cname), (M, N))
-            for m, n in itertools.product(range(M), range(N)):
-                self.add(START, Y[m, n], beta * Cv[m, n], self.label(Cname, Cp[m, n]), d=beta, kind="bias")
+        self._gemm_bias(Y, Cname, beta)
 
     # MatMul with one constant rank-2 operand
     def _op_MatMul(self, node, a):

@@ -84,14 +84,6 @@ def squared_product(w: np.ndarray, x: np.ndarray, w_left: bool, transposed: bool
     return out
 
 
-def _weight_as_seen(pn, node) -> np.ndarray:
-    """The weight in its stored dtype, in the layout the op sees (no float64 copy)."""
-    use = pn.use(node, "weight")
-    if use.ref is not None:
-        return use.ref.to_view(pn.graph.stored_value(use.ref))
-    return np.asarray(pn.graph.constant_value(use.input_name))
-
-
 @register
 class GemmRule(OpRule):
     op_types = ("Gemm",)
@@ -130,8 +122,8 @@ class GemmRule(OpRule):
 
     @staticmethod
     def _operands(node, ctx):
-        """(which side is the activation, [op inputs in the path network], transA, transB);
-        ctx is either executor's context (numpy arrays or ONNX tensor names)."""
+        """(which side is the activation, [op inputs in the path network], transA, transB), as
+        ONNX tensor names of the onnxruntime graph (numpy squares the weight by blocks instead)."""
         a, b = node.input[0], node.input[1]
         side = 1 if ctx.graph.is_activation(a) else 0
         _, w2 = ctx.param_sq(node, "weight")
@@ -143,7 +135,7 @@ class GemmRule(OpRule):
     def _numpy_operands(node, pn):
         """(activation side, its mass, the weight as stored, transA, transB)."""
         side = 1 if pn.graph.is_activation(node.input[0]) else 0
-        return side, pn.mass(node.input[0 if side == 1 else 1]), _weight_as_seen(pn, node), \
+        return side, pn.mass(node.input[0 if side == 1 else 1]), pn.param_stored(node, "weight")[1], \
             attr(node, "transA", 0), attr(node, "transB", 0)
 
     def forward(self, node, pn):
@@ -274,7 +266,7 @@ class MatMulRule(OpRule):
         an.add_use(node, "weight", const, wshape, rows=rows, cols=cols)
 
     def forward(self, node, pn):
-        w = _weight_as_seen(pn, node)
+        _, w = pn.param_stored(node, "weight")
         if pn.graph.is_activation(node.input[0]):
             y = squared_product(w, pn.mass(node.input[0]), w_left=False, transposed=False)
         else:
@@ -282,7 +274,7 @@ class MatMulRule(OpRule):
         pn.set_mass(node.output[0], y)
 
     def backward(self, node, pn):
-        use, w = pn.use(node, "weight"), _weight_as_seen(pn, node)
+        use, w = pn.param_stored(node, "weight")
         adj = pn.adjoint(node.output[0])
         if pn.graph.is_activation(node.input[0]):
             x = pn.mass(node.input[0])

@@ -267,8 +267,9 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     dimensions ({"x": (1, 3, 224, 224)} or ["x:1x3x224x224"]). `progress(step, done=None,
     total=None)` is called when a step starts and as it advances. With `dry_run`, only the
     analysis runs and the model is returned unchanged. `backend` computes diag(G) with numpy or
-    onnxruntime (`auto`: onnxruntime when installed); `device="cuda"` asks onnxruntime for its
-    CUDA execution provider (the report says which providers really ran). With `output`, the
+    onnxruntime (`auto`: onnxruntime when CUDA is asked for and available, numpy otherwise);
+    `device="cuda"` asks onnxruntime for its CUDA execution provider (the report says which
+    providers really ran, and how many nodes each). With `output`, the
     model is also saved there, and the file that is checked is the written one: it only
     takes its place once it has passed. With `output` and `return_model=False` (what the
     command line does), the rescaled weights are computed one tensor at a time as they are

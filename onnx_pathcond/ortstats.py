@@ -13,6 +13,8 @@ of every parameter use, handed to the same callback as the numpy executor.
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -38,14 +40,22 @@ class RuntimeInfo:
     precision: str = "float64"
     notice: str = ""
     nodes: int = 0
+    # Nodes of the optimised graph per provider that runs them, and the op types that ran on
+    # the CPU although CUDA was asked for (onnxruntime >= 1.24 tells; empty before).
+    nodes_by_provider: Dict[str, int] = field(default_factory=dict)
+    cpu_fallback_ops: Dict[str, int] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)  # build, session, run, results (s)
 
 
 class OnnxPathNetwork:
     """Builds the path-network graph; the context rules write their ONNX forms into."""
 
-    def __init__(self, graph: Graph, analysis: Analysis):
+    def __init__(self, graph: Graph, analysis: Analysis, native_conv: bool = False):
         self.graph = graph
         self.analysis = analysis
+        # Write Conv as Conv (and its adjoints as ConvTranspose and Conv) for providers that have
+        # float64 convolutions; otherwise as strided slices and matrix products.
+        self.native_conv = native_conv
         self.nodes: List[onnx.NodeProto] = []
         self.initializers: List[onnx.TensorProto] = []
         self.inputs: List[onnx.ValueInfoProto] = []
@@ -177,6 +187,18 @@ class OnnxPathNetwork:
         self._params[key] = tensor
         return use, tensor
 
+    def param_value(self, node, role: str) -> np.ndarray:
+        """A small parameter (per-channel vector) in float64 on the host, as the op sees it,
+        for rules that fold it into graph constants."""
+        use = self.use(node, role)
+        if use.ref is None:
+            return np.asarray(self.graph.constant_value(use.input_name), dtype=np.float64)
+        value = self.graph.stored_value(use.ref)
+        if value.dtype.name == "bfloat16":
+            value = value.astype(np.float32)
+        value = np.asarray(value, dtype=np.float64)
+        return value if use.ref.perm is None else value.transpose(use.ref.perm)
+
     def param_sq(self, node, role: str) -> Tuple[ParamUse, str]:
         key = ("squared", role, self.graph.index(node), self.phase)
         use, value = self.param(node, role)
@@ -199,8 +221,8 @@ class OnnxPathNetwork:
                 self.outputs.append(helper.make_tensor_value_info(f"{name}_{suffix}", DOUBLE, None))
             self.g_outputs[name] = (use, True)
             return
-        out = self.reshape(tensor, use.view_shape)
-        self.nodes.append(helper.make_node("Identity", [out], [name]))
+        # The Reshape to the use's view writes the graph output itself (no Identity node).
+        self.nodes.append(helper.make_node("Reshape", [tensor, self.ints(use.view_shape)], [name]))
         self.outputs.append(helper.make_tensor_value_info(name, DOUBLE, list(use.view_shape)))
         self.g_outputs[name] = (use, False)
 
@@ -248,49 +270,163 @@ class OnnxPathNetwork:
         return model
 
 
-def _session(model: onnx.ModelProto, device: str, info: RuntimeInfo):
+def _import_onnxruntime():
     try:
         import onnxruntime as ort
     except ImportError:
         raise InputError("the onnxruntime backend needs onnxruntime: pip install 'onnx-pathcond[cpu]' "
                          "(or [gpu] for CUDA)") from None
-    available = ort.get_available_providers()
+    return ort
+
+
+def session_config(device: str, info: Optional[RuntimeInfo] = None):
+    """Session options and providers for one run of the path network on `device`."""
+    ort = _import_onnxruntime()
     wanted = ["CPUExecutionProvider"]
     if device == "cuda":
-        if "CUDAExecutionProvider" in available:
-            wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        else:
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            # cuDNN's heuristic picks each convolution's algorithm without timing them all: the
+            # graph runs once, so an exhaustive search would cost more than it can save.
+            wanted = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}), "CPUExecutionProvider"]
+            _preload_cuda_libraries(ort)
+        elif info is not None:
             info.notice = ("CUDA was asked for but this onnxruntime has no CUDAExecutionProvider "
                            "(install onnx-pathcond[gpu]); the statistics ran on the CPU")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = False  # the graph runs once: give each buffer back when done
     options.enable_mem_pattern = False  # and do not plan one block for all intermediates
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=wanted)
+    # Nor optimise the graph: on ResNet-50 (benchmarks/bench_stats.py --opt-levels) optimising
+    # costs more than the one run gains, 0.4 s on the CPU provider and 0.13 s on CUDA (H200).
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options, wanted
+
+
+def _session(model: onnx.ModelProto, device: str, info: RuntimeInfo):
+    ort = _import_onnxruntime()
+    options, wanted = session_config(device, info)
+    # Which provider runs each node: the providers a session lists are only those it may use.
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=wanted)
+    except Exception as exc:  # a provider that is listed but cannot start (missing CUDA libraries)
+        if device != "cuda" or wanted == ["CPUExecutionProvider"]:
+            raise
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        info.notice = f"CUDA was asked for but onnxruntime could not use it ({first_line}); the statistics ran on the CPU"
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     info.providers = session.get_providers()
+    _record_assignment(session, info)
+    on_cuda = info.nodes_by_provider.get("CUDAExecutionProvider", 0)
+    if device == "cuda" and "CUDAExecutionProvider" in info.providers and info.nodes_by_provider and not on_cuda:
+        info.notice = "CUDA was asked for but onnxruntime placed no node of the statistics on it; they ran on the CPU"
     if device == "cuda" and "CUDAExecutionProvider" not in info.providers and not info.notice:
         info.notice = "CUDA was asked for but the session fell back to the CPU"
     return session
 
 
+_preloaded = False
+
+
+def _preload_cuda_libraries(ort) -> None:
+    """Let onnxruntime find CUDA and cuDNN installed as pip packages (`onnxruntime-gpu[cuda,cudnn]`),
+    which the dynamic loader does not search; libraries already on the loader's path are kept.
+    onnxruntime prints what it could not load: that goes nowhere, since a session that cannot
+    start CUDA is caught and reported by `_session` in one line."""
+    global _preloaded
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+    if preload is None or _preloaded:
+        return
+    _preloaded = True
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            preload()
+        except Exception:  # nothing to preload from: the loader's own path decides
+            pass
+
+
+def _record_assignment(session, info: RuntimeInfo) -> None:
+    """Count the nodes each provider runs (onnxruntime >= 1.24; nothing is recorded before)."""
+    getter = getattr(session, "get_provider_graph_assignment_info", None)
+    if getter is None:
+        return
+    try:
+        subgraphs = getter()
+    except Exception:  # an onnxruntime that has the call but did not record (older builds)
+        return
+    per_provider: Counter = Counter()
+    off_cuda: Counter = Counter()
+    for sub in subgraphs:
+        for node in sub.get_nodes():
+            per_provider[sub.ep_name] += 1
+            if sub.ep_name != "CUDAExecutionProvider" and info.requested == "cuda":
+                off_cuda[node.op_type] += 1
+    info.nodes_by_provider = dict(per_provider.most_common())
+    if "CUDAExecutionProvider" in per_provider:
+        info.cpu_fallback_ops = dict(off_cuda.most_common())
+
+
+def _cuda_available() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def compute_diag_g(graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, np.ndarray], None],
-                   device: str = "cpu") -> RuntimeInfo:
-    """Build the path-network graph, run it with onnxruntime, hand each use's g to `on_g`."""
+                   device: str = "cpu", native_conv: Optional[bool] = None,
+                   run: Optional[Callable[[onnx.ModelProto, List[str], Dict[str, np.ndarray]], list]] = None
+                   ) -> RuntimeInfo:
+    """Build the path-network graph, run it with onnxruntime, hand each use's g to `on_g`.
+
+    `native_conv` writes convolutions as float64 Conv nodes: the default where CUDA runs the
+    graph (cuDNN has them), never on onnxruntime's CPU provider (it has not). `run(model, names,
+    feeds)` replaces the onnxruntime session (tests run the graph with onnx's reference
+    evaluator, which has float64 convolutions on the CPU).
+    """
     info = RuntimeInfo(requested=device)
-    builder = OnnxPathNetwork(graph, analysis)
+    if native_conv is None:
+        native_conv = device == "cuda" and run is None and _cuda_available()
+    start = time.perf_counter()
+    builder = OnnxPathNetwork(graph, analysis, native_conv=native_conv)
     model = builder.build()
     info.nodes = len(model.graph.node)
+    info.timings["build"] = time.perf_counter() - start
     if not builder.outputs:
         return info
-    session = _session(model, device, info)
-    del model
+    session = None
+    if run is None:
+        start = time.perf_counter()
+        session = _session(model, device, info)
+        if native_conv and "CUDAExecutionProvider" not in info.providers:
+            # CUDA is installed but did not start: the CPU provider has no float64 Conv, so the
+            # graph is written again with convolutions as matrix products.
+            builder = OnnxPathNetwork(graph, analysis, native_conv=False)
+            model = builder.build()
+            info.nodes = len(model.graph.node)
+            on_cpu = RuntimeInfo(requested="cpu")
+            session = _session(model, "cpu", on_cpu)
+            info.providers, info.nodes_by_provider = on_cpu.providers, on_cpu.nodes_by_provider
+        info.timings["session"] = time.perf_counter() - start
+    else:
+        info.providers = ["custom"]
     names = []
     for name, (use, factored) in builder.g_outputs.items():
         names.extend([f"{name}_left", f"{name}_right"] if factored else [name])
-    results = dict(zip(names, session.run(names, builder.feeds)))
+    start = time.perf_counter()
+    outputs = session.run(names, builder.feeds) if session is not None else run(model, names, builder.feeds)
+    results = dict(zip(names, outputs))
+    del outputs, model
+    info.timings["run"] = time.perf_counter() - start
     builder.feeds.clear()
+    del session
     import inspect
 
+    start = time.perf_counter()
     takes_factors = len(inspect.signature(on_g).parameters) >= 3
     for name, (use, factored) in builder.g_outputs.items():
         if factored:
@@ -305,4 +441,5 @@ def compute_diag_g(graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, n
                 on_g(use, g())
         else:
             on_g(use, results.pop(name))  # each g goes as soon as it is consumed
+    info.timings["criterion"] = time.perf_counter() - start
     return info

@@ -123,7 +123,12 @@ class Report:
             lines.append(f"    ... {len(self.frozen) - len(shown)} more frozen ranges (see -v or --report)")
         st = self.statistics
         if st:
-            lines.append(f"  diag(G) on {st['backend']} ({', '.join(st.get('providers', []))}, {st['precision']})")
+            placed = st.get("nodes_by_provider")
+            where = (", ".join(f"{p} {n:,} nodes" for p, n in placed.items()) if placed
+                     else ", ".join(st.get("providers", [])))
+            lines.append(f"  diag(G) on {st['backend']} ({where}; {st['precision']})")
+            if st.get("cpu_fallback_ops") and verbose:
+                lines.append("    on CPU   " + ", ".join(f"{op} x{n}" for op, n in st["cpu_fallback_ops"].items()))
         c = self.criterion
         if c.get("am_gm_before") is not None:
             after = c.get("am_gm_after")

@@ -452,11 +452,17 @@ def compute_diag_g(graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, n
     from . import ortstats
 
     info = ortstats.compute_diag_g(graph, analysis, on_g, device=device)
-    return {"backend": "onnxruntime", "providers": info.providers, "precision": info.precision,
-            "notice": info.notice, "graph_nodes": info.nodes}
+    result = {"backend": "onnxruntime", "providers": info.providers, "precision": info.precision,
+              "notice": info.notice, "graph_nodes": info.nodes, "timings": info.timings}
+    if info.nodes_by_provider:
+        result["nodes_by_provider"] = info.nodes_by_provider
+    if info.cpu_fallback_ops:
+        result["cpu_fallback_ops"] = info.cpu_fallback_ops
+    return result
 
 
-def diag_g_by_tensor(graph: Graph, analysis: Analysis, backend: str = "numpy") -> Dict[str, np.ndarray]:
+def diag_g_by_tensor(graph: Graph, analysis: Analysis, backend: str = "numpy",
+                     device: str = "cpu") -> Dict[str, np.ndarray]:
     """g of every rewritable parameter, in its stored layout, summed over its uses.
 
     Holds all of g at once: for tests and inspection, not for the main pipeline.
@@ -468,5 +474,5 @@ def diag_g_by_tensor(graph: Graph, analysis: Analysis, backend: str = "numpy") -
         stored = use.ref.to_stored(g) if use.ref is not None else g
         out[key] = out[key] + stored if key in out else stored.copy()
 
-    compute_diag_g(graph, analysis, collect, backend=backend)
+    compute_diag_g(graph, analysis, collect, backend=backend, device=device)
     return out

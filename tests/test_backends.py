@@ -27,15 +27,58 @@ SOURCES.update({"resize_linear": _resize("linear"), "resize_cubic": _resize("cub
 SOURCES.update({os.path.basename(p): (lambda p=p: onnx.load(p)) for p in sorted(glob.glob("models/*.onnx"))})
 
 
-@pytest.mark.parametrize("name", sorted(SOURCES))
-def test_onnxruntime_backend_matches_numpy(name):
+def _has_cuda():
+    import onnxruntime as ort
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _assert_same_diag_g(name, device):
     graph, analysis, _ = analyse_model(SOURCES[name]())
     ref = diag_g_by_tensor(graph, analysis, backend="numpy")
-    got = diag_g_by_tensor(graph, analysis, backend="onnxruntime")
+    got = diag_g_by_tensor(graph, analysis, backend="onnxruntime", device=device)
     assert set(ref) == set(got)
     for key in ref:
         scale = max(np.abs(ref[key]).max(), 1e-300)
         assert np.abs(ref[key] - got[key]).max() <= 1e-10 * scale, key
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_onnxruntime_backend_matches_numpy(name):
+    _assert_same_diag_g(name, "cpu")
+
+
+# Run where onnxruntime-gpu and a GPU are present (the CI machine has neither): the CUDA
+# provider's float64 kernels give numpy's diag(G) too.
+@pytest.mark.skipif(not _has_cuda(), reason="onnxruntime has no CUDA execution provider here")
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_onnxruntime_cuda_matches_numpy(name):
+    _assert_same_diag_g(name, "cuda")
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="onnxruntime has no CUDA execution provider here")
+def test_cuda_run_reports_where_nodes_ran():
+    _, report = rescale(onnx.load("models/resnet.dynamo_bn.onnx"), backend="onnxruntime", device="cuda")
+    st = report.statistics
+    assert st["providers"][0] == "CUDAExecutionProvider"
+    assert not any("CUDA" in w for w in report.warnings), report.warnings
+    placed = st.get("nodes_by_provider")
+    if placed is not None:  # onnxruntime >= 1.24
+        assert placed.get("CUDAExecutionProvider", 0) > 0
+        assert "CUDAExecutionProvider" in report.summary()
+
+
+def test_nodes_per_provider_are_counted():
+    import onnxruntime as ort
+    _, report = rescale(onnx.load("models/resnet.dynamo_bn.onnx"), backend="onnxruntime")
+    st = report.statistics
+    assert set(st["timings"]) == {"build", "session", "run", "criterion"}
+    if not hasattr(ort.InferenceSession, "get_provider_graph_assignment_info"):
+        pytest.skip("this onnxruntime does not say which provider runs each node")
+    placed = st["nodes_by_provider"]
+    assert list(placed) == ["CPUExecutionProvider"]
+    # Every node of the path network that survives onnxruntime's optimisations is counted.
+    assert 0 < placed["CPUExecutionProvider"] <= st["graph_nodes"]
+    assert f"CPUExecutionProvider {placed['CPUExecutionProvider']:,} nodes" in report.summary()
 
 
 def test_backend_and_precision_are_reported():
@@ -47,10 +90,8 @@ def test_backend_and_precision_are_reported():
     assert report.statistics["backend"] == "numpy"
 
 
+@pytest.mark.skipif(_has_cuda(), reason="a CUDA provider is present here")
 def test_cuda_request_without_cuda_says_so():
-    import onnxruntime as ort
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("a CUDA provider is present here")
     _, report = rescale(mlp([4, 6, 2]), backend="onnxruntime", device="cuda")
     assert report.statistics["providers"] == ["CPUExecutionProvider"]
     assert any("CUDA" in w and "CPU" in w for w in report.warnings)
@@ -97,3 +138,59 @@ def test_auto_backend_choice():
         _, report = rescale(mlp([4, 6, 2]), device="cuda")
         assert report.statistics["backend"] == "numpy"
         assert any("CUDA was asked for" in w for w in report.warnings)
+
+
+# The form written for CUDA (float64 Conv / ConvTranspose nodes) cannot run on onnxruntime's
+# CPU provider, which has no float64 convolution: onnx's reference evaluator runs it here.
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_native_convolution_form_matches_numpy(name):
+    from onnx_pathcond import ortstats
+    from refrun import reference_run
+
+    graph, analysis, _ = analyse_model(SOURCES[name]())
+    ref = diag_g_by_tensor(graph, analysis, backend="numpy")
+    got, ops = {}, set()
+
+    def collect(use, g):
+        key = use.ref.name if use.ref is not None else use.input_name
+        stored = use.ref.to_stored(g) if use.ref is not None else g
+        got[key] = got[key] + stored if key in got else stored.copy()
+
+    def run(model, names, feeds):
+        ops.update(n.op_type for n in model.graph.node)
+        return reference_run(model, names, feeds)
+
+    ortstats.compute_diag_g(graph, analysis, collect, native_conv=True, run=run)
+    assert set(ref) == set(got)
+    for key in ref:
+        scale = max(np.abs(ref[key]).max(), 1e-300)
+        assert np.abs(ref[key] - got[key]).max() <= 1e-10 * scale, key
+    if any(n.op_type == "Conv" and n.domain in ("", "ai.onnx") for n in graph.nodes) and ref:
+        assert "Conv" in ops
+
+
+@pytest.mark.parametrize("group, strides, dilations, pads", [(1, [2, 1], [1, 2], [1, 0, 0, 1]),
+                                                              (2, [1, 2], [2, 1], [0, 0, 0, 0]),
+                                                              (3, [2, 2], [1, 1], [0, 1, 1, 0])])
+def test_reference_conv_transpose_stand_in_matches_onnxruntime(group, strides, dilations, pads):
+    """The test's own grouped ConvTranspose agrees with onnxruntime's (float32)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from refrun import reference_run
+
+    rng = np.random.default_rng(5)
+    x = rng.random((1, 6, 5, 4)).astype(np.float32)
+    w = rng.random((6, 2, 3, 2)).astype(np.float32)
+    bias = rng.random(2 * group).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], group=group, strides=strides,
+                            dilations=dilations, pads=pads)
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x", "w", "b")]
+    model = helper.make_model(helper.make_graph([node], "t", io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    feeds = {"x": x, "w": w, "b": bias}
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = reference_run(model, None, feeds)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

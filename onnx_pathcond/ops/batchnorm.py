@@ -45,15 +45,15 @@ class BatchNormRule(OpRule):
         an.add_use(node, "bn_bias", node.input[2], (channels,), rows=out_pos, cols=None)
 
     @staticmethod
-    def affine(node, pn):
-        g = pn.graph
-        gamma = pn.param(node, "bn_scale")[1]
-        beta = pn.param(node, "bn_bias")[1]
-        mean = np.asarray(g.constant_value(node.input[3]), dtype=np.float64)
-        var = np.asarray(g.constant_value(node.input[4]), dtype=np.float64)
+    def _affine_of(node, graph, gamma: np.ndarray, beta: np.ndarray):
+        mean = np.asarray(graph.constant_value(node.input[3]), dtype=np.float64)
+        var = np.asarray(graph.constant_value(node.input[4]), dtype=np.float64)
         a = gamma / np.sqrt(var + attr(node, "epsilon", 1e-5))
-        b = beta - a * mean
-        return a, b
+        return a, beta - a * mean
+
+    @classmethod
+    def affine(cls, node, pn):
+        return cls._affine_of(node, pn.graph, pn.param(node, "bn_scale")[1], pn.param(node, "bn_bias")[1])
 
     def forward(self, node, pn):
         a, b = self.affine(node, pn)
@@ -72,28 +72,24 @@ class BatchNormRule(OpRule):
         pn.emit_g(pn.use(node, "bn_bias"), adj.sum(axis=spatial))
 
     def onnx_forward(self, node, b):
-        a, bias = self._onnx_affine(node, b)
-        y = b.op("Add", [b.op("Mul", [b.mass(node.input[0]), b.square(a)]), b.square(bias)])
-        b.set_mass(node.output[0], y)
+        a2, bias2 = self._onnx_affine_squared(node, b)
+        b.set_mass(node.output[0], b.op("Add", [b.op("Mul", [b.mass(node.input[0]), a2]), bias2]))
 
     def onnx_backward(self, node, b):
-        a, _ = self._onnx_affine(node, b)
+        a2, _ = self._onnx_affine_squared(node, b)
         shape = b.shape(node.input[0])
         adj = b.adjoint(node.output[0])
-        b.add_adjoint(node.input[0], b.op("Mul", [adj, b.square(a)]))
+        b.add_adjoint(node.input[0], b.op("Mul", [adj, a2]))
         spatial = [0] + list(range(2, len(shape)))
         b.emit_g(b.use(node, "bn_scale"), b.reduce_sum(b.op("Mul", [b.mass(node.input[0]), adj]), spatial))
         b.emit_g(b.use(node, "bn_bias"), b.reduce_sum(adj, spatial))
 
-    @staticmethod
-    def _onnx_affine(node, b):
-        """a = γ/√(var+ε), b = β − a·mean, shaped [1, C, 1, ...] (graph tensors)."""
+    @classmethod
+    def _onnx_affine_squared(cls, node, b):
+        """a² and b² as constants shaped [1, C, 1, ...]. They are per-channel vectors: computed
+        here once, instead of a dozen graph nodes per BatchNormalization and pass (each node
+        costs onnxruntime session time)."""
         rank = len(b.shape(node.input[0]))
-        view = [1, -1] + [1] * (rank - 2)
-        _, gamma = b.param(node, "bn_scale")
-        _, beta = b.param(node, "bn_bias")
-        mean = b.constant(node.input[3])
-        inv_std = 1.0 / np.sqrt(b.constant(node.input[4]) + attr(node, "epsilon", 1e-5))
-        a = b.op("Mul", [gamma, b.const(inv_std)])
-        bias = b.op("Sub", [beta, b.op("Mul", [a, b.const(mean)])])
-        return b.reshape(a, view), b.reshape(bias, view)
+        view = (1, -1) + (1,) * (rank - 2)
+        a, bias = cls._affine_of(node, b.graph, b.param_value(node, "bn_scale"), b.param_value(node, "bn_bias"))
+        return b.const(np.square(a).reshape(view)), b.const(np.square(bias).reshape(view))

@@ -136,6 +136,8 @@ class ConvRule(OpRule):
         return use, wshape, x_shape, groups, geo, w2r
 
     def onnx_forward(self, node, b):
+        if b.native_conv:
+            return self._native_forward(node, b)
         _, wshape, x_shape, groups, geo, w2r = self._onnx_setup(node, b)
         cols = graphops.columns(b, b.mass(node.input[0]), x_shape[1], groups, geo)
         y = b.reshape(b.op("MatMul", [w2r, cols]), [1, wshape[0]] + list(geo.out_size))
@@ -145,6 +147,8 @@ class ConvRule(OpRule):
         b.set_mass(node.output[0], y)
 
     def onnx_backward(self, node, b):
+        if b.native_conv:
+            return self._native_backward(node, b)
         use, wshape, x_shape, groups, geo, w2r = self._onnx_setup(node, b)
         adj = b.reshape(b.adjoint(node.output[0]), [groups, wshape[0] // groups, -1])
         back = b.op("MatMul", [b.transpose(w2r, [0, 2, 1]), adj])
@@ -156,6 +160,61 @@ class ConvRule(OpRule):
             b.emit_g(use, b.op("MatMul", [adj, b.transpose(cols, [0, 2, 1])]))
         if _bias_name(node):
             b.emit_g(b.use(node, "bias"), b.reduce_sum(adj, [2]))
+
+    # Native forms, for providers with float64 convolution kernels (CUDA's cuDNN; not
+    # onnxruntime's CPU provider): the path network's Conv is a Conv, its input adjoint a
+    # ConvTranspose, and the weight statistic the weight-gradient contraction written as a
+    # Conv whose batch is the input channels of a group and whose kernel is the adjoint mass.
+    @staticmethod
+    def _native_setup(node, b):
+        use, w2 = b.param_sq(node, "weight")
+        x_shape = b.shape(node.input[0])
+        out_shape = b.shape(node.output[0])
+        geo = geometry(node, x_shape[2:], use.view_shape[2:], out_shape[2:] if out_shape else None)
+        return use, w2, list(use.view_shape), list(x_shape), attr(node, "group", 1), geo
+
+    def _native_forward(self, node, b):
+        _, w2, _, _, groups, geo = self._native_setup(node, b)
+        inputs = [b.mass(node.input[0]), w2]
+        if _bias_name(node):
+            inputs.append(b.param_sq(node, "bias")[1])
+        b.set_mass(node.output[0], b.op("Conv", inputs, strides=list(geo.strides), dilations=list(geo.dilations),
+                                        pads=list(geo.pads_begin) + list(geo.pads_end), group=groups))
+
+    def _native_backward(self, node, b):
+        use, w2, wshape, x_shape, groups, geo = self._native_setup(node, b)
+        nd = len(geo.kernel)
+        adj = b.adjoint(node.output[0])  # [1, O, *out]
+        # Input adjoint: the transposed convolution, unpadded, reaches the windows' full extent;
+        # cropping the begin pads and cutting (or zero-filling) the end gives the input's size.
+        back = b.op("ConvTranspose", [adj, w2], strides=list(geo.strides), dilations=list(geo.dilations),
+                    group=groups)
+        reach = [(o - 1) * st + (k - 1) * d + 1
+                 for o, st, k, d in zip(geo.out_size, geo.strides, geo.kernel, geo.dilations)]
+        stop = [min(r, pb + s) for r, pb, s in zip(reach, geo.pads_begin, geo.in_size)]
+        if any(geo.pads_begin) or stop != reach:
+            back = b.op("Slice", [back, b.ints(geo.pads_begin), b.ints(stop), b.ints(range(2, 2 + nd))])
+        short = [pb + s - st for pb, s, st in zip(geo.pads_begin, geo.in_size, stop)]
+        if any(short):  # input positions that no window reads get a zero adjoint
+            back = b.op("Pad", [back, b.ints([0] * (2 + nd) + [0, 0] + short)])
+        b.add_adjoint(node.input[0], back)
+        if groups == 1 and geo.kernel_volume == 1:
+            cols = graphops.columns(b, b.mass(node.input[0]), x_shape[1], 1, geo)
+            b.emit_g(use, None, (b.reshape(adj, [wshape[0], -1]), b.reshape(cols, [x_shape[1], -1])))
+        else:
+            # g[o, i, k] = sum_p F[group(o)·Cg + i, p·stride + k·dilation − pad] · adj[o, p]:
+            # a Conv of F as [Cg, G, *S] (batch Cg) with adj as G groups of [O/G, 1, *out]
+            # kernels, stride and dilation swapped. It may reach past k: keep the first k.
+            per_group = x_shape[1] // groups
+            mass = b.reshape(b.mass(node.input[0]), [groups, per_group] + list(geo.in_size))
+            mass = b.transpose(mass, [1, 0] + list(range(2, 2 + nd)))
+            kernels = b.reshape(adj, [wshape[0], 1] + list(geo.out_size))
+            full = b.op("Conv", [mass, kernels], strides=list(geo.dilations), dilations=list(geo.strides),
+                        pads=list(geo.pads_begin) + list(geo.pads_end), group=groups)  # [Cg, O, *K']
+            g = b.op("Slice", [full, b.ints([0] * nd), b.ints(geo.kernel), b.ints(range(2, 2 + nd))])
+            b.emit_g(use, b.transpose(g, [1, 0] + list(range(2, 2 + nd))))
+        if _bias_name(node):
+            b.emit_g(b.use(node, "bias"), b.reduce_sum(adj, [0] + list(range(2, 2 + nd))))
 
 
 def _transpose_geometry(node, in_size, kernel, out_size):

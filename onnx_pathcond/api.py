@@ -22,7 +22,7 @@ from . import protoio, rewrite, solve, stats, verify
 from .criteria.pathcond import ProblemBuilder
 from .errors import InputError, ModelError, SaveError, VerificationError
 from .exporters import folded_batchnorm, folded_batchnorm_warning
-from .graph import Graph, parse_input_shapes
+from .graph import SKELETON_MAX_ELEMENTS, Graph, parse_input_shapes
 from .report import Report, frozen_summary, group_layers
 from .symmetry import analyse, build_groups
 
@@ -36,13 +36,23 @@ def load_model(path: Union[str, os.PathLike]) -> onnx.ModelProto:
     External data is loaded into memory; `external_tensors(model)` remembers which tensors
     the file kept outside, so that `save_model` does the same.
     """
+    return _load(path, lazy=False)[0]
+
+
+def _load(path: Union[str, os.PathLike], lazy: bool) -> Tuple[onnx.ModelProto, Optional[protoio.FileWeights]]:
+    """`load_model`; with `lazy`, the large float initializers keep their values in the file
+    (inline or external data) and the returned `FileWeights` reads them when needed."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"input file '{path}' does not exist")
     if os.path.isdir(path):
         raise InputError(f"input '{path}' is a directory, not an ONNX file")
+    weights = None
     try:
-        model = onnx.load(path, load_external_data=False)
+        if lazy:
+            model, weights = protoio.read_skeleton(path, min_elements=SKELETON_MAX_ELEMENTS)
+        else:
+            model = onnx.load(path, load_external_data=False)
     except DecodeError as e:
         raise InputError(f"'{path}' is not an ONNX model (protobuf parse error: {e})") from None
     except Exception as e:  # truncated file, ...
@@ -52,13 +62,22 @@ def load_model(path: Union[str, os.PathLike]) -> onnx.ModelProto:
     external = {t.name for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL}
     _EXTERNAL_TENSORS.pop(id(model), None)  # an entry left by a freed model that had this id
     if external:
+        folder = os.path.dirname(os.path.abspath(path))
         try:
-            onnx.external_data_helper.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+            if lazy:  # initializers stay in their files; Constant-node values are read now
+                protoio.add_external_sources(model, folder, weights)
+                for tensor in _attribute_tensors(model):
+                    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                        onnx.external_data_helper.load_external_data_for_tensor(tensor, folder)
+                        tensor.data_location = onnx.TensorProto.DEFAULT
+                        del tensor.external_data[:]
+            else:
+                onnx.external_data_helper.load_external_data_for_model(model, folder)
         except Exception as e:
             raise InputError(f"cannot read the external data of '{path}': {_one_line(e)}") from None
         _EXTERNAL_TENSORS[id(model)] = external
     check_model(model)
-    return model
+    return model, weights
 
 
 # For a ModelProto read by load_model: the tensors its file kept in external data.
@@ -132,7 +151,8 @@ class PendingSave:
 
     def __init__(self, model: onnx.ModelProto, path: Union[str, os.PathLike],
                  external: Optional[Collection[str]] = None,
-                 new_raw: Optional[Dict[str, Callable[[], np.ndarray]]] = None):
+                 new_raw: Optional[Dict[str, Callable[[], np.ndarray]]] = None,
+                 weights: Optional[protoio.FileWeights] = None):
         self.path = os.fspath(path)
         self.folder = os.path.dirname(os.path.abspath(self.path))
         self.name = os.path.basename(self.path)
@@ -143,7 +163,8 @@ class PendingSave:
             self.work = tempfile.mkdtemp(prefix=f".{self.name}.", suffix=".tmp", dir=self.folder)
         except OSError as e:
             raise SaveError(f"cannot write '{self.path}': {e.strerror or _one_line(e)}") from None
-        initializers = [t for t in model.graph.initializer if t.name in external and t.HasField("raw_data")]
+        initializers = [t for t in model.graph.initializer
+                        if t.name in external and (t.HasField("raw_data") or (weights is not None and t.name in weights))]
         attributes = [t for t in _attribute_tensors(model) if t.name in external and t.HasField("raw_data")]
         self.has_data = bool(initializers or attributes)
         stubs: Dict[str, onnx.TensorProto] = {}
@@ -154,7 +175,7 @@ class PendingSave:
                     with open(os.path.join(self.work, self.data_name), "wb") as data:
                         for tensor, in_node in [(t, False) for t in initializers] + [(t, True) for t in attributes]:
                             offset = data.tell()
-                            data.write(protoio.raw_bytes_of(tensor, new_raw))
+                            protoio.write_raw(data, tensor, new_raw, weights)
                             new_raw.pop(tensor.name, None)
                             stub = protoio.external_stub(tensor, self.data_name, offset, data.tell() - offset)
                             if in_node:  # inside the graph's nodes: swapped in place, restored below
@@ -163,7 +184,7 @@ class PendingSave:
                             else:
                                 stubs[tensor.name] = stub
                 with open(self.model_path, "wb") as f:
-                    protoio.write_model(model, f, replace=stubs, new_raw=new_raw)
+                    protoio.write_model(model, f, replace=stubs, new_raw=new_raw, weights=weights)
             finally:  # give the caller its Constant-node values back, inline
                 for tensor, raw in restore:
                     tensor.raw_data = raw
@@ -243,11 +264,11 @@ def _check_finite(graph: Graph, analysis) -> None:
                 raise ModelError(f"parameter '{use.ref.name}' contains NaN or Inf values")
 
 
-def analyse_model(model: onnx.ModelProto, input_shapes=None):
+def analyse_model(model: onnx.ModelProto, input_shapes=None, weights: Optional[protoio.FileWeights] = None):
     """Graph view, symmetry analysis and groups (what --dry-run shows)."""
     if isinstance(input_shapes, (list, tuple)):
         input_shapes = parse_input_shapes(input_shapes)
-    graph = Graph(model, input_shapes)
+    graph = Graph(model, input_shapes, weights)
     analysis = analyse(graph)
     groups = build_groups(analysis)
     return graph, analysis, groups
@@ -287,6 +308,8 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     clock = _Clock(timings)
     say = progress or (lambda step, done=None, total=None: None)
     report = Report(timings=timings)
+    stream = output is not None and not return_model and not dry_run
+    weights = None
     say("load")
     with clock("load"):
         if isinstance(model, onnx.ModelProto):
@@ -294,10 +317,12 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
             model = copy.deepcopy(model)
         else:
             report.input = os.fspath(model)
-            model = load_model(model)
+            # Streaming to a file, the weights are read from the input when they are needed
+            # (statistics, then the save) instead of being held in memory all along.
+            model, weights = _load(model, lazy=stream)
     say("analyse")
     with clock("analyse"):
-        graph, analysis, groups = analyse_model(model, input_shapes)
+        graph, analysis, groups = analyse_model(model, input_shapes, weights)
         _check_finite(graph, analysis)
     _describe_analysis(report, graph, analysis, groups)
     if dry_run:
@@ -322,7 +347,6 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     del problem, builder  # the statistics are summarised: free them before the weights are copied
     report.layers = group_layers(graph, analysis, groups, result.u)
     items = rewrite.plan(analysis.uses, groups, result.u)
-    stream = output is not None and not return_model
     original = None
     if verify_output:  # the input file itself when there is one: no copy of the weights
         original = report.input if report.input is not None else (copy.deepcopy(model) if items else model)
@@ -337,7 +361,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     if output is not None:
         say("save")
         with clock("save"):
-            pending = PendingSave(model, output, new_raw=new_raw)
+            pending = PendingSave(model, output, new_raw=new_raw, weights=weights)
     try:
         order = {item.name: k for k, item in enumerate(items)}
         report.rewritten = [vars(r) for r in sorted(summaries, key=lambda r: order[r.name])]
@@ -346,7 +370,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         if stream:  # only the written file is needed from here: let the input's weights go
             reference = protoio.skeleton(model)
             _EXTERNAL_TENSORS.pop(id(model), None)
-            del model, graph, analysis, groups, items, new_raw, summaries
+            del model, graph, analysis, groups, items, new_raw, summaries, weights
             model = None
         else:
             reference = model

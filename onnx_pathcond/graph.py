@@ -20,7 +20,8 @@ from .errors import InputError, ModelError
 
 # Tensors above this many elements are left out of the skeleton used for shape inference:
 # shape inference only needs their type and shape, and copying them would double memory.
-_SKELETON_MAX_ELEMENTS = 4096
+# Float initializers above it may also stay in their file until read (`protoio.FileWeights`).
+SKELETON_MAX_ELEMENTS = 4096
 
 # Nodes that only move a weight around; a weight behind them can still be rewritten in place.
 _WEIGHT_TRANSPARENT_OPS = ("Identity", "Transpose", "Cast")
@@ -108,8 +109,11 @@ class Graph:
     becomes 1; any other dynamic dimension without an override is an error.
     """
 
-    def __init__(self, model: onnx.ModelProto, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None):
+    def __init__(self, model: onnx.ModelProto, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
+                 weights=None):
         self.model = model
+        # Initializers whose values are still in the input file (protoio.FileWeights), or None.
+        self.weights = weights
         g = model.graph
         self.initializers: Dict[str, TensorProto] = {t.name: t for t in g.initializer}
         self.constant_nodes: Dict[str, onnx.NodeProto] = {}
@@ -230,7 +234,7 @@ class Graph:
             self.elem_type[t.name] = t.data_type
             self.shapes[t.name] = tuple(t.dims)
             n_el = int(np.prod(t.dims)) if len(t.dims) else 1
-            if n_el <= _SKELETON_MAX_ELEMENTS or t.data_type not in FLOAT_TYPES:
+            if n_el <= SKELETON_MAX_ELEMENTS or t.data_type not in FLOAT_TYPES:
                 base_inits.append(t)
             else:
                 base_inputs.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
@@ -280,13 +284,13 @@ class Graph:
             if n.op_type == "Constant" and outs[0] in self.shapes:
                 continue
             known = [o for o in outs if o in self.shapes]
-            if known and all(int(np.prod(self.shapes[o])) > _SKELETON_MAX_ELEMENTS for o in known):
+            if known and all(int(np.prod(self.shapes[o])) > SKELETON_MAX_ELEMENTS for o in known):
                 continue  # a weight computed from weights: shape inference handles it
             try:
                 values = [self.constant_value(o) for o in outs]
             except Exception:
                 continue
-            if any(v.size > _SKELETON_MAX_ELEMENTS or v.dtype == object for v in values):
+            if any(v.size > SKELETON_MAX_ELEMENTS or v.dtype == object for v in values):
                 continue
             for o, v in zip(outs, values):
                 folded[o] = v
@@ -324,7 +328,7 @@ class Graph:
         if name in self._constant_cache:
             return self._constant_cache[name]
         if name in self.initializers:
-            return stored_array(self.initializers[name])  # not cached: may be large
+            return self.initializer_value(name)  # not cached: may be large
         if name in self.constant_nodes:
             value = _constant_node_array(self.constant_nodes[name])
             return value
@@ -342,7 +346,7 @@ class Graph:
             value = np.array(int(np.prod(self.shapes[node.input[0]])), dtype=np.int64)
         else:
             value = self._evaluate_node(node)[list(node.output).index(name)]
-        if value.size <= _SKELETON_MAX_ELEMENTS:
+        if value.size <= SKELETON_MAX_ELEMENTS:
             self._constant_cache[name] = value
         return value
 
@@ -388,8 +392,20 @@ class Graph:
 
     def stored_value(self, ref: StoredRef) -> np.ndarray:
         if ref.kind == "initializer":
-            return stored_array(self.initializers[ref.name])
+            return self.initializer_value(ref.name)
         return _constant_node_array(self.constant_nodes[ref.name])
+
+    def initializer_value(self, name: str) -> np.ndarray:
+        """An initializer's value, read from its file when it was left there."""
+        if self.weights is not None and name in self.weights:
+            return self.weights.array(self.initializers[name])
+        try:
+            return stored_array(self.initializers[name])
+        except ValueError as e:  # raw data that does not fit the shape, ...
+            raise ModelError(f"initializer '{name}' cannot be read: {e}") from None
+
+    def stays_in_file(self, name: str) -> bool:
+        return self.weights is not None and name in self.weights
 
     def is_float(self, name: str) -> bool:
         return self.elem_type.get(name, TensorProto.FLOAT) in FLOAT_TYPES

@@ -11,10 +11,15 @@ the place where the initializers go (protobuf writes fields in field-number orde
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
+
+from .errors import ModelError
 
 _MODEL_GRAPH_FIELD = 7
 _GRAPH_INITIALIZER_FIELD = 5
@@ -124,16 +129,19 @@ def _raw_bytes(values) -> memoryview:
 
 
 def write_model(model: onnx.ModelProto, f: BinaryIO, replace: Optional[Dict[str, onnx.TensorProto]] = None,
-                new_raw: Optional[Dict[str, Callable[[], np.ndarray]]] = None) -> None:
+                new_raw: Optional[Dict[str, Callable[[], np.ndarray]]] = None,
+                weights: Optional["FileWeights"] = None) -> None:
     """Write `model` as `model.SerializeToString()` would, holding one initializer at a time.
 
     Initializers named in `replace` are written as the given tensor instead (e.g. a stub that
     points to external data). Those named in `new_raw` are written with the raw data of the
     array the function returns (same dtype and element count: computed just before it is
-    written, so a rescaled copy of the weights never exists all at once).
+    written, so a rescaled copy of the weights never exists all at once). Those whose bytes
+    `weights` keeps in the input file are copied from there, a piece at a time.
     """
     replace = replace or {}
     new_raw = new_raw or {}
+    in_file = weights.message if weights is not None else {}
     shell = onnx.ModelProto()
     _copy_except(model, shell, {"graph"})
     model_lo, model_hi = _split_before(shell.SerializeToString(), _MODEL_GRAPH_FIELD + 1)
@@ -142,7 +150,15 @@ def write_model(model: onnx.ModelProto, f: BinaryIO, replace: Optional[Dict[str,
     graph_lo, graph_hi = _split_before(graph_shell.SerializeToString(), _GRAPH_INITIALIZER_FIELD + 1)
     sizes: List[int] = []
     for t in model.graph.initializer:
-        sizes.append(replace[t.name].ByteSize() if t.name in replace else t.ByteSize())
+        if t.name in replace:
+            sizes.append(replace[t.name].ByteSize())
+        elif t.name in in_file and t.name in new_raw:
+            raw_length = weights.raw[t.name].length
+            sizes.append(tensor_metadata(t).ByteSize() + len(_field(_TENSOR_RAW_DATA_FIELD, raw_length)) + raw_length)
+        elif t.name in in_file:
+            sizes.append(in_file[t.name].length)
+        else:
+            sizes.append(t.ByteSize())
     inits_length = sum(len(_field(_GRAPH_INITIALIZER_FIELD, n)) + n for n in sizes)
     graph_length = len(graph_lo) + inits_length + len(graph_hi)
     f.write(model_lo)
@@ -155,6 +171,8 @@ def write_model(model: onnx.ModelProto, f: BinaryIO, replace: Optional[Dict[str,
                 f.write(replace[t.name].SerializeToString())
             elif t.name in new_raw:
                 _write_with_raw(f, t, new_raw[t.name], n)
+            elif t.name in in_file:
+                weights.copy_message(t.name, f)
             else:
                 f.write(t.SerializeToString())
         f.write(graph_hi)
@@ -185,8 +203,224 @@ def external_stub(tensor: onnx.TensorProto, location: str, offset: int, length: 
     return stub
 
 
-def raw_bytes_of(tensor: onnx.TensorProto, new_raw: Optional[Dict[str, Callable[[], np.ndarray]]] = None):
-    """The raw data to store for `tensor`: its new values if `new_raw` has them, else its own."""
+def write_raw(out: BinaryIO, tensor: onnx.TensorProto, new_raw: Optional[Dict[str, Callable[[], np.ndarray]]] = None,
+              weights: Optional["FileWeights"] = None) -> None:
+    """Write the raw data to store for `tensor`: its new values if `new_raw` has them, else its
+    own (from its file when `weights` keeps it there)."""
     if new_raw and tensor.name in new_raw:
-        return _raw_bytes(new_raw[tensor.name]())
-    return tensor.raw_data
+        out.write(_raw_bytes(new_raw[tensor.name]()))
+    elif weights is not None and tensor.name in weights:
+        weights.copy_raw(tensor.name, out)
+    else:
+        out.write(tensor.raw_data)
+
+
+# ---------------------------------------------------------------------------- weights left in the file
+# Element types whose raw data numpy reads as is (little-endian, as ONNX stores it).
+_PLAIN_DTYPES = {onnx.TensorProto.FLOAT: "<f4", onnx.TensorProto.DOUBLE: "<f8", onnx.TensorProto.FLOAT16: "<f2"}
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+_COPY_CHUNK = 1 << 24
+
+
+@dataclass(frozen=True)
+class StoredBytes:
+    """`length` bytes at `offset` of the file at `path`."""
+
+    path: str
+    offset: int
+    length: int
+
+
+class FileWeights:
+    """Initializers whose values stay in their files, read when they are needed.
+
+    A model read by `read_skeleton` holds its large float initializers without their raw
+    data: `raw[name]` says where those bytes are (in the model file itself, or in an
+    external data file), and `message[name]`, for those stored inside the model file, where
+    the whole serialized TensorProto is (written out verbatim when it is left unchanged).
+    Each read makes a fresh array, freed when the caller drops it: the process never holds
+    all the weights at once.
+    """
+
+    def __init__(self) -> None:
+        self.raw: Dict[str, StoredBytes] = {}
+        self.message: Dict[str, StoredBytes] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.raw
+
+    def array(self, tensor: onnx.TensorProto) -> np.ndarray:
+        source = self.raw[tensor.name]
+        shape = tuple(tensor.dims)
+        count = int(np.prod(shape)) if shape else 1
+        plain = _PLAIN_DTYPES.get(tensor.data_type)
+        if plain is not None:
+            if source.length != count * np.dtype(plain).itemsize:
+                raise ModelError(f"initializer '{tensor.name}' holds {source.length} bytes where its shape "
+                                 f"{list(shape)} needs {count * np.dtype(plain).itemsize}")
+            with open(source.path, "rb") as f:
+                f.seek(source.offset)
+                values = np.fromfile(f, dtype=plain, count=count)
+            if values.size != count:
+                raise ModelError(f"initializer '{tensor.name}' is cut short in '{source.path}'")
+            return values.reshape(shape)
+        full = tensor_metadata(tensor)  # other types (bfloat16): onnx's own conversion
+        del full.external_data[:]
+        full.data_location = onnx.TensorProto.DEFAULT
+        full.raw_data = self.read(tensor.name)
+        return numpy_helper.to_array(full)
+
+    def read(self, name: str) -> bytes:
+        """The raw data of `name`."""
+        return self._read(name, self.raw[name])
+
+    def read_message(self, name: str) -> bytes:
+        """The serialized TensorProto of `name` as the model file holds it."""
+        return self._read(name, self.message[name])
+
+    @staticmethod
+    def _read(name: str, source: StoredBytes) -> bytes:
+        with open(source.path, "rb") as f:
+            f.seek(source.offset)
+            data = f.read(source.length)
+        if len(data) != source.length:
+            raise ModelError(f"initializer '{name}' is cut short in '{source.path}'")
+        return data
+
+    @staticmethod
+    def _copy(source: StoredBytes, out: BinaryIO) -> None:
+        with open(source.path, "rb") as f:
+            f.seek(source.offset)
+            left = source.length
+            while left:
+                chunk = f.read(min(left, _COPY_CHUNK))
+                if not chunk:
+                    raise ModelError(f"'{source.path}' is shorter than its model says")
+                out.write(chunk)
+                left -= len(chunk)
+
+    def copy_raw(self, name: str, out: BinaryIO) -> None:
+        self._copy(self.raw[name], out)
+
+    def copy_message(self, name: str, out: BinaryIO) -> None:
+        self._copy(self.message[name], out)
+
+
+def _fields(buf, start: int, end: int):
+    """(number, wire type, field start, value start, value end) of each field in buf[start:end];
+    for a length-delimited field the value is its payload."""
+    i = start
+    while i < end:
+        field_start = i
+        key, i = _read_varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value_start = i
+            _, i = _read_varint(buf, i)
+        elif wire == 1:
+            value_start, i = i, i + 8
+        elif wire == 2:
+            length, value_start = _read_varint(buf, i)
+            i = value_start + length
+        elif wire == 5:
+            value_start, i = i, i + 4
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+        if i > end:
+            raise ValueError("truncated message")
+        yield number, wire, field_start, value_start, i
+
+
+def _lazy_tensor(buf, start: int, end: int, min_elements: int):
+    """For a TensorProto in buf[start:end] stored inline as raw data of a float type with more
+    than `min_elements` elements: (name, its bytes without the raw data field, raw data
+    start, raw data end); else None."""
+    name, data_type, raw, kept, elements = "", 0, None, [], 1
+    for number, wire, field_start, value_start, value_end in _fields(buf, start, end):
+        if number == 9 and wire == 2:
+            raw = (value_start, value_end)
+            continue
+        kept.append((field_start, value_end))
+        if number == 8 and wire == 2:
+            name = bytes(buf[value_start:value_end]).decode("utf-8")
+        elif number == 2 and wire == 0:
+            data_type = _read_varint(buf, value_start)[0]
+        elif number == 1 and wire == 0:
+            elements *= _read_varint(buf, value_start)[0]
+        elif number == 1 and wire == 2:  # packed dims
+            i = value_start
+            while i < value_end:
+                dim, i = _read_varint(buf, i)
+                elements *= dim
+    if raw is None or data_type not in _FLOAT_TYPES or elements <= min_elements or not name:
+        return None
+    return name, b"".join(bytes(buf[a:b]) for a, b in kept), raw[0], raw[1]
+
+
+def read_skeleton(path: str, min_elements: int) -> Tuple[onnx.ModelProto, FileWeights]:
+    """The model in `path` with the raw data of its large float initializers left in the file.
+
+    Those initializers keep every other field (name, type, dims, ...); `FileWeights` says
+    where their bytes are. Smaller or other tensors are read as usual. The file is walked
+    field by field through a memory map, without reading the weights themselves.
+    """
+    import mmap
+
+    from google.protobuf.message import DecodeError
+
+    weights = FileWeights()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return onnx.ModelProto(), weights
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                skeleton = _strip_weights(buf, size, path, min_elements, weights)
+            except (ValueError, IndexError, UnicodeDecodeError) as e:  # not protobuf wire format
+                raise DecodeError(f"{e}") from None
+    return onnx.ModelProto.FromString(skeleton), weights
+
+
+def _strip_weights(buf, size: int, path: str, min_elements: int, weights: FileWeights) -> bytes:
+    """The serialized model in buf without the raw data of its large float initializers."""
+    model_parts: List[bytes] = []
+    for number, wire, field_start, value_start, value_end in _fields(buf, 0, size):
+        if number != _MODEL_GRAPH_FIELD or wire != 2:
+            model_parts.append(bytes(buf[field_start:value_end]))
+            continue
+        graph_parts: List[bytes] = []
+        for g_number, g_wire, g_start, g_value, g_end in _fields(buf, value_start, value_end):
+            lazy = None
+            if g_number == _GRAPH_INITIALIZER_FIELD and g_wire == 2:
+                lazy = _lazy_tensor(buf, g_value, g_end, min_elements)
+            if lazy is None:
+                graph_parts.append(bytes(buf[g_start:g_end]))
+                continue
+            name, stripped, raw_start, raw_end = lazy
+            graph_parts.append(_field(_GRAPH_INITIALIZER_FIELD, len(stripped)) + stripped)
+            weights.raw[name] = StoredBytes(path, raw_start, raw_end - raw_start)
+            weights.message[name] = StoredBytes(path, g_value, g_end - g_value)
+        graph = b"".join(graph_parts)
+        model_parts.append(_field(_MODEL_GRAPH_FIELD, len(graph)) + graph)
+    return b"".join(model_parts)
+
+
+def add_external_sources(model: onnx.ModelProto, folder: str, weights: FileWeights) -> None:
+    """Record where the external data of each initializer is, without reading it."""
+    root = os.path.realpath(folder)
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        target = os.path.realpath(os.path.join(root, location))
+        if not location or os.path.isabs(location) or os.path.commonpath([root, target]) != root:
+            raise ValueError(f"tensor '{tensor.name}' points outside the model's folder ('{location}')")
+        if not os.path.isfile(target):
+            raise ValueError(f"external data file '{location}' of tensor '{tensor.name}' does not exist")
+        offset = int(info.get("offset", 0))
+        available = os.path.getsize(target) - offset
+        length = int(info["length"]) if "length" in info else available
+        if offset < 0 or length > available:
+            raise ValueError(f"tensor '{tensor.name}' reaches past the end of '{location}'")
+        weights.raw[tensor.name] = StoredBytes(target, offset, length)

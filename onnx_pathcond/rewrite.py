@@ -158,7 +158,7 @@ def _raw_initializer(graph: Graph, item: TensorRescale):
     if item.use.ref.kind != "initializer":
         return None
     tensor = graph.initializers[item.name]
-    return tensor if tensor.HasField("raw_data") else None
+    return tensor if tensor.HasField("raw_data") or graph.stays_in_file(item.name) else None
 
 
 def apply(graph: Graph, items: List[TensorRescale]) -> List[RewrittenTensor]:
@@ -183,7 +183,7 @@ def _apply_one(graph: Graph, item: TensorRescale) -> RewrittenTensor:
                 del a.floats[:]
                 a.floats.extend(new.values.ravel().tolist())
             return _summary(item, new)
-    original = stored_array(tensor)
+    original = graph.stored_value(ref) if ref.kind == "initializer" else stored_array(tensor)
     new = rescaled(original, item.incoming, item.outgoing)
     _write_values(tensor, new.values)
     return _summary(item, new)
@@ -203,8 +203,8 @@ def apply_streamed(graph: Graph, items: List[TensorRescale],
             summaries.append(_apply_one(graph, item))
             continue
 
-        def produce(tensor=tensor, item=item) -> np.ndarray:
-            new = rescaled(stored_array(tensor), item.incoming, item.outgoing)
+        def produce(item=item) -> np.ndarray:
+            new = rescaled(graph.stored_value(item.use.ref), item.incoming, item.outgoing)
             summaries.append(_summary(item, new))
             return new.values
 

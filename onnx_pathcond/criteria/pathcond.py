@@ -97,27 +97,32 @@ class Block:
         return (np.broadcast_to(self.row, w.shape).ravel(), w.ravel(),
                 np.broadcast_to(self.col, w.shape).ravel(), w.ravel())
 
-    def chunks(self, rows_per_chunk: Optional[int] = None):
-        """(row slice, cells) pieces of G, built from the factors a few rows at a time."""
-        if self.factors is None:
-            yield slice(None), self.G
-            return
-        left, right = self.factors
-        step = rows_per_chunk or max(1, (1 << 21) // max(1, right.shape[0]))
-        for start in range(0, left.shape[0], step):
-            yield slice(start, start + step), left[start:start + step] @ right.T
+    def chunks(self, cells: int = 1 << 18):
+        """(row slice, cells) pieces of G of about `cells` cells each; a factored block's
+        pieces are multiplied out from its factors a few rows at a time."""
+        n_rows, n_cols = self.shape
+        step = max(1, cells // max(1, n_cols))
+        for start in range(0, n_rows, step):
+            rows = slice(start, start + step)
+            if self.factors is None:
+                yield rows, self.G[rows]
+            else:
+                left, right = self.factors
+                yield rows, left[rows] @ right.T
 
     def extremes(self, u_ext: np.ndarray) -> Tuple[float, float]:
-        """Largest and smallest positive rescaled entry."""
+        """Largest and smallest positive rescaled entry (two temporaries of one chunk's size)."""
         high, low = 0.0, np.inf
         for rows, G in self.chunks():
             row = self.row[rows] if self.row.shape[0] > 1 else self.row
             col = self.col[rows] if self.col.shape[0] > 1 else self.col
             factor = np.exp(u_ext[col] - u_ext[row])
-            top = (G if self.gmax is None else self.gmax[rows]) * factor
-            low_src = G if self.gmin is None else self.gmin[rows]
-            bottom = np.where(low_src > 0, low_src * factor, np.inf)
-            high, low = max(high, float(top.max())), min(low, float(bottom.min()))
+            scaled = np.multiply(G if self.gmax is None else self.gmax[rows], factor)
+            high = max(high, float(scaled.max()))
+            bottom = G if self.gmin is None else self.gmin[rows]
+            np.multiply(bottom, factor, out=scaled)
+            scaled[bottom <= 0] = np.inf
+            low = min(low, float(scaled.min()))
         return high, low
 
 

@@ -293,9 +293,10 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     providers really ran, and how many nodes each). With `output`, the
     model is also saved there, and the file that is checked is the written one: it only
     takes its place once it has passed. With `output` and `return_model=False` (what the
-    command line does), the rescaled weights are computed one tensor at a time as they are
-    written, the input model is released before the check, and None is returned in place of
-    the model: the run then holds about one copy of the weights instead of two or three.
+    command line does) and a path as `model`, the large weights stay in the input file and
+    are read when a step needs them, the rescaled ones are computed one tensor at a time as
+    they are written, and None is returned in place of the model: the run never holds all
+    the weights at once.
     """
     if solver not in ("cd", "exact"):
         raise InputError(f"unknown solver '{solver}' (choose cd or exact)")

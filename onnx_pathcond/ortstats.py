@@ -2,9 +2,11 @@
 
 The graph is built from the analysed model by the same walk as the numpy executor in
 `stats.py`: each rule writes its path-network form (`onnx_forward`) and adjoint
-(`onnx_backward`) with ONNX ops instead of numpy. Everything is float64; the CPU execution
-provider has no float64 Conv or AveragePool, so convolutions and pools are written as
-strided slices and matrix products, which every provider runs in float64.
+(`onnx_backward`) with ONNX ops instead of numpy. Everything is float64. The CPU execution
+provider has no float64 Conv or AveragePool, so there convolutions and pools are written as
+strided slices and matrix products, which every provider runs in float64; for CUDA (cuDNN
+has float64 convolutions) a Conv is written as Conv, ConvTranspose and Conv nodes, which
+cost far fewer nodes (onnxruntime's session set-up grows with the node count).
 
 The parameters are graph *inputs*, fed with the stored arrays (cast to float64 and squared
 inside the graph), so the graph itself holds no copy of the weights. Its outputs are the g
@@ -40,11 +42,11 @@ class RuntimeInfo:
     precision: str = "float64"
     notice: str = ""
     nodes: int = 0
-    # Nodes of the optimised graph per provider that runs them, and the op types that ran on
-    # the CPU although CUDA was asked for (onnxruntime >= 1.24 tells; empty before).
+    # Nodes of the graph per provider that runs them, and the op types that ran on the CPU
+    # although CUDA was asked for (onnxruntime >= 1.24 tells; empty before).
     nodes_by_provider: Dict[str, int] = field(default_factory=dict)
     cpu_fallback_ops: Dict[str, int] = field(default_factory=dict)
-    timings: Dict[str, float] = field(default_factory=dict)  # build, session, run, results (s)
+    timings: Dict[str, float] = field(default_factory=dict)  # build, session, run, criterion (s)
 
 
 class OnnxPathNetwork:
@@ -303,6 +305,7 @@ def session_config(device: str, info: Optional[RuntimeInfo] = None):
 
 
 def _session(model: onnx.ModelProto, device: str, info: RuntimeInfo):
+    """A session for `model` on `device`, or None when CUDA is there but cannot start."""
     ort = _import_onnxruntime()
     options, wanted = session_config(device, info)
     # Which provider runs each node: the providers a session lists are only those it may use.
@@ -314,7 +317,7 @@ def _session(model: onnx.ModelProto, device: str, info: RuntimeInfo):
             raise
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         info.notice = f"CUDA was asked for but onnxruntime could not use it ({first_line}); the statistics ran on the CPU"
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return None
     info.providers = session.get_providers()
     _record_assignment(session, info)
     on_cuda = info.nodes_by_provider.get("CUDAExecutionProvider", 0)
@@ -402,12 +405,13 @@ def compute_diag_g(graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, n
     if run is None:
         start = time.perf_counter()
         session = _session(model, device, info)
-        if native_conv and "CUDAExecutionProvider" not in info.providers:
-            # CUDA is installed but did not start: the CPU provider has no float64 Conv, so the
-            # graph is written again with convolutions as matrix products.
-            builder = OnnxPathNetwork(graph, analysis, native_conv=False)
-            model = builder.build()
-            info.nodes = len(model.graph.node)
+        if session is None or (native_conv and "CUDAExecutionProvider" not in info.providers):
+            # CUDA is installed but did not start. The CPU provider has no float64 Conv: a graph
+            # written with them is written again with convolutions as matrix products.
+            if native_conv:
+                builder = OnnxPathNetwork(graph, analysis, native_conv=False)
+                model = builder.build()
+                info.nodes = len(model.graph.node)
             on_cpu = RuntimeInfo(requested="cpu")
             session = _session(model, "cpu", on_cpu)
             info.providers, info.nodes_by_provider = on_cpu.providers, on_cpu.nodes_by_provider

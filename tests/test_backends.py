@@ -194,3 +194,40 @@ def test_reference_conv_transpose_stand_in_matches_onnxruntime(group, strides, d
     got = reference_run(model, None, feeds)[0]
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _pretend_cuda_is_installed(monkeypatch, fails_to_start):
+    """onnxruntime lists a CUDA provider; the session either drops it (as onnxruntime does when
+    it cannot load CUDA) or raises."""
+    import onnxruntime as ort
+
+    real_session = ort.InferenceSession
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+    def session(data, options=None, providers=None, **kw):
+        names = [p[0] if isinstance(p, tuple) else p for p in providers or []]
+        if "CUDAExecutionProvider" in names and fails_to_start:
+            raise RuntimeError("libcudnn.so.9: cannot open shared object file\nmore detail")
+        return real_session(data, options, providers=["CPUExecutionProvider"], **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+
+
+@pytest.mark.skipif(_has_cuda(), reason="a CUDA provider is present here")
+@pytest.mark.parametrize("fails_to_start", [False, True], ids=["dropped", "raises"])
+def test_cuda_that_does_not_start_falls_back_to_the_cpu_form(monkeypatch, fails_to_start):
+    """The CUDA form of the graph (float64 Conv) is written again for the CPU provider."""
+    model = onnx.load("models/resnet.dynamo_bn.onnx")
+    graph, analysis, _ = analyse_model(model)
+    ref = diag_g_by_tensor(graph, analysis, backend="numpy")
+    _pretend_cuda_is_installed(monkeypatch, fails_to_start)
+    got = diag_g_by_tensor(graph, analysis, backend="onnxruntime", device="cuda")
+    for key in ref:
+        assert np.abs(ref[key] - got[key]).max() <= 1e-10 * np.abs(ref[key]).max(), key
+    _, report = rescale(model, device="cuda")
+    assert report.statistics["backend"] == "onnxruntime"
+    assert report.statistics["providers"] == ["CPUExecutionProvider"]
+    warning = [w for w in report.warnings if "CUDA was asked for" in w]
+    assert len(warning) == 1 and "\n" not in warning[0]
+    if fails_to_start:
+        assert "libcudnn.so.9" in warning[0]

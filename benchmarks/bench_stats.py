@@ -70,9 +70,7 @@ def collect_g(graph, analysis, backend: str, device: str, native_conv=None):
     if native_conv is None:
         info = compute_diag_g(graph, analysis, keep, backend=backend, device=device)
     else:
-        record = ortstats.compute_diag_g(graph, analysis, keep, device=device, native_conv=native_conv)
-        info = {"providers": record.providers, "timings": record.timings, "notice": record.notice,
-                "nodes_by_provider": record.nodes_by_provider, "cpu_fallback_ops": record.cpu_fallback_ops}
+        info = ortstats.compute_diag_g(graph, analysis, keep, device=device, native_conv=native_conv).as_dict()
     return out, info, time.perf_counter() - start
 
 

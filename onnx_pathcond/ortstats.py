@@ -49,6 +49,17 @@ class RuntimeInfo:
     timings: Dict[str, float] = field(default_factory=dict)  # build, session, run, criterion (s)
 
 
+    def as_dict(self) -> dict:
+        """The report's record of the statistics."""
+        record = {"backend": "onnxruntime", "providers": self.providers, "precision": self.precision,
+                  "notice": self.notice, "graph_nodes": self.nodes, "timings": self.timings}
+        if self.nodes_by_provider:
+            record["nodes_by_provider"] = self.nodes_by_provider
+        if self.cpu_fallback_ops:
+            record["cpu_fallback_ops"] = self.cpu_fallback_ops
+        return record
+
+
 class OnnxPathNetwork:
     """Builds the path-network graph; the context rules write their ONNX forms into."""
 
@@ -372,7 +383,8 @@ def _record_assignment(session, info: RuntimeInfo) -> None:
         info.cpu_fallback_ops = dict(off_cuda.most_common())
 
 
-def _cuda_available() -> bool:
+def cuda_available() -> bool:
+    """Whether the installed onnxruntime offers its CUDA execution provider."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -393,7 +405,7 @@ def compute_diag_g(graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, n
     """
     info = RuntimeInfo(requested=device)
     if native_conv is None:
-        native_conv = device == "cuda" and run is None and _cuda_available()
+        native_conv = device == "cuda" and run is None and cuda_available()
     start = time.perf_counter()
     builder = OnnxPathNetwork(graph, analysis, native_conv=native_conv)
     model = builder.build()

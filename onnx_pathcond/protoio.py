@@ -20,6 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import ModelError
+from .graph import FLOAT_TYPES
 
 _MODEL_GRAPH_FIELD = 7
 _GRAPH_INITIALIZER_FIELD = 5
@@ -75,26 +76,36 @@ def _read_varint(buf: bytes, i: int) -> Tuple[int, int]:
         shift += 7
 
 
-def _split_before(buf: bytes, field: int) -> Tuple[bytes, bytes]:
-    """Cut a serialized message where fields numbered `field` or more begin."""
-    i = 0
-    while i < len(buf):
-        start = i
+def _fields(buf, start: int, end: int):
+    """(number, wire type, field start, value start, value end) of each field in buf[start:end];
+    for a length-delimited field the value is its payload."""
+    i = start
+    while i < end:
+        field_start = i
         key, i = _read_varint(buf, i)
         number, wire = key >> 3, key & 7
-        if number >= field:
-            return buf[:start], buf[start:]
         if wire == 0:
+            value_start = i
             _, i = _read_varint(buf, i)
         elif wire == 1:
-            i += 8
+            value_start, i = i, i + 8
         elif wire == 2:
-            length, i = _read_varint(buf, i)
-            i += length
+            length, value_start = _read_varint(buf, i)
+            i = value_start + length
         elif wire == 5:
-            i += 4
-        else:  # groups are not used by onnx
+            value_start, i = i, i + 4
+        else:
             raise ValueError(f"unexpected wire type {wire}")
+        if i > end:
+            raise ValueError("truncated message")
+        yield number, wire, field_start, value_start, i
+
+
+def _split_before(buf: bytes, field: int) -> Tuple[bytes, bytes]:
+    """Cut a serialized message where fields numbered `field` or more begin."""
+    for number, _, start, _, _ in _fields(buf, 0, len(buf)):
+        if number >= field:
+            return buf[:start], buf[start:]
     return buf, b""
 
 
@@ -218,7 +229,6 @@ def write_raw(out: BinaryIO, tensor: onnx.TensorProto, new_raw: Optional[Dict[st
 # ---------------------------------------------------------------------------- weights left in the file
 # Element types whose raw data numpy reads as is (little-endian, as ONNX stores it).
 _PLAIN_DTYPES = {onnx.TensorProto.FLOAT: "<f4", onnx.TensorProto.DOUBLE: "<f8", onnx.TensorProto.FLOAT16: "<f2"}
-_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 _COPY_CHUNK = 1 << 24
 
 
@@ -306,31 +316,6 @@ class FileWeights:
         self._copy(self.message[name], out)
 
 
-def _fields(buf, start: int, end: int):
-    """(number, wire type, field start, value start, value end) of each field in buf[start:end];
-    for a length-delimited field the value is its payload."""
-    i = start
-    while i < end:
-        field_start = i
-        key, i = _read_varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value_start = i
-            _, i = _read_varint(buf, i)
-        elif wire == 1:
-            value_start, i = i, i + 8
-        elif wire == 2:
-            length, value_start = _read_varint(buf, i)
-            i = value_start + length
-        elif wire == 5:
-            value_start, i = i, i + 4
-        else:
-            raise ValueError(f"unexpected wire type {wire}")
-        if i > end:
-            raise ValueError("truncated message")
-        yield number, wire, field_start, value_start, i
-
-
 def _lazy_tensor(buf, start: int, end: int, min_elements: int):
     """For a TensorProto in buf[start:end] stored inline as raw data of a float type with more
     than `min_elements` elements: (name, its bytes without the raw data field, raw data
@@ -352,7 +337,7 @@ def _lazy_tensor(buf, start: int, end: int, min_elements: int):
             while i < value_end:
                 dim, i = _read_varint(buf, i)
                 elements *= dim
-    if raw is None or data_type not in _FLOAT_TYPES or elements <= min_elements or not name:
+    if raw is None or data_type not in FLOAT_TYPES or elements <= min_elements or not name:
         return None
     return name, b"".join(bytes(buf[a:b]) for a, b in kept), raw[0], raw[1]
 

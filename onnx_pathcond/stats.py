@@ -421,13 +421,9 @@ def resolve_backend(backend: str, device: str = "cpu") -> str:
         raise InputError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
     if backend != "auto":
         return backend
-    if device != "cuda":
-        return "numpy"
-    try:
-        import onnxruntime
-    except ImportError:
-        return "numpy"
-    return "onnxruntime" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "numpy"
+    from .ortstats import cuda_available
+
+    return "onnxruntime" if device == "cuda" and cuda_available() else "numpy"
 
 
 def compute_diag_g(graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, np.ndarray], None],
@@ -451,14 +447,7 @@ def compute_diag_g(graph: Graph, analysis: Analysis, on_g: Callable[[ParamUse, n
         return {"backend": "numpy", "providers": ["numpy"], "precision": "float64", "notice": notice}
     from . import ortstats
 
-    info = ortstats.compute_diag_g(graph, analysis, on_g, device=device)
-    result = {"backend": "onnxruntime", "providers": info.providers, "precision": info.precision,
-              "notice": info.notice, "graph_nodes": info.nodes, "timings": info.timings}
-    if info.nodes_by_provider:
-        result["nodes_by_provider"] = info.nodes_by_provider
-    if info.cpu_fallback_ops:
-        result["cpu_fallback_ops"] = info.cpu_fallback_ops
-    return result
+    return ortstats.compute_diag_g(graph, analysis, on_g, device=device).as_dict()
 
 
 def diag_g_by_tensor(graph: Graph, analysis: Analysis, backend: str = "numpy",

@@ -104,9 +104,9 @@ def build_problem(path: str):
     def flat(use, g):
         chunks.append((g.ravel().copy(), gid(use, use.rows), gid(use, use.cols)))
 
-    def both(use, g):
-        builder.add(use, g)
-        g = np.asarray(g, dtype=np.float64)
+    def both(stat):
+        builder.add(stat)
+        use, g = stat.use, stat.array()
         if use.ref is not None and expected.get(use.ref.name, 1) > 1:
             name = use.ref.name
             mask = nonzero.get(name)

@@ -332,7 +332,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     with clock("statistics"):
         builder = ProblemBuilder(groups, analysis.uses, analysis.shared)
         report.statistics = stats.compute_diag_g(graph, analysis, builder.add, backend=backend, device=device,
-                                                 progress=lambda done, total: say("statistics", done, total))
+                                                 progress=lambda done, total: say("statistics", done, total)).as_dict()
         problem = builder.finish()
     if report.statistics.get("notice"):
         report.warnings.append(report.statistics["notice"])

@@ -144,14 +144,15 @@ def test_auto_backend_choice():
 # CPU provider, which has no float64 convolution: onnx's reference evaluator runs it here.
 @pytest.mark.parametrize("name", sorted(SOURCES))
 def test_native_convolution_form_matches_numpy(name):
-    from onnx_pathcond import ortstats
+    from onnx_pathcond.pathnet import ort
     from refrun import reference_run
 
     graph, analysis, _ = analyse_model(SOURCES[name]())
     ref = diag_g_by_tensor(graph, analysis, backend="numpy")
     got, ops = {}, set()
 
-    def collect(use, g):
+    def collect(stat):
+        use, g = stat.use, stat.array()
         key = use.ref.name if use.ref is not None else use.input_name
         stored = use.ref.to_stored(g) if use.ref is not None else g
         got[key] = got[key] + stored if key in got else stored.copy()
@@ -160,7 +161,7 @@ def test_native_convolution_form_matches_numpy(name):
         ops.update(n.op_type for n in model.graph.node)
         return reference_run(model, names, feeds)
 
-    ortstats.compute_diag_g(graph, analysis, collect, native_conv=True, run=run)
+    ort.compute_diag_g(graph, analysis, collect, native_conv=True, run=run)
     assert set(ref) == set(got)
     for key in ref:
         scale = max(np.abs(ref[key]).max(), 1e-300)

@@ -7,7 +7,7 @@ from onnx import helper, numpy_helper
 from bruteforce import bruteforce_diag_g, bruteforce_path_sum
 from nets import Net, cnn, mlp
 from onnx_pathcond.api import analyse_model
-from onnx_pathcond.stats import NumpyPathNetwork, diag_g_by_tensor
+from onnx_pathcond.stats import diag_g_by_tensor, numpy_walk
 
 
 def tool_diag_g(model):
@@ -139,8 +139,7 @@ def test_gemm_alpha_beta_follow_the_parameter_convention():
 def test_path_sum_is_the_path_networks_output():
     model = _residual_bn_concat()
     graph, analysis, _ = analyse_model(model)
-    pn = NumpyPathNetwork(graph, analysis, lambda use, g: None)
-    pn.run()
+    pn = numpy_walk(graph, analysis, lambda stat: None)
     total = float(sum(pn.mass(o).sum() for o in graph.graph_outputs))
     assert total == pytest.approx(bruteforce_path_sum(model), rel=1e-12)
 
@@ -231,6 +230,5 @@ def test_resize_path_network_squares_every_interpolation_weight(mode):
     columns = [sess.run(None, {"x": np.eye(n, dtype=np.float32)[j].reshape(shape)})[0].ravel() for j in range(n)]
     K = np.stack(columns, axis=1).astype(np.float64)
     graph, analysis, _ = analyse_model(model)
-    pn = NumpyPathNetwork(graph, analysis, lambda use, g: None)
-    pn.run()
+    pn = numpy_walk(graph, analysis, lambda stat: None)
     np.testing.assert_allclose(pn.mass("y").ravel(), (K ** 2).sum(axis=1), rtol=1e-5, atol=1e-6)

@@ -83,7 +83,10 @@ class OnnxExecutor:
         return name
 
     def reshape(self, name: str, shape) -> str:
-        return self.op("Reshape", [name, self.ints(shape)])
+        if self._shapes.get(name) == tuple(shape):
+            return name
+        return self._made(self.op("Reshape", [name, self.ints(shape)]), shape) if -1 not in shape else \
+            self.op("Reshape", [name, self.ints(shape)])
 
     def transpose(self, name: str, perm) -> str:
         return self.op("Transpose", [name], perm=list(perm))
@@ -97,8 +100,9 @@ class OnnxExecutor:
     def scaled(self, name: str, gain: float) -> str:
         return name if gain == 1.0 else self.mul(name, self.const(float(gain)))
 
-    def unbroadcast(self, name: str, from_shape, to_shape) -> str:
-        """Adjoint of broadcasting `to_shape` up to `from_shape`: sum the broadcast axes."""
+    def unbroadcast(self, name: str, from_shape, to_shape, reshape: bool = True) -> str:
+        """Adjoint of broadcasting `to_shape` up to `from_shape`: sum the broadcast axes (left
+        with their size-one axes when `reshape` is False: the caller reshapes it anyway)."""
         from_shape, to_shape = tuple(from_shape), tuple(to_shape)
         if from_shape == to_shape:
             return name
@@ -106,7 +110,7 @@ class OnnxExecutor:
         padded = (1,) * extra + to_shape
         axes = [i for i, (a, b) in enumerate(zip(from_shape, padded)) if b == 1 and a != 1] + list(range(extra))
         out = self.reduce_sum(name, sorted(set(axes)), keepdims=1) if axes else name
-        return self.reshape(out, to_shape)
+        return self.reshape(out, to_shape) if reshape else out
 
     def _made(self, name: str, shape) -> str:
         self._shapes[name] = tuple(shape)
@@ -192,15 +196,18 @@ class OnnxExecutor:
         self._params[key] = tensor
         return tensor
 
-    def _factor(self, weight: P.Weight) -> str:
-        """The weight in float64: the parameter squared (or the fixed value) × gain."""
+    def _factor(self, weight: P.Weight, view=None) -> str:
+        """The weight in float64: the parameter squared (or the fixed value) × gain, in the
+        shape `view` when given."""
         if weight.value is not None:
-            return self.const(np.asarray(weight.value, dtype=np.float64) * weight.gain)
+            value = np.asarray(weight.value, dtype=np.float64) * weight.gain
+            return self.const(value if view is None else value.reshape(view))
         key = ("squared", weight.use.index, self.phase)
         if key not in self._params:
             value = self._param(weight.use)
-            self._params[key] = self.mul(value, value)
-        return self.scaled(self._params[key], weight.gain)
+            self._params[key] = self._made(self.mul(value, value), weight.use.view_shape)
+        squared = self._params[key] if view is None else self.reshape(self._params[key], view)
+        return self.scaled(squared, weight.gain)
 
     # ------------------------------------------------------------ primitives
     def forward(self, prim: P.Primitive, inputs: List[str]) -> List[str]:
@@ -219,28 +226,28 @@ class OnnxExecutor:
 
     # Scale
     def _forward_Scale(self, prim: P.Scale, x):
-        factor = self.reshape(self._factor(prim.weight), prim.view)
+        factor = self._factor(prim.weight, prim.view)
         shape = np.broadcast_shapes(self._shape(prim.x), tuple(prim.view))
         return [self._made(self.mul(x, factor), shape)]
 
     def _backward_Scale(self, prim: P.Scale, inputs, adj):
         yshape, xshape = self._shape(prim.y), self._shape(prim.x)
-        factor = self.reshape(self._factor(prim.weight), prim.view)
+        factor = self._factor(prim.weight, prim.view)
         into = self.unbroadcast(self.mul(adj, factor), yshape, xshape)
         stats = []
         if prim.weight.reports:
-            g = self.unbroadcast(self.mul(adj, inputs[0]), yshape, prim.view)
+            g = self.unbroadcast(self.mul(adj, inputs[0]), yshape, prim.view, reshape=False)
             stats.append((prim.weight.use, self.scaled(g, prim.weight.gain), None))
         return [into], stats
 
     # Bias
     def _forward_Bias(self, prim: P.Bias):
-        return [self._made(self.reshape(self._factor(prim.weight), prim.view), prim.view)]
+        return [self._made(self._factor(prim.weight, prim.view), prim.view)]
 
     def _backward_Bias(self, prim: P.Bias, inputs, adj):
         stats = []
         if prim.weight.reports:
-            g = self.unbroadcast(adj, self._shape(prim.y), prim.view)
+            g = self.unbroadcast(adj, self._shape(prim.y), prim.view, reshape=False)
             stats.append((prim.weight.use, self.scaled(g, prim.weight.gain), None))
         return [], stats
 
@@ -297,17 +304,16 @@ class OnnxExecutor:
     # Conv
     def _conv_weight(self, prim):
         """The squared weight as [G, first axis / G, rest] and its shape."""
-        w2 = self._factor(prim.weight)
         wshape = prim.weight.use.view_shape
-        return w2, wshape, self.reshape(w2, [prim.groups, wshape[0] // prim.groups, -1])
+        return wshape, self.reshape(self._factor(prim.weight), [prim.groups, wshape[0] // prim.groups, -1])
 
     def _forward_Conv(self, prim: P.Conv, x):
         geo, groups = prim.geometry, prim.groups
-        w2, wshape, w2r = self._conv_weight(prim)
         if self.native_conv:
-            y = self.op("Conv", [x, w2], strides=list(geo.strides), dilations=list(geo.dilations),
-                        pads=list(geo.pads_begin) + list(geo.pads_end), group=groups)
+            y = self.op("Conv", [x, self._factor(prim.weight)], strides=list(geo.strides),
+                        dilations=list(geo.dilations), pads=list(geo.pads_begin) + list(geo.pads_end), group=groups)
         else:
+            wshape, w2r = self._conv_weight(prim)
             cols = columns(self, x, self._shape(prim.x)[1], groups, geo)
             y = self.reshape(self.op("MatMul", [w2r, cols]), [1, wshape[0]] + list(geo.out_size))
         return [self._made(y, self._shape(prim.y))]
@@ -316,7 +322,7 @@ class OnnxExecutor:
         if self.native_conv:
             return self._native_conv_backward(prim, inputs[0], adj)
         geo, groups = prim.geometry, prim.groups
-        w2, wshape, w2r = self._conv_weight(prim)
+        wshape, w2r = self._conv_weight(prim)
         x_shape = self._shape(prim.x)
         adj = self.reshape(adj, [groups, wshape[0] // groups, -1])
         back = self.op("MatMul", [self.transpose(w2r, [0, 2, 1]), adj])
@@ -331,7 +337,7 @@ class OnnxExecutor:
         """Input adjoint as a ConvTranspose; the weight statistic as a Conv whose batch is the
         input channels of a group and whose kernel is the adjoint mass."""
         geo, groups = prim.geometry, prim.groups
-        w2, wshape, _ = self._conv_weight(prim)
+        w2, wshape = self._factor(prim.weight), prim.weight.use.view_shape
         x_shape = self._shape(prim.x)
         nd = len(geo.kernel)
         # Input adjoint: the transposed convolution, unpadded, reaches the windows' full extent;
@@ -371,7 +377,7 @@ class OnnxExecutor:
 
     def _forward_ConvTranspose(self, prim: P.ConvTranspose, x):
         geo, groups = prim.scatter, prim.groups
-        _, wshape, w2r = self._conv_weight(prim)  # [G, Cg, Og*K]
+        wshape, w2r = self._conv_weight(prim)  # [G, Cg, Og*K]
         x_shape = self._shape(prim.x)
         n_out = wshape[1] * groups
         x = self.reshape(x, [groups, x_shape[1] // groups, -1])
@@ -387,7 +393,7 @@ class OnnxExecutor:
 
     def _backward_ConvTranspose(self, prim: P.ConvTranspose, inputs, adj):
         geo, groups = prim.scatter, prim.groups
-        _, wshape, w2r = self._conv_weight(prim)
+        wshape, w2r = self._conv_weight(prim)
         x_shape = self._shape(prim.x)
         n_out = wshape[1] * groups
         undo = [-p for p in self._crop_pads(geo, prim.begin, prim.out_size)]

@@ -48,3 +48,19 @@ def test_pyproject_ships_the_typing_marker_and_names_the_licence():
     assert "License :: OSI Approved :: MIT License" in project["project"]["classifiers"]
     with open(os.path.join(ROOT, "LICENSE")) as f:
         assert f.readline().strip() == "MIT License"
+
+
+def test_documentation_links_resolve_inside_the_repository():
+    import glob
+    import re
+
+    pages = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    assert len(pages) >= 3
+    for page in pages:
+        with open(page, encoding="utf-8") as f:
+            text = f.read()
+        assert "DESIGN.md" not in text and "shared folder" not in text, page
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+            if "://" in target:
+                continue
+            assert os.path.exists(os.path.join(os.path.dirname(page), target)), (page, target)

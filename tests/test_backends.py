@@ -7,13 +7,13 @@ import numpy as np
 import onnx
 import pytest
 
+from cases import CASES, MORE_CASES, _resize_net
 from nets import cnn, mlp
 from onnx_pathcond import rescale
 from onnx_pathcond.api import analyse_model
 from onnx_pathcond.criteria.pathcond import ProblemBuilder
 from onnx_pathcond.solve import coordinate_descent, exact_minimiser
 from onnx_pathcond.stats import compute_diag_g, diag_g_by_tensor
-from test_diag_g import CASES, _resize_net
 
 pytest.importorskip("onnxruntime")
 
@@ -22,7 +22,7 @@ def _resize(mode):
     return _resize_net(mode, shape=(1, 2, 3, 4), scales=(1, 1, 2, 1.5), channels=3, seed=31)
 
 
-SOURCES = {name: build for name, build in CASES.items()}
+SOURCES = {**CASES, **MORE_CASES}
 SOURCES.update({"resize_linear": _resize("linear"), "resize_cubic": _resize("cubic")})
 SOURCES.update({os.path.basename(p): (lambda p=p: onnx.load(p)) for p in sorted(glob.glob("models/*.onnx"))})
 

@@ -1,4 +1,4 @@
-"""The PathCond criterion (DESIGN.md §3) in a compact form the solver can sweep quickly.
+"""The PathCond criterion (docs/design.md §3) in a compact form the solver can sweep quickly.
 
 With u the log-rescalings of the H groups, entry i of diag(G) becomes g_i·exp((Bu)_i) where
 (Bu)_i = u[out(i)] − u[in(i)] (the group it is outgoing from, minus the one it is incoming

@@ -13,29 +13,33 @@ def _module_name(path):
 
 
 def _imports():
+    paths = [os.path.join(folder, name) for folder, _, files in os.walk(PACKAGE) for name in files
+             if name.endswith(".py")]
+    modules = {_module_name(p) for p in paths}
+
+    def is_module(name):
+        return name in modules
+
     graph = {}
-    for folder, _, files in os.walk(PACKAGE):
-        for name in files:
-            if not name.endswith(".py"):
-                continue
-            path = os.path.join(folder, name)
-            module = _module_name(path)
-            package = module if name == "__init__.py" else module.rsplit(".", 1)[0]
-            found = set()
-            for node in ast.walk(ast.parse(open(path).read())):
-                if isinstance(node, ast.ImportFrom):
-                    if node.level:
-                        base = package.split(".")
-                        base = base[: len(base) - node.level + 1]
-                        target = ".".join(base + ([node.module] if node.module else []))
-                    else:
-                        target = node.module or ""
-                    if target.startswith(PACKAGE):
-                        found.add(target)
-                        found.update(f"{target}.{a.name}" for a in node.names)
-                elif isinstance(node, ast.Import):
-                    found.update(a.name for a in node.names if a.name.startswith(PACKAGE))
-            graph[module] = found
+    for path in paths:
+        name = os.path.basename(path)
+        module = _module_name(path)
+        package = module if name == "__init__.py" else module.rsplit(".", 1)[0]
+        found = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[: len(base) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                if target.startswith(PACKAGE):  # `from .pkg import sub` depends on pkg.sub alone
+                    found.update(f"{target}.{a.name}" if is_module(f"{target}.{a.name}") else target
+                                 for a in node.names)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith(PACKAGE))
+        graph[module] = found
     return {m: {t for t in targets if t in graph and t != m} for m, targets in graph.items()}
 
 
@@ -47,9 +51,6 @@ def _cycle(graph):
         state[m] = "open"
         stack.append(m)
         for t in sorted(graph[m]):
-            # a package's __init__ importing its own submodules (re-exports) is not a cycle
-            if t.startswith(m + "."):
-                continue
             if state.get(t) == "open":
                 return stack[stack.index(t):] + [t]
             if t not in state:

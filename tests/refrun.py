@@ -16,11 +16,17 @@ from onnx.reference.op_run import OpRun
 
 
 class ConvTranspose(OpRun):
-    """y[g·Og + o, i·stride + k·dilation − pad] += x[g·Cg + c, i] · w[g·Cg + c, o, k], batch 1."""
+    """y[n, g·Og + o, i·stride + k·dilation − pad] += x[n, g·Cg + c, i] · w[g·Cg + c, o, k]."""
 
     def _run(self, x, w, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None,
              output_padding=None, output_shape=None, pads=None, strides=None):
-        assert x.shape[0] == 1 and output_shape is None and auto_pad in (None, "NOTSET", b"NOTSET")
+        assert output_shape is None and auto_pad in (None, "NOTSET", b"NOTSET")
+        samples = [self._one(x[n:n + 1], w, B, dilations, group, output_padding, pads, strides)
+                   for n in range(x.shape[0])]
+        return (np.concatenate(samples),)
+
+    @staticmethod
+    def _one(x, w, B, dilations, group, output_padding, pads, strides):
         group = group or 1
         nd = x.ndim - 2
         kernel = w.shape[2:]
@@ -44,7 +50,7 @@ class ConvTranspose(OpRun):
         y = y[crop]
         if B is not None:
             y = y + B.reshape((-1,) + (1,) * nd)
-        return (y[None],)
+        return y[None]
 
 
 class Pad(OpRun):

@@ -43,55 +43,73 @@ def unbroadcast(arr: np.ndarray, shape) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- windows
+# Arrays are [N, C, *S]: a batch axis, a channel axis, then the spatial axes the windows slide on.
 def pad_input(x: np.ndarray, geo: Geometry) -> np.ndarray:
-    """`x` of shape [C, *S] embedded in zeros of shape [C, *padded_size]."""
-    xp = np.zeros((x.shape[0],) + geo.padded_size, dtype=x.dtype)
-    index = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(geo.pads_begin, geo.in_size))
-    xp[index] = x
+    """`x` of shape [N, C, *S] embedded in zeros of shape [N, C, *padded_size]."""
+    xp = np.zeros(x.shape[:2] + geo.padded_size, dtype=x.dtype)
+    xp[_inside(geo)] = x
     return xp
 
 
+def _inside(geo: Geometry):
+    """The index of the input inside its padded array."""
+    return (slice(None), slice(None)) + tuple(slice(b, b + s) for b, s in zip(geo.pads_begin, geo.in_size))
+
+
 def crop_input(xp: np.ndarray, geo: Geometry) -> np.ndarray:
-    index = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(geo.pads_begin, geo.in_size))
-    return xp[index]
+    return xp[_inside(geo)]
 
 
 def window_view(xp: np.ndarray, geo: Geometry) -> np.ndarray:
-    """Read-only view [C, *kernel, *out] of a padded array [C, *padded_size]: element
-    [c, k..., p...] is padded position p·stride + k·dilation."""
+    """Read-only view [N, C, *kernel, *out] of a padded array [N, C, *padded_size]: element
+    [n, c, k..., p...] is padded position p·stride + k·dilation."""
     xp = np.ascontiguousarray(xp)
     nd = len(geo.kernel)
     s = xp.strides
-    shape = (xp.shape[0],) + geo.kernel + geo.out_size
-    strides = ((s[0],) + tuple(s[1 + i] * geo.dilations[i] for i in range(nd))
-               + tuple(s[1 + i] * geo.strides[i] for i in range(nd)))
+    shape = xp.shape[:2] + geo.kernel + geo.out_size
+    strides = (s[:2] + tuple(s[2 + i] * geo.dilations[i] for i in range(nd))
+               + tuple(s[2 + i] * geo.strides[i] for i in range(nd)))
     return as_strided(xp, shape=shape, strides=strides, writeable=False)
 
 
 def scatter_windows(cols: np.ndarray, geo: Geometry) -> np.ndarray:
-    """Adjoint of `window_view`: sum cols [C, *kernel, *out] into a padded [C, *padded_size]."""
-    out = np.zeros((cols.shape[0],) + geo.padded_size, dtype=cols.dtype)
+    """Adjoint of `window_view`: sum cols [N, C, *kernel, *out] into [N, C, *padded_size]."""
+    out = np.zeros(cols.shape[:2] + geo.padded_size, dtype=cols.dtype)
     for offset in itertools.product(*(range(k) for k in geo.kernel)):
-        index = (slice(None),) + tuple(
+        index = (slice(None), slice(None)) + tuple(
             slice(k * d, k * d + (o - 1) * st + 1, st)
             for k, d, o, st in zip(offset, geo.dilations, geo.out_size, geo.strides))
-        out[index] += cols[(slice(None),) + offset]
+        out[index] += cols[(slice(None), slice(None)) + offset]
     return out
 
 
+def _grouped(a: np.ndarray, groups: int) -> np.ndarray:
+    """[N, C, *rest] → [G, C/G·|rest|, N·|...|]: a matrix per group whose columns run over the
+    samples (a view when N is 1). `rest` is split as (*inner, *outer) by the caller's reshape."""
+    n = a.shape[0]
+    return a.reshape(n, groups, -1, a.shape[-1]).transpose(1, 2, 0, 3).reshape(groups, -1, n * a.shape[-1])
+
+
 def _columns(x: np.ndarray, groups: int, geo: Geometry) -> np.ndarray:
-    """im2col: [G, Cg·K, P] from x [C, *S]."""
+    """im2col: [G, Cg·K, N·P] from x [N, C, *S]."""
+    n, c = x.shape[:2]
     if geo.kernel_volume == 1 and all(s == 1 for s in geo.strides) and geo.padded_size == geo.in_size:
-        return x.reshape(groups, x.shape[0] // groups, -1)  # a 1×1 convolution reads x as it is
+        return _grouped(x.reshape(n, c, -1), groups)  # a 1×1 convolution reads x as it is
     cols = window_view(pad_input(x, geo), geo)
-    return cols.reshape(groups, (x.shape[0] // groups) * geo.kernel_volume, -1)
+    return _grouped(cols.reshape(n, c * geo.kernel_volume, -1), groups)
+
+
+def _ungrouped(a: np.ndarray, n: int, inner, outer) -> np.ndarray:
+    """Inverse of `_grouped`: [G, Cg·|inner|, N·|outer|] → [N, C, *inner, *outer]."""
+    channels = a.shape[0] * a.shape[1] // int(np.prod(inner, dtype=np.int64))
+    return np.moveaxis(a.reshape((channels,) + tuple(inner) + (n,) + tuple(outer)), 1 + len(inner), 0)
 
 
 def _crop_or_pad(arr: np.ndarray, begin, size) -> np.ndarray:
-    """Window [begin, begin+size) of the spatial axes of arr [C, *S], zero outside."""
-    out = np.zeros((arr.shape[0],) + tuple(size), dtype=arr.dtype)
-    src, dst = [slice(None)], [slice(None)]
-    for b, s, n in zip(begin, size, arr.shape[1:]):
+    """Window [begin, begin+size) of the spatial axes of arr [N, C, *S], zero outside."""
+    out = np.zeros(arr.shape[:2] + tuple(size), dtype=arr.dtype)
+    src, dst = [slice(None)] * 2, [slice(None)] * 2
+    for b, s, n in zip(begin, size, arr.shape[2:]):
         lo, hi = max(b, 0), min(b + s, n)
         src.append(slice(lo, max(lo, hi)))
         dst.append(slice(lo - b, lo - b + max(0, hi - lo)))
@@ -101,9 +119,9 @@ def _crop_or_pad(arr: np.ndarray, begin, size) -> np.ndarray:
 
 def _uncrop(arr: np.ndarray, begin, full_size) -> np.ndarray:
     """Adjoint of `_crop_or_pad`: place arr back into zeros of `full_size`."""
-    out = np.zeros((arr.shape[0],) + tuple(full_size), dtype=arr.dtype)
-    src, dst = [slice(None)], [slice(None)]
-    for b, s, n in zip(begin, arr.shape[1:], full_size):
+    out = np.zeros(arr.shape[:2] + tuple(full_size), dtype=arr.dtype)
+    src, dst = [slice(None)] * 2, [slice(None)] * 2
+    for b, s, n in zip(begin, arr.shape[2:], full_size):
         lo, hi = max(b, 0), min(b + s, n)
         dst.append(slice(lo, max(lo, hi)))
         src.append(slice(lo - b, lo - b + max(0, hi - lo)))
@@ -292,24 +310,22 @@ class NumpyExecutor:
         return [into], [(prim.weight.use, None, factors)]
 
     # Conv
-    def _conv_setup(self, prim: P.Conv, x):
-        w2 = self._factor(prim.weight)
-        groups = prim.groups
-        return w2.shape, x[0], w2.reshape(groups, w2.shape[0] // groups, -1)
-
     def _forward_Conv(self, prim: P.Conv, x):
-        wshape, x, w2 = self._conv_setup(prim, x)
-        geo = prim.geometry
-        y = np.matmul(w2, _columns(x, prim.groups, geo)).reshape((1, wshape[0]) + geo.out_size)
-        return [y]
+        w2 = self._factor(prim.weight)
+        groups, geo = prim.groups, prim.geometry
+        y = np.matmul(w2.reshape(groups, w2.shape[0] // groups, -1), _columns(x, groups, geo))  # [G, Og, N·P]
+        return [_ungrouped(y, x.shape[0], (), geo.out_size)]
 
     def _backward_Conv(self, prim: P.Conv, inputs, adj):
-        wshape, x, w2 = self._conv_setup(prim, inputs[0])
-        geo, groups = prim.geometry, prim.groups
-        adj = adj[0].reshape(groups, wshape[0] // groups, -1)
-        back = np.matmul(w2.transpose(0, 2, 1), adj).reshape((x.shape[0],) + geo.kernel + geo.out_size)
+        x = inputs[0]
+        w2 = self._factor(prim.weight)
+        wshape, groups, geo = w2.shape, prim.groups, prim.geometry
+        n = x.shape[0]
+        adj = _grouped(adj.reshape(adj.shape[:2] + (-1,)), groups)  # [G, Og, N·P]
+        w2 = w2.reshape(groups, wshape[0] // groups, -1)
+        back = _ungrouped(np.matmul(w2.transpose(0, 2, 1), adj), n, geo.kernel, geo.out_size)
         del w2  # the weights' copies go before the statistics' arrays arrive
-        into = crop_input(scatter_windows(back, geo), geo)[None]
+        into = crop_input(scatter_windows(back, geo), geo)
         del back
         cols = _columns(x, groups, geo)
         factors = (adj[0], cols[0]) if groups == 1 and geo.kernel_volume == 1 else None
@@ -319,43 +335,43 @@ class NumpyExecutor:
     # ConvTranspose
     def _forward_ConvTranspose(self, prim: P.ConvTranspose, x):
         w2 = self._factor(prim.weight)
-        x = x[0]
         groups, geo = prim.groups, prim.scatter
-        n_out = w2.shape[1] * groups
-        w2 = w2.reshape(groups, w2.shape[0] // groups, -1)  # [G, Cg, Og*K]
-        spread = np.matmul(w2.transpose(0, 2, 1), x.reshape(groups, x.shape[0] // groups, -1))
-        full = scatter_windows(spread.reshape((n_out,) + geo.kernel + geo.out_size), geo)
-        return [_crop_or_pad(full, prim.begin, prim.out_size)[None]]
+        w2 = w2.reshape(groups, w2.shape[0] // groups, -1)  # [G, Cg, Og·K]
+        spread = np.matmul(w2.transpose(0, 2, 1), _grouped(x.reshape(x.shape[:2] + (-1,)), groups))
+        full = scatter_windows(_ungrouped(spread, x.shape[0], geo.kernel, geo.out_size), geo)
+        return [_crop_or_pad(full, prim.begin, prim.out_size)]
 
     def _backward_ConvTranspose(self, prim: P.ConvTranspose, inputs, adj):
+        x = inputs[0]
         w2 = self._factor(prim.weight)
-        wshape, x = w2.shape, inputs[0][0]
-        groups, geo = prim.groups, prim.scatter
+        wshape, groups, geo = w2.shape, prim.groups, prim.scatter
+        n = x.shape[0]
         w2 = w2.reshape(groups, w2.shape[0] // groups, -1)
-        full = _uncrop(adj[0], prim.begin, geo.padded_size)
-        cols = window_view(full, geo).reshape(groups, -1, int(np.prod(geo.out_size)))  # [G, Og*K, P]
-        into = np.matmul(w2, cols).reshape((1,) + x.shape)
-        xg = x.reshape(groups, x.shape[0] // groups, -1)
+        full = _uncrop(adj, prim.begin, geo.padded_size)
+        view = window_view(full, geo)
+        cols = _grouped(view.reshape(view.shape[:2] + (-1, int(np.prod(geo.out_size)))).reshape(
+            n, view.shape[1] * geo.kernel_volume, -1), groups)  # [G, Og·K, N·P]
+        into = _ungrouped(np.matmul(w2, cols), n, (), x.shape[2:])
+        xg = _grouped(x.reshape(x.shape[:2] + (-1,)), groups)
         g = np.matmul(xg, cols.transpose(0, 2, 1)).reshape(wshape)
         return [into], [(prim.weight.use, g, None)]
 
     # WindowSum
     def _forward_WindowSum(self, prim: P.WindowSum, x):
         geo = prim.geometry
-        y = window_view(pad_input(x[0], geo), geo).sum(axis=tuple(range(1, 1 + len(geo.kernel))))
+        y = window_view(pad_input(x, geo), geo).sum(axis=tuple(range(2, 2 + len(geo.kernel))))
         if prim.weight is not None:
             y = y * prim.weight
-        return [y[None]]
+        return [y]
 
     def _backward_WindowSum(self, prim: P.WindowSum, inputs, adj):
         geo = prim.geometry
-        adj = adj[0]
         if prim.weight is not None:
             adj = adj * prim.weight
         nd = len(geo.kernel)
-        cols = np.broadcast_to(adj.reshape((adj.shape[0],) + (1,) * nd + adj.shape[1:]),
-                               (adj.shape[0],) + geo.kernel + geo.out_size)
-        return [crop_input(scatter_windows(cols, geo), geo)[None]], []
+        cols = np.broadcast_to(adj.reshape(adj.shape[:2] + (1,) * nd + adj.shape[2:]),
+                               adj.shape[:2] + geo.kernel + geo.out_size)
+        return [crop_input(scatter_windows(cols, geo), geo)], []
 
     # ReduceSum
     def _forward_ReduceSum(self, prim: P.ReduceSum, x):

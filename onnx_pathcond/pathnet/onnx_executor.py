@@ -314,22 +314,28 @@ class OnnxExecutor:
                         dilations=list(geo.dilations), pads=list(geo.pads_begin) + list(geo.pads_end), group=groups)
         else:
             wshape, w2r = self._conv_weight(prim)
-            cols = columns(self, x, self._shape(prim.x)[1], groups, geo)
-            y = self.reshape(self.op("MatMul", [w2r, cols]), [1, wshape[0]] + list(geo.out_size))
+            lead = self._shape(prim.x)[:2]
+            y = self.op("MatMul", [w2r, columns(self, x, lead, groups, geo)])  # [G, Og, N·P]
+            y = from_groups(self, y, lead[0], wshape[0], [], geo.out_size)
         return [self._made(y, self._shape(prim.y))]
+
+    def _grouped_adjoint(self, prim, adj: str) -> str:
+        """The output adjoint [N, O, *out] as [G, Og, N·P]."""
+        n, n_out = self._shape(prim.y)[:2]
+        return to_groups(self, adj, n, n_out, prim.groups, 1, int(np.prod(self._shape(prim.y)[2:])))
 
     def _backward_Conv(self, prim: P.Conv, inputs, adj):
         if self.native_conv:
             return self._native_conv_backward(prim, inputs[0], adj)
         geo, groups = prim.geometry, prim.groups
         wshape, w2r = self._conv_weight(prim)
-        x_shape = self._shape(prim.x)
-        adj = self.reshape(adj, [groups, wshape[0] // groups, -1])
+        lead = self._shape(prim.x)[:2]
+        adj = self._grouped_adjoint(prim, adj)
         back = self.op("MatMul", [self.transpose(w2r, [0, 2, 1]), adj])
-        into = scatter_columns(self, back, x_shape[1], geo)
-        cols = columns(self, inputs[0], x_shape[1], groups, geo)
+        into = scatter_columns(self, back, lead, geo)
+        cols = columns(self, inputs[0], lead, groups, geo)
         if groups == 1 and geo.kernel_volume == 1:
-            factors = (self.reshape(adj, [wshape[0], -1]), self.reshape(cols, [x_shape[1], -1]))
+            factors = (self.reshape(adj, [wshape[0], -1]), self.reshape(cols, [lead[1], -1]))
             return [into], [(prim.weight.use, None, factors)]
         return [into], [(prim.weight.use, self.op("MatMul", [adj, self.transpose(cols, [0, 2, 1])]), None)]
 
@@ -338,7 +344,7 @@ class OnnxExecutor:
         input channels of a group and whose kernel is the adjoint mass."""
         geo, groups = prim.geometry, prim.groups
         w2, wshape = self._factor(prim.weight), prim.weight.use.view_shape
-        x_shape = self._shape(prim.x)
+        n, channels = self._shape(prim.x)[:2]
         nd = len(geo.kernel)
         # Input adjoint: the transposed convolution, unpadded, reaches the windows' full extent;
         # cropping the begin pads and cutting (or zero-filling) the end gives the input's size.
@@ -353,16 +359,19 @@ class OnnxExecutor:
         if any(short):  # input positions that no window reads get a zero adjoint
             back = self.op("Pad", [back, self.ints([0] * (2 + nd) + [0, 0] + short)])
         if groups == 1 and geo.kernel_volume == 1:
-            cols = columns(self, x, x_shape[1], 1, geo)
-            factors = (self.reshape(adj, [wshape[0], -1]), self.reshape(cols, [x_shape[1], -1]))
+            cols = columns(self, x, (n, channels), 1, geo)
+            factors = (self.reshape(self._grouped_adjoint(prim, adj), [wshape[0], -1]),
+                       self.reshape(cols, [channels, -1]))
             return [back], [(prim.weight.use, None, factors)]
-        # g[o, i, k] = sum_p F[group(o)·Cg + i, p·stride + k·dilation − pad] · adj[o, p]:
-        # a Conv of F as [Cg, G, *S] (batch Cg) with adj as G groups of [O/G, 1, *out]
+        # g[o, i, k] = Σ_n Σ_p F[n, group(o)·Cg + i, p·stride + k·dilation − pad] · adj[n, o, p]:
+        # a Conv of F as [Cg, G·N, *S] (batch Cg) with adj as G groups of [O/G, N, *out]
         # kernels, stride and dilation swapped. It may reach past k: keep the first k.
-        per_group = x_shape[1] // groups
-        mass = self.reshape(x, [groups, per_group] + list(geo.in_size))
-        mass = self.transpose(mass, [1, 0] + list(range(2, 2 + nd)))
-        kernels = self.reshape(adj, [wshape[0], 1] + list(geo.out_size))
+        per_group = channels // groups
+        spatial = list(range(3, 3 + nd))
+        mass = self.transpose(self.reshape(x, [n, groups, per_group] + list(geo.in_size)), [2, 1, 0] + spatial)
+        mass = self.reshape(mass, [per_group, groups * n] + list(geo.in_size))
+        kernels = self.reshape(adj, [wshape[0], 1] + list(geo.out_size)) if n == 1 else \
+            self.transpose(adj, [1, 0] + list(range(2, 2 + nd)))
         full = self.op("Conv", [mass, kernels], strides=list(geo.dilations), dilations=list(geo.strides),
                        pads=list(geo.pads_begin) + list(geo.pads_end), group=groups)  # [Cg, O, *K']
         g = self.op("Slice", [full, self.ints([0] * nd), self.ints(geo.kernel), self.ints(range(2, 2 + nd))])
@@ -377,30 +386,30 @@ class OnnxExecutor:
 
     def _forward_ConvTranspose(self, prim: P.ConvTranspose, x):
         geo, groups = prim.scatter, prim.groups
-        wshape, w2r = self._conv_weight(prim)  # [G, Cg, Og*K]
-        x_shape = self._shape(prim.x)
+        wshape, w2r = self._conv_weight(prim)  # [G, Cg, Og·K]
+        n, channels = self._shape(prim.x)[:2]
         n_out = wshape[1] * groups
-        x = self.reshape(x, [groups, x_shape[1] // groups, -1])
-        spread = self.op("MatMul", [self.transpose(w2r, [0, 2, 1]), x])  # [G, Og*K, P]
-        per_offset = self.reshape(spread, [1, n_out, geo.kernel_volume] + list(geo.out_size))
+        spread = self.op("MatMul", [self.transpose(w2r, [0, 2, 1]),
+                                    to_groups(self, x, n, channels, groups, 1, int(np.prod(geo.out_size)))])
+        per_offset = from_groups(self, spread, n, n_out, [geo.kernel_volume], geo.out_size)  # [N, O, K, *in]
         parts = []
         for k in range(geo.kernel_volume):
             one = self.op("Slice", [per_offset, self.ints([k]), self.ints([k + 1]), self.ints([2])])
-            parts.append(self.reshape(one, [1, n_out] + list(geo.out_size)))
-        full = scatter_windows(self, parts, n_out, geo)
+            parts.append(self.reshape(one, [n, n_out] + list(geo.out_size)))
+        full = scatter_windows(self, parts, (n, n_out), geo)
         y = self.op("Pad", [full, self.ints(self._crop_pads(geo, prim.begin, prim.out_size))])
         return [self._made(y, self._shape(prim.y))]
 
     def _backward_ConvTranspose(self, prim: P.ConvTranspose, inputs, adj):
         geo, groups = prim.scatter, prim.groups
         wshape, w2r = self._conv_weight(prim)
-        x_shape = self._shape(prim.x)
+        n, channels = self._shape(prim.x)[:2]
         n_out = wshape[1] * groups
         undo = [-p for p in self._crop_pads(geo, prim.begin, prim.out_size)]
         full = self.op("Pad", [adj, self.ints(undo)])
-        cols = columns(self, full, n_out, groups, geo)  # [G, Og*K, P]
-        into = self.reshape(self.op("MatMul", [w2r, cols]), list(x_shape))
-        x = self.reshape(inputs[0], [groups, x_shape[1] // groups, -1])
+        cols = columns(self, full, (n, n_out), groups, geo)  # [G, Og·K, N·P]
+        into = from_groups(self, self.op("MatMul", [w2r, cols]), n, channels, [], geo.out_size)
+        x = to_groups(self, inputs[0], n, channels, groups, 1, int(np.prod(geo.out_size)))
         return [into], [(prim.weight.use, self.op("MatMul", [x, self.transpose(cols, [0, 2, 1])]), None)]
 
     # WindowSum
@@ -416,7 +425,7 @@ class OnnxExecutor:
         geo = prim.geometry
         if prim.weight is not None:
             adj = self.mul(adj, self.const(prim.weight[None, None]))
-        full = scatter_windows(self, [adj] * geo.kernel_volume, self._shape(prim.x)[1], geo)
+        full = scatter_windows(self, [adj] * geo.kernel_volume, self._shape(prim.x)[:2], geo)
         return [crop_input(self, full, geo)], []
 
     # ReduceSum
@@ -537,34 +546,56 @@ def _dilate(b: OnnxExecutor, t: str, shape, geo: Geometry, first_axis: int = 2) 
     return t
 
 
-def scatter_windows(b: OnnxExecutor, parts: List[str], channels: int, geo: Geometry) -> str:
-    """Adjoint of `window_slices`: sum each offset's [1, C, *out] into [1, C, *padded_size]."""
+def scatter_windows(b: OnnxExecutor, parts: List[str], lead, geo: Geometry) -> str:
+    """Adjoint of `window_slices`: sum each offset's [N, C, *out] (`lead` = [N, C]) into
+    [N, C, *padded_size]."""
     dilated_size = [(o - 1) * st + 1 for o, st in zip(geo.out_size, geo.strides)]
     placed = []
     for k, part in zip(_offsets(geo), parts):
-        d = _dilate(b, part, [1, channels] + list(geo.out_size), geo)
+        d = _dilate(b, part, list(lead) + list(geo.out_size), geo)
         begin = [ki * dd for ki, dd in zip(k, geo.dilations)]
         end = [p - bg - ds for p, bg, ds in zip(geo.padded_size, begin, dilated_size)]
         placed.append(b.op("Pad", [d, b.ints([0, 0] + begin + [0, 0] + end)]) if any(begin) or any(end) else d)
     return placed[0] if len(placed) == 1 else b.op("Sum", placed)
 
 
-def columns(b: OnnxExecutor, x: str, channels: int, groups: int, geo: Geometry) -> str:
-    """im2col: [G, Cg·K, P] from x [1, C, *S] (the windows of every offset, stacked)."""
+def to_groups(b: OnnxExecutor, t: str, n: int, channels: int, groups: int, inner: int, outer: int) -> str:
+    """[N, C, *inner, *outer] (of sizes |inner|, |outer|) → [G, C/G·|inner|, N·|outer|]: a matrix per
+    group whose columns run over the samples."""
+    rows = channels // groups * inner
+    if n == 1:
+        return b.reshape(t, [groups, rows, outer])
+    t = b.transpose(b.reshape(t, [n, groups, rows, outer]), [1, 2, 0, 3])
+    return b.reshape(t, [groups, rows, n * outer])
+
+
+def from_groups(b: OnnxExecutor, t: str, n: int, channels: int, inner, outer) -> str:
+    """Inverse of `to_groups`: [G, Cg·|inner|, N·|outer|] → [N, C, *inner, *outer]."""
+    inner, outer = list(inner), list(outer)
+    if n == 1:
+        return b.reshape(t, [1, channels] + inner + outer)
+    t = b.reshape(t, [channels] + inner + [n] + outer)
+    k = len(inner)
+    return b.transpose(t, [k + 1, 0] + list(range(1, k + 1)) + list(range(k + 2, k + 2 + len(outer))))
+
+
+def columns(b: OnnxExecutor, x: str, lead, groups: int, geo: Geometry) -> str:
+    """im2col: [G, Cg·K, N·P] from x [N, C, *S] (`lead` = [N, C]): the windows of every offset."""
+    n, channels = lead
     K = geo.kernel_volume
     P_ = int(np.prod(geo.out_size))
-    per_group = channels // groups
-    parts = [b.reshape(p, [groups, per_group, 1, P_]) for p in window_slices(b, pad_input(b, x, geo), geo)]
+    parts = [b.reshape(p, [n, channels, 1, P_]) for p in window_slices(b, pad_input(b, x, geo), geo)]
     stacked = parts[0] if K == 1 else b.op("Concat", parts, axis=2)
-    return b.reshape(stacked, [groups, per_group * K, P_])
+    return to_groups(b, stacked, n, channels, groups, K, P_)
 
 
-def scatter_columns(b: OnnxExecutor, cols: str, channels: int, geo: Geometry) -> str:
-    """Adjoint of `columns` (up to the padding crop): [G, Cg·K, P] → [1, C, *S]."""
+def scatter_columns(b: OnnxExecutor, cols: str, lead, geo: Geometry) -> str:
+    """Adjoint of `columns` (up to the padding crop): [G, Cg·K, N·P] → [N, C, *S]."""
+    n, channels = lead
     K = geo.kernel_volume
-    per_offset = b.reshape(cols, [1, channels, K] + list(geo.out_size))
+    per_offset = from_groups(b, cols, n, channels, [K], geo.out_size)  # [N, C, K, *out]
     parts = []
     for k in range(K):
         one = b.op("Slice", [per_offset, b.ints([k]), b.ints([k + 1]), b.ints([2])])
-        parts.append(b.reshape(one, [1, channels] + list(geo.out_size)))
-    return crop_input(b, scatter_windows(b, parts, channels, geo), geo)
+        parts.append(b.reshape(one, [n, channels] + list(geo.out_size)))
+    return crop_input(b, scatter_windows(b, parts, lead, geo), geo)

@@ -348,9 +348,8 @@ class NumpyExecutor:
         n = x.shape[0]
         w2 = w2.reshape(groups, w2.shape[0] // groups, -1)
         full = _uncrop(adj, prim.begin, geo.padded_size)
-        view = window_view(full, geo)
-        cols = _grouped(view.reshape(view.shape[:2] + (-1, int(np.prod(geo.out_size)))).reshape(
-            n, view.shape[1] * geo.kernel_volume, -1), groups)  # [G, Og·K, N·P]
+        view = window_view(full, geo)  # [N, O, *K, *in]
+        cols = _grouped(view.reshape(n, view.shape[1] * geo.kernel_volume, -1), groups)  # [G, Og·K, N·P]
         into = _ungrouped(np.matmul(w2, cols), n, (), x.shape[2:])
         xg = _grouped(x.reshape(x.shape[:2] + (-1,)), groups)
         g = np.matmul(xg, cols.transpose(0, 2, 1)).reshape(wshape)

@@ -117,8 +117,44 @@ def analyse(graph: Graph) -> Analysis:
         rule.analyse(node, an)
     for name in graph.graph_outputs:
         an.freeze_layout(name, f"reaches graph output '{name}'", "graph_output")
+    freeze_weights_visible_at_run_time(an)
     reconcile_stored_tensors(an)
     return an
+
+
+def freeze_weights_visible_at_run_time(an: Analysis) -> None:
+    """A stored weight that the caller can feed (an initializer also listed as a graph input,
+    as older exporters write them) or read (a graph output, directly or through Identity,
+    Transpose or Cast) is part of the model's interface: rescaling it would change what the
+    model computes when it is fed, or what it returns. Its channels keep scale 1."""
+    graph = an.graph
+    fed = {v.name for v in graph.model.graph.input} & set(graph.initializers)
+    outputs = set(graph.graph_outputs)
+    for use in an.uses:
+        if use.ref is None or use.ignored:
+            continue
+        name = use.ref.name
+        if name in fed:
+            why = f"parameter '{name}' is also a graph input, so it can be fed at run time"
+        else:
+            shown = next((n for n in _aliases(graph, name) if n in outputs), None)
+            if shown is None:
+                continue
+            why = f"parameter '{name}' is also returned as graph output '{shown}'"
+        an.freeze(use.rows, why, "fixed_weight")
+        an.freeze(use.cols, why, "fixed_weight")
+
+
+def _aliases(graph: Graph, name: str):
+    """`name` and every tensor that is it moved through Identity, Transpose or Cast nodes."""
+    found, frontier = [name], [name]
+    while frontier:
+        current = frontier.pop()
+        for node in graph.consumers.get(current, []):
+            if node.op_type in ("Identity", "Transpose", "Cast") and node.output and node.output[0]:
+                found.append(node.output[0])
+                frontier.append(node.output[0])
+    return found
 
 
 def _readers(graph: Graph, name: str):

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Callable, Collection, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -39,9 +39,10 @@ def load_model(path: Union[str, os.PathLike]) -> onnx.ModelProto:
     return _load(path, lazy=False)[0]
 
 
-def _load(path: Union[str, os.PathLike], lazy: bool) -> Tuple[onnx.ModelProto, Optional[protoio.FileWeights]]:
+def _load(path: Union[str, os.PathLike], lazy: bool) -> Tuple[onnx.ModelProto, Optional[protoio.FileWeights], List[str]]:
     """`load_model`; with `lazy`, the large float initializers keep their values in the file
-    (inline or external data) and the returned `FileWeights` reads them when needed."""
+    (inline or external data) and the returned `FileWeights` reads them when needed. The
+    third value lists the files the model is read from: itself and its external data files."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"input file '{path}' does not exist")
@@ -61,6 +62,8 @@ def _load(path: Union[str, os.PathLike], lazy: bool) -> Tuple[onnx.ModelProto, O
         raise InputError(f"'{path}' is not an ONNX model (it parsed to an empty graph)")
     external = {t.name for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL}
     _EXTERNAL_TENSORS.pop(id(model), None)  # an entry left by a freed model that had this id
+    files = [path] + sorted({os.path.join(os.path.dirname(path), _location(t)) for t in _all_tensors(model)
+                             if t.data_location == onnx.TensorProto.EXTERNAL and _location(t)})
     if external:
         folder = os.path.dirname(os.path.abspath(path))
         try:
@@ -77,7 +80,11 @@ def _load(path: Union[str, os.PathLike], lazy: bool) -> Tuple[onnx.ModelProto, O
             raise InputError(f"cannot read the external data of '{path}': {_one_line(e)}") from None
         _EXTERNAL_TENSORS[id(model)] = external
     check_model(model)
-    return model, weights
+    return model, weights, files
+
+
+def _location(tensor: onnx.TensorProto) -> str:
+    return next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
 
 
 # For a ModelProto read by load_model: the tensors its file kept in external data.
@@ -129,6 +136,28 @@ def check_output_path(output: Union[str, os.PathLike], input_path: Optional[str]
     if input_path is not None and os.path.exists(output) and os.path.samefile(output, input_path) and not overwrite:
         raise InputError(f"output '{output}' is the input file; pass --overwrite to replace it")
     return output
+
+
+def check_output_keeps_input(output: Union[str, os.PathLike], input_files: Sequence[str], writes_data: bool) -> None:
+    """Refuse an output whose writing would replace a file the input is read from.
+
+    The run writes OUT, and OUT + ".data" when the model keeps weights as external data; the
+    input is read from its model file and its external data files. OUT being the input's
+    model file itself is left to `check_output_path` (allowed with --overwrite: the input,
+    its data file included, is then replaced as a whole)."""
+    output = os.fspath(output)
+    if not input_files or _same_file(output, input_files[0]):
+        return
+    written = [output] + ([output + ".data"] if writes_data else [])
+    for target in written:
+        for source in input_files:
+            if _same_file(target, source):
+                what = "input model" if source == input_files[0] else f"external data of the input '{input_files[0]}'"
+                raise InputError(f"writing '{output}' would overwrite '{source}', the {what}; choose another output")
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
 def _new_file_mode(path: str) -> int:
@@ -320,7 +349,9 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
             report.input = os.fspath(model)
             # Streaming to a file, the weights are read from the input when they are needed
             # (statistics, then the save) instead of being held in memory all along.
-            model, weights = _load(model, lazy=stream)
+            model, weights, files = _load(model, lazy=stream)
+            if output is not None and not dry_run:
+                check_output_keeps_input(output, files, writes_data=bool(external_tensors(model)))
     say("analyse")
     with clock("analyse"):
         graph, analysis, groups = analyse_model(model, input_shapes, weights)

@@ -712,6 +712,52 @@ def test_external_data_stays_external(tmp_path):
     assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
 
 
+def _external_input(folder: Path, location: str) -> Workspace:
+    """A Workspace whose input 'in.onnx' keeps its weights in `location` (next to it)."""
+    ws = Workspace(folder, small_mlp())
+    onnx.save(onnx.load(str(ws.input)), str(ws.input), save_as_external_data=True, location=location,
+              size_threshold=0)
+    ws.data = folder / location
+    ws.data_bytes = ws.data.read_bytes()
+    ws.input_bytes, ws.input_mtime, ws.listing = ws.input.read_bytes(), ws.input.stat().st_mtime_ns, ws.files()
+    return ws
+
+
+@pytest.mark.parametrize("location, out, clash", [
+    ("out.onnx.data", "out.onnx", "out.onnx.data"),  # OUT's data file is the input's
+    ("in.onnx.data", "in.onnx.data", "in.onnx.data"),  # OUT is the input's data file
+    ("weights.bin", "weights.bin", "weights.bin"),
+], ids=["out-data-is-input-data", "out-is-input-data", "out-is-other-data-file"])
+def test_output_that_would_replace_the_inputs_data_is_refused(tmp_path, location, out, clash):
+    ws = _external_input(tmp_path, location)
+    for flags in ([], ["--overwrite"]):  # --overwrite only allows OUT to be IN itself
+        result = cli(ws.input, tmp_path / out, *flags, code=2)
+        assert_one_error_line(result, clash, "external data")
+        ws.assert_nothing_written()
+        assert ws.data.read_bytes() == ws.data_bytes
+
+
+def test_output_whose_data_file_is_a_link_to_the_inputs_data_is_refused(tmp_path):
+    ws = _external_input(tmp_path, "in.onnx.data")
+    (tmp_path / "out.onnx.data").symlink_to(ws.data)
+    ws.listing = ws.files()
+    assert_one_error_line(cli(ws.input, ws.out, code=2), "in.onnx.data")
+    ws.assert_nothing_written()
+    assert ws.data.read_bytes() == ws.data_bytes
+
+
+def test_overwrite_replaces_the_input_and_its_data_file(tmp_path):
+    ws = _external_input(tmp_path, "in.onnx.data")
+    original = onnx.load(str(ws.input))
+    cli(ws.input, ws.input, "--overwrite", "-q")
+    assert ws.files() == ws.listing
+    assert ws.data.read_bytes() != ws.data_bytes
+    rescaled = onnx.load(str(ws.input))
+    assert_same_structure(original, rescaled)
+    assert_same_function(original, rescaled)
+    assert weights_changed(original, rescaled)
+
+
 # ---------------------------------------------------------------------------- the real executable
 def _command():
     script = Path(sys.executable).parent / ("onnx-pathcond.exe" if os.name == "nt" else "onnx-pathcond")

@@ -75,7 +75,7 @@ def test_streamed_run_from_the_file_matches_the_in_memory_run(tmp_path, dtype):
     src = tmp_path / "in.onnx"
     onnx.save(_wide_mlp(dtype), src)
     snapshot = src.read_bytes()
-    _, weights = _load(str(src), lazy=True)
+    _, weights, _ = _load(str(src), lazy=True)
     assert set(weights.raw) == {"w0", "w1", "w2"}
     in_memory, report_a = rescale(str(src), rtol=3e-2)
     returned, report_b = rescale(str(src), output=tmp_path / "out.onnx", return_model=False, rtol=3e-2)
@@ -91,7 +91,7 @@ def test_external_data_is_not_read_into_memory(tmp_path):
     src = os.path.join(tmp_path, "ext.onnx")
     onnx.save(onnx.ModelProto.FromString(model.SerializeToString()), src, save_as_external_data=True,
               all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
-    skeleton, weights = _load(src, lazy=True)
+    skeleton, weights, _ = _load(src, lazy=True)
     large = [t for t in skeleton.graph.initializer if int(np.prod(t.dims)) > 1000]
     assert large
     for t in skeleton.graph.initializer:  # every initializer still points to the data file

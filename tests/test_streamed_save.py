@@ -12,6 +12,7 @@ from test_equivalence import assert_equivalent
 
 from nets import cnn, mlp
 from onnx_pathcond import protoio, rescale
+from onnx_pathcond.errors import InputError
 
 
 @pytest.mark.parametrize("path", ["models/mlp.onnx", "models/resnet.dynamo_bn.onnx", "models/helper_mlp.onnx",
@@ -88,3 +89,20 @@ def test_writer_rejects_new_values_of_another_size(tmp_path):
     name = model.graph.initializer[0].name
     with open(tmp_path / "m.onnx", "wb") as f, pytest.raises(ValueError, match=name):
         protoio.write_model(model, f, new_raw={name: lambda: np.zeros(3, np.float32)})
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_output_over_the_inputs_data_file_is_refused(tmp_path, streamed):
+    src = _external_copy(mlp([6, 8, 3], seed=2), str(tmp_path), name="in.onnx")
+    os.rename(src + ".data", tmp_path / "out.onnx.data")  # the input now reads OUT's data file
+    model = onnx.load(src, load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "out.onnx.data"
+    onnx.save(model, src)
+    before = (open(src, "rb").read(), (tmp_path / "out.onnx.data").read_bytes())
+    with pytest.raises(InputError, match="out.onnx.data"):
+        rescale(src, output=tmp_path / "out.onnx", return_model=not streamed)
+    assert (open(src, "rb").read(), (tmp_path / "out.onnx.data").read_bytes()) == before
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "out.onnx.data"]

@@ -10,7 +10,7 @@ and the static shape of every tensor for a batch of one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -18,9 +18,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import InputError, ModelError
 
+if TYPE_CHECKING:
+    from .modelfile import ModelFile
+
 # Tensors above this many elements are left out of the skeleton used for shape inference:
 # shape inference only needs their type and shape, and copying them would double memory.
-# Float initializers above it may also stay in their file until read (`protoio.FileWeights`).
+# Float initializers above it may also stay in their file until read (`modelfile.ModelFile`).
 SKELETON_MAX_ELEMENTS = 4096
 
 # Nodes that only move a weight around; a weight behind them can still be rewritten in place.
@@ -109,12 +112,16 @@ class Graph:
     becomes 1; any other dynamic dimension without an override is an error.
     """
 
-    def __init__(self, model: onnx.ModelProto, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
-                 weights=None):
-        self.model = model
-        # Initializers whose values are still in the input file (protoio.FileWeights), or None.
-        self.weights = weights
-        g = model.graph
+    def __init__(self, model: Union[onnx.ModelProto, "ModelFile"],
+                 input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None):
+        if isinstance(model, onnx.ModelProto):
+            from .modelfile import ModelFile  # it reads files with protoio, which needs this module
+
+            model = ModelFile(model)
+        # Where weight values are read from: the ModelProto, or the input's files.
+        self.file = model
+        self.model = model.proto
+        g = self.model.graph
         self.initializers: Dict[str, TensorProto] = {t.name: t for t in g.initializer}
         self.constant_nodes: Dict[str, onnx.NodeProto] = {}
         for n in g.node:
@@ -397,18 +404,7 @@ class Graph:
 
     def initializer_value(self, name: str) -> np.ndarray:
         """An initializer's value, read from its file when it was left there."""
-        if self.weights is not None and name in self.weights:
-            return self.weights.array(self.initializers[name])
-        try:
-            return stored_array(self.initializers[name])
-        except ValueError as e:  # raw data that does not fit the shape, ...
-            raise ModelError(f"initializer '{name}' cannot be read: {e}") from None
-
-    def stays_in_file(self, name: str) -> bool:
-        return self.weights is not None and name in self.weights
+        return self.file.initializer_value(self.initializers[name])
 
     def is_float(self, name: str) -> bool:
         return self.elem_type.get(name, TensorProto.FLOAT) in FLOAT_TYPES
-
-    def is_graph_output(self, name: str) -> bool:
-        return name in self.graph_outputs

@@ -19,10 +19,9 @@ import onnx
 from . import rewrite, solve, stats, verify
 from .criteria.pathcond import ProblemBuilder
 from .errors import InputError, ModelError, VerificationError
-from .exporters import folded_batchnorm, folded_batchnorm_warning
 from .graph import Graph, parse_input_shapes
 from .modelfile import ModelFile, PendingSave, check_output_path  # noqa: F401  (check_output_path: the CLI's)
-from .report import Report, frozen_summary, group_layers
+from .report import Report
 from .symmetry import analyse, build_groups
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
@@ -154,7 +153,7 @@ def _write(source: ModelFile, output, rewritten: rewrite.Rewrite, clock: _Clock)
 
 
 def _verify(original, written, reference: onnx.ModelProto, shapes, seed: int, rtol: Optional[float],
-            clock: _Clock) -> dict:
+            clock: _Clock) -> verify.Verification:
     """Both models on the same random inputs; a mismatch above rtol is an error."""
     with clock("verify"):
         check = verify.compare(original, written, reference, shapes, seed=seed, rtol=rtol)
@@ -163,9 +162,7 @@ def _verify(original, written, reference: onnx.ModelProto, shapes, seed: int, rt
         raise VerificationError(
             f"the rescaled model differs from the input: output '{worst.name}' max difference "
             f"{worst.max_rel:.3g} relative to its scale (rtol {check.rtol:.3g}); nothing was written")
-    return {"engine": check.engine, "rtol": check.rtol, "max_rel": check.max_rel, "passed": check.passed,
-            "seed": seed, "input_shapes": {k: list(v) for k, v in check.input_shapes.items()},
-            "outputs": [vars(o) for o in check.outputs]}
+    return check
 
 
 def _commit(pending: PendingSave, clock: _Clock) -> None:
@@ -213,18 +210,15 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     source = _load(model, stream, output, clock)
     graph, analysis, groups = _analyse(source, input_shapes, clock)
     report = Report(input=source.path, timings=clock.timings)
-    _describe_analysis(report, source, graph, analysis, groups)
+    report.describe_analysis(graph, analysis, groups, external_tensors=len(source.external))
     if dry_run:
         return source.proto, report
 
     builder, problem, runtime = _statistics(graph, analysis, groups, backend, device, clock)
-    report.statistics = runtime
-    if runtime.get("notice"):
-        report.warnings.append(runtime["notice"])
+    report.describe_statistics(runtime)
     result = _solve(problem, solver, max_iter, tol, clock)
-    _describe_solution(report, problem, builder, result, groups, max_iter, tol)
+    report.describe_solution(graph, analysis, groups, problem, builder, result, max_iter, tol)
     del problem, builder  # the statistics are summarised: free them before the weights are copied
-    report.layers = group_layers(graph, analysis, groups, result.u)
     items = rewrite.plan(analysis.uses, groups, result.u)
 
     original = None
@@ -233,9 +227,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     rewritten = _rewrite(graph, items, stream, clock)
     pending = _write(source, output, rewritten, clock) if output is not None else None
     try:
-        ordered = rewritten.in_order(items)
-        report.rewritten = [vars(r) for r in ordered]
-        _dtype_warnings(report, ordered)
+        report.describe_rewrite(rewritten.in_order(items))
         shapes = verify.verification_shapes(source.proto, graph.input_shapes) if verify_output else None
         if stream:  # only the written file is needed from here: let the input's weights go
             reference, result_model = source.skeleton(), None
@@ -244,7 +236,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
             reference = result_model = source.proto
         if verify_output:
             written = pending.model_path if pending is not None else reference
-            report.verification = _verify(original, written, reference, shapes, seed, rtol, clock)
+            report.describe_verification(_verify(original, written, reference, shapes, seed, rtol, clock), seed)
         if pending is not None:
             _commit(pending, clock)
             report.output = os.fspath(output)
@@ -252,72 +244,3 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         if pending is not None:
             pending.discard()
     return result_model, report
-
-
-def _describe_analysis(report: Report, source: ModelFile, graph: Graph, analysis, groups) -> None:
-    uses = [u for u in analysis.uses if not u.ignored]
-    stored = {u.ref.name for u in uses if u.ref is not None}
-    n_params = 0
-    for name in stored:
-        shape = graph.shape(name)
-        n_params += int(np.prod(shape)) if shape else 0
-    report.model = {"external_data_tensors": len(source.external), "nodes": len(graph.nodes), "parameter_tensors": len(stored), "parameters": n_params,
-                    "opsets": {o.domain or "ai.onnx": o.version for o in graph.model.opset_import},
-                    "producer": f"{graph.model.producer_name} {graph.model.producer_version}".strip(),
-                    "inputs": {k: list(v) for k, v in graph.input_shapes.items()}}
-    report.frozen = frozen_summary(graph, analysis, groups)
-    by_category: Dict[str, int] = {}
-    for row in report.frozen:
-        by_category[row["category"]] = by_category.get(row["category"], 0) + row["groups"]
-    report.groups = {"rescalable": groups.count, "frozen": int(groups.frozen_roots.size),
-                     "frozen_by_category": by_category, "positions": analysis.n_positions}
-    report.barrier_ops = dict(analysis.unsupported)
-    report.layers = group_layers(graph, analysis, groups, None)
-    report.exporter = {"folded_batchnorm": folded_batchnorm(graph)}
-    tied = sorted(name for name, (n, nonzero) in analysis.shared.items() if nonzero.any())
-    if tied:
-        report.warnings.append(
-            f"{len(tied)} parameter tensor(s) are read by several nodes ({', '.join(tied[:3])}"
-            f"{', ...' if len(tied) > 3 else ''}): the channels they join were tied so that each keeps one value "
-            f"per element (an exporter that merges equal initializers causes this)")
-    folded = folded_batchnorm_warning(graph)
-    if folded:
-        report.warnings.append(folded)
-    if groups.count == 0:
-        why = ", ".join(f"{n} {cat.replace('_', ' ')}" for cat, n in sorted(by_category.items(), key=lambda kv: -kv[1]))
-        first = report.frozen[0]["reason"] if report.frozen else "no neuron found"
-        report.warnings.append(f"no rescalable group: the output has the same weights as the input (frozen groups: "
-                               f"{why or 'none'}; e.g. {first})")
-
-
-def _describe_solution(report: Report, problem, builder, result, groups, max_iter, tol) -> None:
-    u = result.u
-    lam = np.exp(u / 2.0) if u.size else np.ones(1)
-    max_after, min_after = problem.extremes(u)
-    report.criterion = {
-        "name": "pathcond", "entries": problem.p,
-        "F_before": result.objective_before, "F_after": result.objective_after,
-        "am_gm_before": float(np.exp(problem.log_am_gm(np.zeros(problem.H)))),
-        "am_gm_after": float(np.exp(problem.log_am_gm(u))),
-        "max_before": builder.g_max_before if problem.p else 0.0,
-        "min_before": builder.g_min_before if problem.p else 0.0,
-        "max_after": max_after, "min_after": min_after,
-    }
-    exact = result.method != "coordinate-descent"
-    report.solver = {
-        "method": result.method, "sweeps": result.sweeps, "unit": "iterations" if exact else "sweeps",
-        "change_name": "gradient norm" if exact else "sum |du|", "last_change": result.last_change,
-        "converged": result.converged, "max_iter": max_iter, "tol": tol,
-        "F_before": result.objective_before, "F_after": result.objective_after, "F_history": result.history,
-        "max_abs_u": float(np.abs(u).max()) if u.size else 0.0,
-        "lambda_min": float(lam.min()), "lambda_max": float(lam.max()), "seconds": result.seconds,
-    }
-
-
-def _dtype_warnings(report: Report, rewritten) -> None:
-    limits = {"float16": 65504.0, "bfloat16": 3.3e38, "float32": 3.4e38}
-    for r in rewritten:
-        limit = limits.get(r.dtype)
-        if limit and r.max_abs_after > 0.1 * limit:
-            report.warnings.append(f"rescaled '{r.name}' ({r.dtype}) reaches {r.max_abs_after:.3g}, "
-                                   f"close to the largest {r.dtype} value")

@@ -22,22 +22,11 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .graph import Graph, stored_array
+from .records import RewrittenTensor
 from .symmetry import Groups, ParamUse
 
 # Elements rescaled per float64 temporary: the temporaries stay a few MB whatever the tensor.
 _CHUNK = 1 << 20
-
-
-@dataclass
-class RewrittenTensor:
-    name: str
-    consumer: str  # node that reads it
-    op_type: str
-    role: str
-    dtype: str
-    min_factor: float
-    max_factor: float
-    max_abs_after: float
 
 
 @dataclass

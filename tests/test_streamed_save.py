@@ -24,7 +24,7 @@ def test_streamed_file_is_the_serialized_rescaled_model(tmp_path, path):
     assert returned is None
     assert (tmp_path / "out.onnx").read_bytes() == in_memory.SerializeToString()
     assert report_b.rewritten == report_a.rewritten and report_b.rewritten
-    assert report_b.verification["passed"]
+    assert report_b.verification.passed
     assert not [p for p in os.listdir(tmp_path) if p != "out.onnx"]
 
 

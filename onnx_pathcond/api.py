@@ -16,9 +16,9 @@ from typing import Callable, Collection, Dict, FrozenSet, Optional, Sequence, Tu
 import numpy as np
 import onnx
 
-from . import rewrite, solve, stats, verify
+from . import options, rewrite, solve, stats, verify
 from .criteria.pathcond import ProblemBuilder
-from .errors import InputError, ModelError, VerificationError
+from .errors import ModelError, VerificationError
 from .graph import Graph, parse_input_shapes
 from .modelfile import ModelFile, PendingSave, check_output_path  # noqa: F401  (check_output_path: the CLI's)
 from .report import Report
@@ -132,10 +132,11 @@ def _statistics(graph: Graph, analysis, groups, backend: str, device: str, clock
         return builder, builder.finish(), runtime
 
 
-def _solve(problem, solver: str, max_iter: int, tol: float, clock: _Clock):
-    method = solve.exact_minimiser if solver == "exact" else solve.coordinate_descent
+def _solve(problem, settings: options.SolverSettings, clock: _Clock):
+    method = solve.exact_minimiser if settings.solver == "exact" else solve.coordinate_descent
     with clock("solve"):
-        return method(problem, max_iter=max_iter, tol=tol, progress=lambda k, _: clock.say("solve", k, max_iter))
+        return method(problem, max_iter=settings.max_iter, tol=settings.tol,
+                      progress=lambda k, _: clock.say("solve", k, settings.max_iter))
 
 
 def _rewrite(graph: Graph, items, stream: bool, clock: _Clock) -> rewrite.Rewrite:
@@ -172,16 +173,20 @@ def _commit(pending: PendingSave, clock: _Clock) -> None:
 
 # ---------------------------------------------------------------------------- the pipeline
 def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[int, ...]], Sequence[str]]] = None,
-            solver: str = "cd", max_iter: int = 10, tol: float = 1e-2, verify_output: bool = True,
-            rtol: Optional[float] = None, seed: int = 0, dry_run: bool = False,
-            backend: str = "auto", device: str = "cpu", output: Optional[Union[str, os.PathLike]] = None,
+            solver: str = options.DEFAULT_SOLVER, max_iter: Optional[int] = None, tol: Optional[float] = None,
+            verify_output: bool = True, rtol: Optional[float] = None, seed: int = options.DEFAULT_SEED,
+            dry_run: bool = False, backend: str = options.DEFAULT_BACKEND, device: str = options.DEFAULT_DEVICE,
+            output: Optional[Union[str, os.PathLike]] = None,
             progress: Optional[Callable[..., None]] = None,
             return_model: bool = True) -> Tuple[Optional[onnx.ModelProto], Report]:
     """Rescale a ReLU network with PathCond; returns the new model and a report.
 
     `model` is a path or a ModelProto (a ModelProto is copied, never modified). The result
     computes the same function; with `verify_output` that is checked on random inputs and a
-    mismatch above `rtol` raises `VerificationError`. `input_shapes` fixes dynamic input
+    mismatch above `rtol` raises `VerificationError`. `solver` is "cd" (the authors'
+    coordinate descent) or "exact"; `max_iter` and `tol` left None take that solver's own
+    defaults (`options.SOLVERS`: cd 10 sweeps and 1e-2, exact 1000 iterations and 1e-6).
+    `input_shapes` fixes dynamic input
     dimensions ({"x": (1, 3, 224, 224)} or ["x:1x3x224x224"]). `progress(step, done=None,
     total=None)` is called when a step starts and as it advances. With `dry_run`, only the
     analysis runs and the model is returned unchanged. `backend` computes diag(G) with numpy or
@@ -195,13 +200,8 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     they are written, and None is returned in place of the model: the run never holds all
     the weights at once.
     """
-    if solver not in ("cd", "exact"):
-        raise InputError(f"unknown solver '{solver}' (choose cd or exact)")
-    if max_iter < 0 or not tol >= 0:
-        raise InputError("--max-iter and --tol must not be negative")
-    stats.resolve_backend(backend)
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"unknown device '{device}' (choose cpu or cuda)")
+    settings = options.solver_settings(solver, max_iter, tol)
+    options.check_backend(backend, device)
     if dry_run:
         output = None
     stream = output is not None and not return_model
@@ -216,8 +216,8 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
 
     builder, problem, runtime = _statistics(graph, analysis, groups, backend, device, clock)
     report.describe_statistics(runtime)
-    result = _solve(problem, solver, max_iter, tol, clock)
-    report.describe_solution(graph, analysis, groups, problem, builder, result, max_iter, tol)
+    result = _solve(problem, settings, clock)
+    report.describe_solution(graph, analysis, groups, problem, builder, result, settings.max_iter, settings.tol)
     del problem, builder  # the statistics are summarised: free them before the weights are copied
     items = rewrite.plan(analysis.uses, groups, result.u)
 

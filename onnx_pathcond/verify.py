@@ -20,10 +20,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import ModelError
+from .options import DEFAULT_RTOL
 
-# Tolerances used when --rtol is not given: float32 rounding of a rescaled network stays
-# around 1e-7 relative, half precision around 1e-3.
-DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
 
 
 @dataclass
@@ -52,7 +50,8 @@ class Verification:
 
 
 def default_rtol(model: onnx.ModelProto) -> float:
-    worst = 1e-5
+    """The largest of the default tolerances of the model's outputs' dtypes."""
+    worst = DEFAULT_RTOL["float32"]
     for out in model.graph.output:
         t = out.type.tensor_type.elem_type
         name = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}.get(t)

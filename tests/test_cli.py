@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from nets import Net, mlp
 import onnx_pathcond
-from onnx_pathcond import solve
+from onnx_pathcond import options
 from onnx_pathcond.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -465,7 +465,6 @@ def test_usage_errors_are_one_error_line(tmp_path, args):
     assert_one_error_line(cli(ws.input, ws.out, *args, code=2))
 
 
-@pytest.mark.skipif(not hasattr(solve, "exact_minimiser"), reason="--solver exact is not implemented yet")
 def test_exact_solver(tmp_path):
     ws = Workspace(tmp_path, small_mlp())
     cli(ws.input, ws.out, "--report", ws.report, "-q")
@@ -475,6 +474,29 @@ def test_exact_solver(tmp_path):
     assert report["solver"]["method"] != "coordinate-descent"
     assert report["criterion"]["F_after"] <= cd["F_after"] + 1e-9 * abs(cd["F_after"])
     assert_valid_output(ws)
+
+
+@pytest.mark.parametrize("solver, documented", [("cd", (10, 1e-2)), ("exact", (1000, 1e-6))])
+def test_api_and_command_line_take_the_same_solver_defaults(tmp_path, solver, documented):
+    ws = Workspace(tmp_path, small_mlp())
+    cli(ws.input, ws.out, "--solver", solver, "--report", ws.report, "-q")
+    from_cli = ws.load_report()["solver"]
+    _, report = onnx_pathcond.rescale(str(ws.input), solver=solver)
+    assert (from_cli["max_iter"], from_cli["tol"]) == (report.solver.max_iter, report.solver.tol) == documented
+    assert (options.SOLVERS[solver].max_iter, options.SOLVERS[solver].tol) == documented
+
+
+def test_help_shows_each_solvers_defaults():
+    text = " ".join(cli("--help").stdout.split())
+    assert "Sweeps of coordinate descent (default 10) or iterations of the exact solver (default 1000)" in text
+    assert "(cd, default 1e-2)" in text and "(exact, default 1e-6)" in text
+    assert "(default 1e-5; 1e-2 for float16 outputs)" in text
+
+
+def test_exact_solver_from_the_api_converges_with_its_defaults():
+    _, report = onnx_pathcond.rescale(str(MLP), solver="exact")
+    assert report.solver.converged is True
+    assert report.solver.max_iter == 1000 and report.solver.sweeps < 1000
 
 
 # ---------------------------------------------------------------------------- -q / -v

@@ -186,15 +186,15 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     mismatch above `rtol` raises `VerificationError`. `solver` is "cd" (the authors'
     coordinate descent) or "exact"; `max_iter` and `tol` left None take that solver's own
     defaults (`options.SOLVERS`: cd 10 sweeps and 1e-2, exact 1000 iterations and 1e-6).
-    `input_shapes` fixes dynamic input
-    dimensions ({"x": (1, 3, 224, 224)} or ["x:1x3x224x224"]). `progress(step, done=None,
-    total=None)` is called when a step starts and as it advances. With `dry_run`, only the
-    analysis runs and the model is returned unchanged. `backend` computes diag(G) with numpy or
-    onnxruntime (`auto`: onnxruntime when CUDA is asked for and available, numpy otherwise);
-    `device="cuda"` asks onnxruntime for its CUDA execution provider (the report says which
-    providers really ran, and how many nodes each). With `output`, the
-    model is also saved there, and the file that is checked is the written one: it only
-    takes its place once it has passed. With `output` and `return_model=False` (what the
+    `input_shapes` fixes dynamic input dimensions ({"x": (1, 3, 224, 224)} or
+    ["x:1x3x224x224"]). `progress(step, done=None, total=None)` is called when a step starts
+    and as it advances. With `dry_run`, only the analysis runs and the model is returned
+    unchanged. `backend` computes diag(G) with numpy or onnxruntime (`auto`: onnxruntime when
+    CUDA is asked for and available, numpy otherwise); `device="cuda"` asks onnxruntime for
+    its CUDA execution provider (the report says which providers really ran, and how many
+    nodes each). With `output`, the model is also saved there (never over a file the input
+    is read from, other than the input itself), and the file that is checked is the written
+    one: it only takes its place once it has passed. With `output` and `return_model=False` (what the
     command line does) and a path as `model`, the large weights stay in the input file and
     are read when a step needs them, the rescaled ones are computed one tensor at a time as
     they are written, and None is returned in place of the model: the run never holds all

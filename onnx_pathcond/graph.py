@@ -10,26 +10,25 @@ and the static shape of every tensor for a batch of one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import InputError, ModelError
-
-if TYPE_CHECKING:
-    from .modelfile import ModelFile
+from .modelfile import LEFT_IN_FILE_ABOVE, ModelFile
+from .protoio import FLOAT_TYPES  # noqa: F401  (the float element types; rules import them from here)
 
 # Tensors above this many elements are left out of the skeleton used for shape inference:
 # shape inference only needs their type and shape, and copying them would double memory.
-# Float initializers above it may also stay in their file until read (`modelfile.ModelFile`).
-SKELETON_MAX_ELEMENTS = 4096
+# It is the size above which a float initializer may have no data here (left in its file by
+# `ModelFile`), so that no tensor without its data reaches shape inference.
+SKELETON_MAX_ELEMENTS = LEFT_IN_FILE_ABOVE
 
 # Nodes that only move a weight around; a weight behind them can still be rewritten in place.
 _WEIGHT_TRANSPARENT_OPS = ("Identity", "Transpose", "Cast")
 
-FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 @dataclass(frozen=True)
@@ -112,11 +111,9 @@ class Graph:
     becomes 1; any other dynamic dimension without an override is an error.
     """
 
-    def __init__(self, model: Union[onnx.ModelProto, "ModelFile"],
+    def __init__(self, model: Union[onnx.ModelProto, ModelFile],
                  input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None):
         if isinstance(model, onnx.ModelProto):
-            from .modelfile import ModelFile  # it reads files with protoio, which needs this module
-
             model = ModelFile(model)
         # Where weight values are read from: the ModelProto, or the input's files.
         self.file = model

@@ -24,7 +24,9 @@ from onnx import numpy_helper
 
 from . import protoio
 from .errors import InputError, ModelError, SaveError
-from .graph import SKELETON_MAX_ELEMENTS
+
+# Float initializers with more elements than this stay in their file when read lazily.
+LEFT_IN_FILE_ABOVE = 4096
 
 PathLike = Union[str, os.PathLike]
 # New values of initializers, by name: each function returns the array to store, computed
@@ -66,7 +68,7 @@ class ModelFile:
         weights = protoio.FileWeights()
         try:
             if lazy:
-                proto, weights = protoio.read_skeleton(path, min_elements=SKELETON_MAX_ELEMENTS)
+                proto, weights = protoio.read_skeleton(path, min_elements=LEFT_IN_FILE_ABOVE)
             else:
                 proto = onnx.load(path, load_external_data=False)
         except DecodeError as e:

@@ -394,13 +394,9 @@ def test_report_path_equal_to_input_is_refused(tmp_path):
 
 def test_report_path_equal_to_output_is_refused(tmp_path):
     ws = Workspace(tmp_path, small_mlp())
-    result = cli(ws.input, ws.out, "--report", ws.out, "-q", code=None)
-    if result.exit_code == 0:
-        onnx.checker.check_model(onnx.load(str(ws.out)))  # OUT must still be the model
-    else:
-        assert result.exit_code == 2, describe(result)
-        assert_one_error_line(result)
-        ws.assert_nothing_written()
+    result = cli(ws.input, ws.out, "--report", ws.out, "-q", code=2)
+    assert_one_error_line(result, "--report", "the output model")
+    ws.assert_nothing_written()
 
 
 # ---------------------------------------------------------------------------- --dry-run
@@ -716,8 +712,8 @@ def test_failed_save_is_one_error_line(tmp_path, monkeypatch):
     ws = Workspace(tmp_path, small_mlp())
     _failing_save(monkeypatch, tmp_path)
     result = cli(ws.input, ws.out, code=None)
-    assert result.exit_code in (1, 2), describe(result)
-    assert_one_error_line(result, "out.onnx")
+    assert result.exit_code == 1, describe(result)  # SaveError
+    assert_one_error_line(result, "out.onnx", "No space left on device")
 
 
 # ---------------------------------------------------------------------------- external data

@@ -5,7 +5,7 @@
     python benchmarks/bench_solver.py --models resnet18 mlp --budget 60 --json out.json
 
 For each model, diag(G) and the groups come from the tool's own analysis (numpy statistics).
-The *plain loop* is the authors' cyclic coordinate descent (DESIGN.md §3) written the
+The *plain loop* is the authors' cyclic coordinate descent (docs/design.md §4) written the
 straightforward way: for each group h in order, sum its incoming and outgoing entries of the
 current rescaled diag(G) (gathered through index lists precomputed per group, as the authors'
 code has them from the layer structure), take D_h = total − B_h − C_h, solve
@@ -104,9 +104,9 @@ def build_problem(path: str):
     def flat(use, g):
         chunks.append((g.ravel().copy(), gid(use, use.rows), gid(use, use.cols)))
 
-    def both(use, g):
-        builder.add(use, g)
-        g = np.asarray(g, dtype=np.float64)
+    def both(stat):
+        builder.add(stat)
+        use, g = stat.use, stat.array()
         if use.ref is not None and expected.get(use.ref.name, 1) > 1:
             name = use.ref.name
             mask = nonzero.get(name)

@@ -6,7 +6,7 @@
 
 For each model, diag(G) is computed by every executor asked for, in this process:
 
-* `numpy`: the reference executor (`stats.NumpyPathNetwork`);
+* `numpy`: the reference executor (`pathnet.numpy_executor`);
 * `ort-cpu`, `ort-cuda`: the path network as one float64 ONNX graph run by onnxruntime on the
   CPU or CUDA execution provider.
 
@@ -58,19 +58,20 @@ def collect_g(graph, analysis, backend: str, device: str, native_conv=None):
 
     `native_conv` (onnxruntime only) forces the convolution form of the path-network graph;
     None leaves the tool's own choice."""
-    from onnx_pathcond import ortstats
+    from onnx_pathcond.pathnet import ort
     from onnx_pathcond.stats import compute_diag_g
 
     out: Dict[int, np.ndarray] = {}
 
-    def keep(use, g):
+    def keep(stat):
+        use, g = stat.use, stat.array()
         out[use.index] = out[use.index] + g if use.index in out else np.array(g, dtype=np.float64)
 
     start = time.perf_counter()
     if native_conv is None:
-        info = compute_diag_g(graph, analysis, keep, backend=backend, device=device)
+        info = compute_diag_g(graph, analysis, keep, backend=backend, device=device).as_dict()
     else:
-        info = ortstats.compute_diag_g(graph, analysis, keep, device=device, native_conv=native_conv).as_dict()
+        info = ort.compute_diag_g(graph, analysis, keep, device=device, native_conv=native_conv).as_dict()
     return out, info, time.perf_counter() - start
 
 
@@ -88,12 +89,12 @@ def profile_ops(graph, analysis, device: str, top: int, native_conv=None) -> Lis
     """Per op type: total time and the provider(s), from onnxruntime's profiler."""
     import onnxruntime as ort
 
-    from onnx_pathcond.ortstats import OnnxPathNetwork, session_config
+    from onnx_pathcond.pathnet.ort import build, session_config
 
     if native_conv is None:
         native_conv = device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
-    builder = OnnxPathNetwork(graph, analysis, native_conv=native_conv)
-    model = builder.build()
+    builder = build(graph, analysis, native_conv=native_conv)
+    model = builder.model()
     options, providers = session_config(device)  # the tool's own settings, plus the profiler
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,12 +124,12 @@ def time_opt_levels(graph, analysis, device: str, native_conv=None) -> List[str]
     (the graph runs once: optimising it only pays when the run gains more than it costs)."""
     import onnxruntime as ort
 
-    from onnx_pathcond.ortstats import OnnxPathNetwork, session_config
+    from onnx_pathcond.pathnet.ort import build, session_config
 
     if native_conv is None:
         native_conv = device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
-    builder = OnnxPathNetwork(graph, analysis, native_conv=native_conv)
-    data = builder.build().SerializeToString()
+    builder = build(graph, analysis, native_conv=native_conv)
+    data = builder.model().SerializeToString()
     names = [n for name, (_, factored) in builder.g_outputs.items()
              for n in ([f"{name}_left", f"{name}_right"] if factored else [name])]
     lines = []

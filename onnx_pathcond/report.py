@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from .exporters import folded_batchnorm, folded_batchnorm_warning
 from .graph import Graph, node_label
+from .pathnet.records import RuntimeInfo
 from .records import (CriterionSummary, ExporterFindings, FrozenRange, GroupCounts, LayerGroups, ModelSummary, Record,
-                      RewrittenTensor, SolverSummary, VerificationSummary)
+                      RewrittenTensor, SolverSummary, StatisticsRun, VerificationSummary)
 from .symmetry import Analysis, Groups
 from .verify import Verification
 
@@ -85,8 +86,7 @@ class Report:
     """What a run found and did, one typed record per step (see `records`).
 
     `to_dict()` / `to_json()` give the JSON report; `summary()` the text the command line
-    prints. `statistics` is what the statistics step returned about how it ran (anything
-    with `as_dict()`: its backend, providers, precision, notice, ...).
+    prints. `statistics` holds the statistics step's own record of how it ran (`RuntimeInfo`).
     """
 
     input: Optional[str] = None
@@ -97,7 +97,7 @@ class Report:
     frozen: List[FrozenRange] = field(default_factory=list)
     barrier_ops: Dict[str, int] = field(default_factory=dict)
     exporter: Optional[ExporterFindings] = None
-    statistics: Optional[Any] = None
+    statistics: Optional[StatisticsRun] = None
     criterion: Optional[CriterionSummary] = None
     solver: Optional[SolverSummary] = None
     rewritten: List[RewrittenTensor] = field(default_factory=list)
@@ -156,10 +156,10 @@ class Report:
             self.warnings.append(f"no rescalable group: the output has the same weights as the input (frozen groups: "
                                  f"{why or 'none'}; e.g. {first})")
 
-    def describe_statistics(self, runtime) -> None:
+    def describe_statistics(self, runtime: RuntimeInfo) -> None:
         """What computed diag(G); its notice (e.g. CUDA asked for but not used) is a warning."""
-        self.statistics = runtime if hasattr(runtime, "as_dict") else _StatisticsDict(runtime)
-        if self.statistics.notice:
+        self.statistics = StatisticsRun(runtime)
+        if runtime.notice:
             self.warnings.append(self.statistics.notice)
 
     def describe_solution(self, graph: Graph, an: Analysis, groups: Groups, problem, builder, result,
@@ -252,30 +252,6 @@ class Report:
         for w in self.warnings:
             lines.append(f"  warning    {w}")
         return "\n".join(lines)
-
-
-@dataclass
-class _StatisticsDict(Record):
-    """The statistics step's record while `stats.compute_diag_g` returns a dict: the fields
-    the summary reads, and the dict itself as the JSON form. (Delete once it returns its
-    RuntimeInfo on every backend.)"""
-
-    record: dict
-
-    def __getattr__(self, name: str):
-        if name == "record":
-            raise AttributeError(name)
-        if name in ("nodes_by_provider", "cpu_fallback_ops"):
-            return self.record.get(name, {})
-        if name == "notice":
-            return self.record.get(name, "")
-        try:
-            return self.record[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def as_dict(self) -> dict:
-        return self.record
 
 
 def _jsonable(obj):

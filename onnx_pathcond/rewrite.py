@@ -1,4 +1,4 @@
-"""Writing the rescaled parameters back (DESIGN.md §4).
+"""Writing the rescaled parameters back (docs/design.md §7).
 
 Only the *values* of initializers and Constant-node tensors change; names, shapes, dtypes,
 node order, opsets and metadata stay as they were. Each element is multiplied, in float64,

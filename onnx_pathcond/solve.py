@@ -1,4 +1,4 @@
-"""Minimising the criterion over the log-rescalings u (DESIGN.md §3).
+"""Minimising the criterion over the log-rescalings u (docs/design.md §4).
 
 `coordinate_descent` is the authors' published method: cyclic exact minimisation over one
 u_h at a time, groups in layer order, from u = 0, at most `max_iter` sweeps, stopping when a

@@ -1,4 +1,4 @@
-"""Numerical equivalence of the input and the rescaled model (DESIGN.md §4).
+"""Numerical equivalence of the input and the rescaled model (docs/design.md §7).
 
 Both models run on the same seeded random inputs, with onnxruntime on the CPU and every
 graph optimisation off (so both run the same kernels), or with onnx's reference evaluator

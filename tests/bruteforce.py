@@ -1,4 +1,4 @@
-"""Brute-force reference for the path-lifting statistics ``diag(G)`` (DESIGN.md §2).
+"""Brute-force reference for the path-lifting statistics ``diag(G)`` (docs/design.md §2).
 
 This module is deliberately independent of ``onnx_pathcond``: it is written from the
 definitions only, favours clarity over speed, and is meant to check the real
@@ -20,7 +20,7 @@ How it works
    * ``u -> END`` once for every unit that is a graph-output element or an element of an
      activation input of a barrier op.
 
-   The per-op rules are those of the brief / DESIGN.md §2 (see ``_Builder._op_*``).
+   The per-op rules are those of docs/design.md §2 (see ``_Builder._op_*``).
 3. **Every path from START to END is enumerated explicitly** (depth-first, no dynamic
    programming; only the guard that refuses huge graphs counts paths with a DP first), and
    for every parameter element θ_i

@@ -7,13 +7,13 @@ import numpy as np
 import onnx
 import pytest
 
+from cases import CASES, MORE_CASES, _resize_net
 from nets import cnn, mlp
 from onnx_pathcond import rescale
 from onnx_pathcond.api import analyse_model
 from onnx_pathcond.criteria.pathcond import ProblemBuilder
 from onnx_pathcond.solve import coordinate_descent, exact_minimiser
 from onnx_pathcond.stats import compute_diag_g, diag_g_by_tensor
-from test_diag_g import CASES, _resize_net
 
 pytest.importorskip("onnxruntime")
 
@@ -22,7 +22,7 @@ def _resize(mode):
     return _resize_net(mode, shape=(1, 2, 3, 4), scales=(1, 1, 2, 1.5), channels=3, seed=31)
 
 
-SOURCES = {name: build for name, build in CASES.items()}
+SOURCES = {**CASES, **MORE_CASES}
 SOURCES.update({"resize_linear": _resize("linear"), "resize_cubic": _resize("cubic")})
 SOURCES.update({os.path.basename(p): (lambda p=p: onnx.load(p)) for p in sorted(glob.glob("models/*.onnx"))})
 
@@ -144,14 +144,15 @@ def test_auto_backend_choice():
 # CPU provider, which has no float64 convolution: onnx's reference evaluator runs it here.
 @pytest.mark.parametrize("name", sorted(SOURCES))
 def test_native_convolution_form_matches_numpy(name):
-    from onnx_pathcond import ortstats
+    from onnx_pathcond.pathnet import ort
     from refrun import reference_run
 
     graph, analysis, _ = analyse_model(SOURCES[name]())
     ref = diag_g_by_tensor(graph, analysis, backend="numpy")
     got, ops = {}, set()
 
-    def collect(use, g):
+    def collect(stat):
+        use, g = stat.use, stat.array()
         key = use.ref.name if use.ref is not None else use.input_name
         stored = use.ref.to_stored(g) if use.ref is not None else g
         got[key] = got[key] + stored if key in got else stored.copy()
@@ -160,7 +161,7 @@ def test_native_convolution_form_matches_numpy(name):
         ops.update(n.op_type for n in model.graph.node)
         return reference_run(model, names, feeds)
 
-    ortstats.compute_diag_g(graph, analysis, collect, native_conv=True, run=run)
+    ort.compute_diag_g(graph, analysis, collect, native_conv=True, run=run)
     assert set(ref) == set(got)
     for key in ref:
         scale = max(np.abs(ref[key]).max(), 1e-300)

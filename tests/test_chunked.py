@@ -9,13 +9,13 @@ from bruteforce import bruteforce_diag_g
 from nets import Net, mlp
 from onnx_pathcond import rewrite
 from onnx_pathcond.api import analyse_model
-from onnx_pathcond.ops import linear
+from onnx_pathcond.pathnet import numpy_executor
 from onnx_pathcond.stats import diag_g_by_tensor
 
 
 @pytest.fixture
 def tiny_blocks(monkeypatch):
-    monkeypatch.setattr(linear, "_SQUARE_CHUNK", 3)
+    monkeypatch.setattr(numpy_executor, "_SQUARE_CHUNK", 3)
     monkeypatch.setattr(rewrite, "_CHUNK", 5)
 
 
@@ -28,7 +28,7 @@ def test_squared_product_in_row_blocks(tiny_blocks, dtype):
              ((2, 4, 3), True, False, lambda x: w2 @ x), ((7, 5), True, True, lambda x: w2.T @ x)]
     for shape, w_left, transposed, direct in cases:
         x = rng.random(shape)
-        np.testing.assert_allclose(linear.squared_product(w, x, w_left, transposed), direct(x), rtol=1e-13)
+        np.testing.assert_allclose(numpy_executor.squared_product(w, x, w_left, transposed), direct(x), rtol=1e-13)
 
 
 def _gemm_weight_left(trans_a):

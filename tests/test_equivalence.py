@@ -6,38 +6,13 @@ import os
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
+from checks import assert_equivalent
 from nets import cnn, mlp
 from onnx_pathcond import rescale
 
 MODELS = sorted(glob.glob("models/*.onnx"))
-
-
-def run(model, feeds):
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
-
-
-def random_feeds(model, seed, batch=None):
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for vi in model.graph.input:
-        dims = [d.dim_value if d.HasField("dim_value") else (batch or 3) for d in vi.type.tensor_type.shape.dim]
-        if batch and dims:
-            dims[0] = batch if not vi.type.tensor_type.shape.dim[0].HasField("dim_value") else dims[0]
-        feeds[vi.name] = (rng.standard_normal(dims) * 2).astype(np.float32)
-    return feeds
-
-
-def assert_equivalent(before, after, seed=123, rtol=1e-5):
-    feeds = random_feeds(before, seed)
-    for a, b in zip(run(before, feeds), run(after, feeds)):
-        scale = np.abs(a).max()
-        assert np.abs(a - b).max() <= rtol * max(scale, 1e-30), (np.abs(a - b).max(), scale)
 
 
 def test_models_folder_is_not_empty():

@@ -1,16 +1,16 @@
 """The report holds typed records; its JSON and its text are built from them."""
 
 import json
-from dataclasses import dataclass, field
-from typing import Dict, List
 
 from onnx_pathcond import rescale
+from onnx_pathcond.pathnet.records import RuntimeInfo
 from onnx_pathcond.records import CriterionSummary, GroupCounts, ModelSummary, SolverSummary, VerificationSummary
 from onnx_pathcond.report import Report
 
 
 def test_records_are_typed_and_are_what_the_json_says():
     _, report = rescale("models/mlp.onnx")
+    assert isinstance(report.statistics.runtime, RuntimeInfo) and report.statistics.backend == "numpy"
     assert isinstance(report.model, ModelSummary) and isinstance(report.groups, GroupCounts)
     assert isinstance(report.criterion, CriterionSummary) and isinstance(report.solver, SolverSummary)
     assert isinstance(report.verification, VerificationSummary)
@@ -35,41 +35,18 @@ def test_dry_run_json_has_empty_records_and_layers_without_lambda():
     assert "solver" not in report.summary()
 
 
-@dataclass
-class StandInRuntimeInfo:
-    """What the statistics step returns about how it ran (the fields the report reads)."""
-
-    requested: str = "cuda"
-    backend: str = "onnxruntime"
-    providers: List[str] = field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    precision: str = "float64"
-    notice: str = "CUDA ran 12 of 14 nodes"
-    nodes: int = 14
-    nodes_by_provider: Dict[str, int] = field(default_factory=lambda: {"CUDAExecutionProvider": 12,
-                                                                       "CPUExecutionProvider": 2})
-    cpu_fallback_ops: Dict[str, int] = field(default_factory=lambda: {"Shape": 2})
-    timings: Dict[str, float] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return {"backend": self.backend, "providers": self.providers, "graph_nodes": self.nodes}
-
-
 def test_statistics_record_is_the_steps_object():
     report = Report()
-    runtime = StandInRuntimeInfo()
+    runtime = RuntimeInfo(requested="cuda", backend="onnxruntime",
+                          providers=["CUDAExecutionProvider", "CPUExecutionProvider"], notice="CUDA ran 12 of 14 nodes",
+                          nodes=14, nodes_by_provider={"CUDAExecutionProvider": 12, "CPUExecutionProvider": 2},
+                          cpu_fallback_ops={"Shape": 2})
     report.describe_statistics(runtime)
-    assert report.statistics is runtime
+    assert report.statistics.runtime is runtime and report.statistics.backend == "onnxruntime"
+    assert report.statistics["providers"] == runtime.providers
     assert report.warnings == ["CUDA ran 12 of 14 nodes"]
     assert report.to_dict()["statistics"] == runtime.as_dict()
     text = report.summary(verbose=True)
     assert "diag(G) on onnxruntime (CUDAExecutionProvider 12 nodes, CPUExecutionProvider 2 nodes; float64)" in text
     assert "on CPU   Shape x2" in text
     assert "on CPU" not in report.summary()
-
-
-def test_statistics_given_as_a_dict_reads_the_same():
-    report = Report()
-    report.describe_statistics({"backend": "numpy", "providers": ["numpy"], "precision": "float64", "notice": ""})
-    assert report.statistics.backend == "numpy" and report.statistics["providers"] == ["numpy"]
-    assert report.warnings == []
-    assert "diag(G) on numpy (numpy; float64)" in report.summary()

@@ -5,9 +5,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from checks import assert_equivalent
 from nets import Net, cnn, mlp
 from onnx_pathcond import rescale
-from test_equivalence import assert_equivalent
 
 
 def arrays(model):

@@ -17,9 +17,9 @@ def problem_and_entries(model):
     builder = ProblemBuilder(groups, analysis.uses, analysis.shared)
     entries = []
 
-    def both(use, g, factors=None):
-        builder.add(use, g, factors)  # g may be lazy: the builder may use the factors alone
-        g = np.asarray(g() if callable(g) else g, dtype=np.float64).reshape(use.view_shape)
+    def both(stat):
+        builder.add(stat)  # g may come as factors only: the builder may use them alone
+        use, g = stat.use, stat.array()
         of = groups.of_position
 
         def gid(pos):

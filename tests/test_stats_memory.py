@@ -8,20 +8,22 @@ import pytest
 
 from nets import mlp
 from onnx_pathcond.api import analyse_model, load_model
-from onnx_pathcond.stats import NumpyPathNetwork
+from onnx_pathcond.pathnet.numpy_executor import NumpyExecutor
+from onnx_pathcond.pathnet.records import Statistic
+from onnx_pathcond.pathnet.walk import PathWalk
+from onnx_pathcond.stats import numpy_walk
 
 
 def _run(model, budget):
     graph, analysis, _ = analyse_model(model)
     out = {}
 
-    def collect(use, g):
+    def collect(stat):
+        use = stat.use
         key = (use.ref.name if use.ref is not None else use.input_name, use.node.name, use.role)
-        out[key] = np.array(g, dtype=np.float64)
+        out[key] = np.array(stat.array(), dtype=np.float64)
 
-    net = NumpyPathNetwork(graph, analysis, collect, budget=budget)
-    net.run()
-    return out, net
+    return out, numpy_walk(graph, analysis, collect, budget=budget)
 
 
 @pytest.mark.parametrize("path", ["models/resnet.dynamo_bn.onnx", "models/densenet.legacy_bn.onnx",
@@ -50,7 +52,7 @@ def test_budget_must_be_positive():
     model = mlp([3, 4, 2])
     graph, analysis, _ = analyse_model(model)
     with pytest.raises(ValueError, match="budget"):
-        NumpyPathNetwork(graph, analysis, lambda use, g: None, budget=0)
+        numpy_walk(graph, analysis, lambda stat: None, budget=0)
 
 
 def test_dense_layers_next_to_graph_inputs_stay_factored():
@@ -87,8 +89,9 @@ def test_every_plan_gives_bitwise_the_same_g(path):
     for budget in (1.0, full.mass_bytes_peak / 3, full.mass_bytes_peak / 1.5):
         got, net = _run(model, budget)
         _same_g(everything, got)
-        assert net.checkpoints and net.recomputed_expensive > 0, budget  # the plan really dropped masses
-        assert net.mass_bytes_peak <= full.mass_bytes_peak
+        # The plan really dropped masses: it held less. (Whether an expensive one is then
+        # recomputed depends on the network: only the adjoints of products read their inputs.)
+        assert net.checkpoints and net.mass_bytes_peak < full.mass_bytes_peak, budget
 
 
 def test_a_chain_recomputed_in_one_go_needs_no_recursion():
@@ -126,7 +129,7 @@ def test_a_budget_above_all_masses_changes_nothing():
 def test_mass_bytes_count_shared_arrays_once():
     model = mlp([3, 5, 2])
     graph, analysis, _ = analyse_model(model)
-    net = NumpyPathNetwork(graph, analysis, lambda use, g: None, budget=math.inf)
+    net = PathWalk(graph, analysis, NumpyExecutor(graph, lambda stat: None), budget=math.inf)
     store = net._mass
     a = np.ones(10)
     store["a"] = a
@@ -200,7 +203,7 @@ def test_blocked_cell_reductions_build_the_same_problem(zeros, monkeypatch):
     def build():
         builder = pathcond.ProblemBuilder(groups, analysis.uses, analysis.shared)
         for use, g in stream:
-            builder.add(use, g.copy())
+            builder.add(Statistic(use, g.copy()))
         return builder.finish()
 
     fast = build()

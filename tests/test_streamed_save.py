@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_equivalence import assert_equivalent
 
+from checks import assert_equivalent
 from nets import cnn, mlp
 from onnx_pathcond import protoio, rescale
 from onnx_pathcond.errors import InputError

@@ -1,4 +1,4 @@
-"""The PathCond criterion (DESIGN.md §3) in a compact form the solver can sweep quickly.
+"""The PathCond criterion (docs/design.md §3) in a compact form the solver can sweep quickly.
 
 With u the log-rescalings of the H groups, entry i of diag(G) becomes g_i·exp((Bu)_i) where
 (Bu)_i = u[out(i)] − u[in(i)] (the group it is outgoing from, minus the one it is incoming
@@ -20,7 +20,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..symmetry import NO_POSITION, Groups, ParamUse
+from ..channels import NO_POSITION, ParamUse
+from ..pathnet.records import Statistic
+from ..symmetry import Groups
 
 
 @dataclass
@@ -287,15 +289,14 @@ class ProblemBuilder:
         ids = np.where(positions >= 0, of[np.maximum(positions, 0)] if of.size else NO_POSITION, NO_POSITION)
         return np.where(ids >= 0, ids, self.H)
 
-    def add(self, use: ParamUse, g: np.ndarray, factors=None) -> None:
-        """Take one use's statistics. `factors` = (left, right) with g = left @ rightᵀ over the
-        first two axes of the use's layout, when the statistics come as such a product; then g
-        may be a function computing it, called only when the factors do not suffice."""
+    def add(self, stat: Statistic) -> None:
+        """Take one use's statistics (the sink of the statistics step). A dense layer's may
+        come as factors only: g is then formed only when the factors do not suffice."""
+        use, factors = stat.use, stat.factors
         shared = use.ref is not None and self._expected.get(use.ref.name, 1) > 1
-        if callable(g):
-            if not shared and self._add_outer_product(use, factors):
-                return
-            g = np.asarray(g(), dtype=np.float64).reshape(use.view_shape)
+        if stat.g is None and not shared and self._add_outer_product(use, factors):
+            return
+        g = stat.array()
         if shared:
             name = use.ref.name
             nonzero = self._nonzero.get(name)

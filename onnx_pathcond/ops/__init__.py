@@ -1,7 +1,8 @@
 """One rule per ONNX op family. Importing this package registers them all.
 
-To support a new op, write a rule class (see `base.OpRule`) in one of these modules, or a
-new one imported below, and decorate it with `@register`. Ops without a rule are barriers.
+To support a new op, write a rule class (see `base.OpRule`: `analyse` and `path`) in one of
+these modules, or a new one imported below, and decorate it with `@register`. Ops without a
+rule are barriers. docs/adding-an-op.md walks through an example.
 """
 
 from . import batchnorm, conv, elementwise, linear, movement, pools, resize  # noqa: F401  (registration)

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..channels import Layout
 from ..graph import attr, node_label
-from ..symmetry import Layout
+from ..pathnet.primitives import Bias, Scale, Weight
 from .base import OpRule, register
 
 
 @register
 class BatchNormRule(OpRule):
     op_types = ("BatchNormalization",)
-    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         g = an.graph
@@ -44,52 +44,15 @@ class BatchNormRule(OpRule):
         an.add_use(node, "bn_scale", node.input[1], (channels,), rows=out_pos, cols=None)
         an.add_use(node, "bn_bias", node.input[2], (channels,), rows=out_pos, cols=None)
 
-    @staticmethod
-    def _affine_of(node, graph, gamma: np.ndarray, beta: np.ndarray):
-        mean = np.asarray(graph.constant_value(node.input[3]), dtype=np.float64)
-        var = np.asarray(graph.constant_value(node.input[4]), dtype=np.float64)
+    def path(self, node, ctx):
+        """y = a²·x + b² per channel, with a = γ/√(var+ε) and b = β − a·mean: the statistics
+        of a² and b² are reported under γ and β."""
+        x, y = node.input[0], node.output[0]
+        gamma, beta = ctx.param_value(node, "bn_scale"), ctx.param_value(node, "bn_bias")
+        mean, var = ctx.constant(node.input[3]), ctx.constant(node.input[4])
         a = gamma / np.sqrt(var + attr(node, "epsilon", 1e-5))
-        return a, beta - a * mean
-
-    @classmethod
-    def affine(cls, node, pn):
-        return cls._affine_of(node, pn.graph, pn.param(node, "bn_scale")[1], pn.param(node, "bn_bias")[1])
-
-    def forward(self, node, pn):
-        a, b = self.affine(node, pn)
-        x = pn.mass(node.input[0])
-        view = (1, -1) + (1,) * (x.ndim - 2)
-        pn.set_mass(node.output[0], np.square(a).reshape(view) * x + np.square(b).reshape(view))
-
-    def backward(self, node, pn):
-        a, _ = self.affine(node, pn)
-        x = pn.mass(node.input[0])
-        adj = pn.adjoint(node.output[0])
-        view = (1, -1) + (1,) * (x.ndim - 2)
-        pn.add_adjoint(node.input[0], np.square(a).reshape(view) * adj)
-        spatial = (0,) + tuple(range(2, x.ndim))
-        pn.emit_g(pn.use(node, "bn_scale"), (x * adj).sum(axis=spatial))
-        pn.emit_g(pn.use(node, "bn_bias"), adj.sum(axis=spatial))
-
-    def onnx_forward(self, node, b):
-        a2, bias2 = self._onnx_affine_squared(node, b)
-        b.set_mass(node.output[0], b.op("Add", [b.op("Mul", [b.mass(node.input[0]), a2]), bias2]))
-
-    def onnx_backward(self, node, b):
-        a2, _ = self._onnx_affine_squared(node, b)
-        shape = b.shape(node.input[0])
-        adj = b.adjoint(node.output[0])
-        b.add_adjoint(node.input[0], b.op("Mul", [adj, a2]))
-        spatial = [0] + list(range(2, len(shape)))
-        b.emit_g(b.use(node, "bn_scale"), b.reduce_sum(b.op("Mul", [b.mass(node.input[0]), adj]), spatial))
-        b.emit_g(b.use(node, "bn_bias"), b.reduce_sum(adj, spatial))
-
-    @classmethod
-    def _onnx_affine_squared(cls, node, b):
-        """a² and b² as constants shaped [1, C, 1, ...]. They are per-channel vectors: computed
-        here once, instead of a dozen graph nodes per BatchNormalization and pass (each node
-        costs onnxruntime session time)."""
-        rank = len(b.shape(node.input[0]))
-        view = (1, -1) + (1,) * (rank - 2)
-        a, bias = cls._affine_of(node, b.graph, b.param_value(node, "bn_scale"), b.param_value(node, "bn_bias"))
-        return b.const(np.square(a).reshape(view)), b.const(np.square(bias).reshape(view))
+        b = beta - a * mean
+        shape = ctx.shape(x)
+        view = (1, shape[1]) + (1,) * (len(shape) - 2)
+        return [Scale(x, y, Weight(ctx.use(node, "bn_scale"), np.square(a)), view),
+                Bias(y, Weight(ctx.use(node, "bn_bias"), np.square(b)), view)]

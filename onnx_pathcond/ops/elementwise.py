@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..channels import Layout, add_bias_use
 from ..graph import node_label
-from ..symmetry import Layout
-from .base import OpRule, register, unbroadcast
-from .linear import _add_bias_use
+from ..pathnet.primitives import Bias, Identity, Scale, Weight
+from .base import OpRule, register
 
 
 @register
 class PassThroughRule(OpRule):
     op_types = ("Relu", "LeakyRelu", "PRelu", "Identity", "Dropout")
-    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         g = an.graph
@@ -38,14 +37,8 @@ class PassThroughRule(OpRule):
                 return
         an.set_layout(node.output[0], an.layout(x))
 
-    def forward(self, node, pn):
-        pn.set_mass(node.output[0], pn.mass(node.input[0]))
-
-    def backward(self, node, pn):
-        pn.add_adjoint(node.input[0], pn.adjoint(node.output[0]))
-
-    onnx_forward = forward
-    onnx_backward = backward
+    def path(self, node, ctx):
+        return [Identity(node.input[0], node.output[0])]
 
 
 def _output_axis(lay: Layout, in_rank: int, out_rank: int) -> int:
@@ -57,7 +50,6 @@ class CombineRule(OpRule):
     """Add, Sub, Sum, Max, Min: activations tied, constants as biases or ReLU thresholds."""
 
     op_types = ("Add", "Sub", "Sum", "Max", "Min")
-    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         g = an.graph
@@ -72,8 +64,6 @@ class CombineRule(OpRule):
             if any(np.any(g.constant_value(c) != 0) for c in consts):
                 an.cut(node, f"{node.op_type} '{node_label(node)}' compares with a non-zero constant")
                 return
-        elif node.op_type == "Sub" and node.input[1] in acts and node.input[0] not in acts:
-            pass  # c - x is as homogeneous as x - c
         layouts = [an.layout(a) for a in acts]
         rank = len(yshape)
         out_layout = None
@@ -97,7 +87,7 @@ class CombineRule(OpRule):
                 if out_layout is None:
                     an.add_use(node, f"bias:{c}", c, g.shape(c), rows=None, cols=None)
                 else:
-                    _add_bias_use(node, an, c, g.shape(c), yshape, out_layout.axis, out_layout.pos, role=f"bias:{c}")
+                    add_bias_use(node, an, c, g.shape(c), yshape, out_layout.axis, out_layout.pos, role=f"bias:{c}")
 
     @staticmethod
     def _freeze_unpaired(node, an, a, b):
@@ -106,64 +96,21 @@ class CombineRule(OpRule):
         lonely = np.concatenate([a[(b < 0) & (a >= 0)], b[(a < 0) & (b >= 0)]])
         an.freeze(lonely, f"{node.op_type} '{node_label(node)}' ties it to a channel that cannot be rescaled")
 
-    def forward(self, node, pn):
-        g = pn.graph
-        y = None
-        for k, name in enumerate(node.input):
-            if not name:
-                continue
-            if g.is_activation(name):
-                term = pn.mass(name)
-            elif node.op_type in ("Max", "Min"):
-                continue  # max(x, 0) is a ReLU: identity in the path network
-            else:
-                term = np.square(pn.param(node, f"bias:{name}")[1]) if pn.has_use(node, f"bias:{name}") \
-                    else np.square(np.asarray(g.constant_value(name), dtype=np.float64))
-            y = term if y is None else y + term
-        pn.set_mass(node.output[0], np.broadcast_to(y, pn.graph.shape(node.output[0])).copy())
-
-    def backward(self, node, pn):
-        g = pn.graph
-        adj = pn.adjoint(node.output[0])
-        for name in node.input:
-            if not name:
-                continue
-            if g.is_activation(name):
-                pn.add_adjoint(name, unbroadcast(adj, g.shape(name)))
-            elif pn.has_use(node, f"bias:{name}"):
-                use = pn.use(node, f"bias:{name}")
-                pn.emit_g(use, unbroadcast(adj, use.view_shape))
-
-    def onnx_forward(self, node, b):
-        g = b.graph
-        terms = []
-        for name in node.input:
-            if not name:
-                continue
-            if g.is_activation(name):
-                terms.append(b.mass(name))
-            elif node.op_type in ("Max", "Min"):
-                continue
-            elif b.has_use(node, f"bias:{name}"):
-                terms.append(b.param_sq(node, f"bias:{name}")[1])
-            else:
-                terms.append(b.const(np.square(b.constant(name))))
-        shape = g.shape(node.output[0])
-        total = terms[0] if len(terms) == 1 else b.op("Sum", terms)
-        b.set_mass(node.output[0], b.op("Expand", [total, b.ints(shape)]))
-
-    def onnx_backward(self, node, b):
-        g = b.graph
-        adj = b.adjoint(node.output[0])
-        shape = g.shape(node.output[0])
-        for name in node.input:
-            if not name:
-                continue
-            if g.is_activation(name):
-                b.add_adjoint(name, b.unbroadcast(adj, shape, g.shape(name)))
-            elif b.has_use(node, f"bias:{name}"):
-                use = b.use(node, f"bias:{name}")
-                b.emit_g(use, b.unbroadcast(adj, shape, use.view_shape))
+    def path(self, node, ctx):
+        """A sum: each activation as is (broadcast), each constant as a squared bias; Max / Min
+        with zero are ReLUs, the zero dropped."""
+        y = node.output[0]
+        form = []
+        for name in dict.fromkeys(i for i in node.input if i):
+            count = list(node.input).count(name)
+            if ctx.is_activation(name):
+                form.extend(Identity(name, y) for _ in range(count))
+            elif node.op_type in ("Add", "Sub", "Sum"):
+                role = f"bias:{name}"
+                weight = ctx.weight(node, role, gain=count) if ctx.has_use(node, role) \
+                    else Weight(value=np.square(ctx.constant(name)), gain=count)
+                form.append(Bias(y, weight, tuple(ctx.shape(name))))
+        return form
 
 
 @register
@@ -171,7 +118,6 @@ class ScaleRule(OpRule):
     """Mul / Div of an activation by a constant."""
 
     op_types = ("Mul", "Div")
-    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         g = an.graph
@@ -194,49 +140,12 @@ class ScaleRule(OpRule):
             # A multiplier tensor is a parameter on the path; a channel scale passes through it.
             an.add_use(node, "multiplier", c, cshape, rows=None, cols=None)
 
-    @staticmethod
-    def _factor(node, pn):
-        g = pn.graph
+    def path(self, node, ctx):
         a, b = node.input[0], node.input[1]
-        x, c = (a, b) if g.is_activation(a) else (b, a)
-        value = pn.param(node, "multiplier")[1] if pn.has_use(node, "multiplier") \
-            else np.asarray(g.constant_value(c), dtype=np.float64)
-        factor = np.square(value) if node.op_type == "Mul" else 1.0 / np.square(value)
-        return x, factor
-
-    def forward(self, node, pn):
-        x, factor = self._factor(node, pn)
-        pn.set_mass(node.output[0], np.broadcast_to(pn.mass(x) * factor, pn.graph.shape(node.output[0])).copy())
-
-    def backward(self, node, pn):
-        x, factor = self._factor(node, pn)
-        adj = pn.adjoint(node.output[0])
-        pn.add_adjoint(x, unbroadcast(adj * factor, pn.graph.shape(x)))
-        if pn.has_use(node, "multiplier"):
-            use = pn.use(node, "multiplier")
-            pn.emit_g(use, unbroadcast(adj * pn.mass(x), use.view_shape))
-
-    def _onnx_factor(self, node, b):
-        g = b.graph
-        a, c = node.input[0], node.input[1]
-        x, c = (a, c) if g.is_activation(a) else (c, a)
-        if b.has_use(node, "multiplier"):
-            factor = b.param_sq(node, "multiplier")[1]
+        x, c = (a, b) if ctx.is_activation(a) else (b, a)
+        if ctx.has_use(node, "multiplier"):
+            weight = ctx.weight(node, "multiplier")
         else:
-            value = np.square(b.constant(c))
-            factor = b.const(value if node.op_type == "Mul" else 1.0 / value)
-        return x, factor
-
-    def onnx_forward(self, node, b):
-        x, factor = self._onnx_factor(node, b)
-        y = b.op("Mul", [b.mass(x), factor])
-        b.set_mass(node.output[0], b.op("Expand", [y, b.ints(b.shape(node.output[0]))]))
-
-    def onnx_backward(self, node, b):
-        x, factor = self._onnx_factor(node, b)
-        adj = b.adjoint(node.output[0])
-        yshape = b.shape(node.output[0])
-        b.add_adjoint(x, b.unbroadcast(b.op("Mul", [adj, factor]), yshape, b.shape(x)))
-        if b.has_use(node, "multiplier"):
-            use = b.use(node, "multiplier")
-            b.emit_g(use, b.unbroadcast(b.op("Mul", [adj, b.mass(x)]), yshape, use.view_shape))
+            value = np.square(ctx.constant(c))
+            weight = Weight(value=value if node.op_type == "Mul" else 1.0 / value)
+        return [Scale(x, node.output[0], weight, tuple(ctx.shape(c)))]

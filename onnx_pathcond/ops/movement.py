@@ -4,7 +4,7 @@ One rule serves them all. The node is run once (onnx's reference evaluator) on i
 values are their own element indices; the result says, for every output element, which input
 element it copies (or none, for padding). That map gives:
 
-* the path network: a gather forward, a scatter-add backward (copies carry weight 1);
+* the path network: a `Gather` primitive (copies carry weight 1);
 * the channel layout of each output: an output axis along which every slot copies from a
   single channel position. Such an axis exists for Flatten / Reshape / Squeeze / Transpose /
   Concat / Split / Slice / Pad / Tile / nearest Resize whenever they keep channels apart;
@@ -19,8 +19,9 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
+from ..channels import Layout
 from ..graph import attr, node_label
-from ..symmetry import Layout
+from ..pathnet.primitives import Gather
 from .base import OpRule, normalize_axis, register
 
 _NO_SOURCE = -1
@@ -114,7 +115,6 @@ def _channel_axis(labels: np.ndarray, preferred: int):
 class MovementRule(OpRule):
     op_types = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice",
                 "Pad", "Tile", "Expand", "Gather", "DepthToSpace", "SpaceToDepth")
-    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         g = an.graph
@@ -185,61 +185,6 @@ class MovementRule(OpRule):
             return {a: known[0].pos for a in acts}
         return None
 
-    # ---------------------------------------------------------------- path network
-    def forward(self, node, pn):
-        g = pn.graph
-        maps = pn.analysis.node_data[g.index(node)]
-        acts = [i for i in dict.fromkeys(node.input) if i and g.is_activation(i)]
-        flat = np.concatenate([pn.mass(a).ravel() for a in acts] + [np.zeros(1)])
-        for o, src in zip([o for o in node.output if o], maps):
-            pn.set_mass(o, flat[np.where(src >= 0, src, flat.size - 1)])
-
-    def backward(self, node, pn):
-        g = pn.graph
-        maps = pn.analysis.node_data[g.index(node)]
-        acts = [i for i in dict.fromkeys(node.input) if i and g.is_activation(i)]
-        sizes = [int(np.prod(g.shape(a))) for a in acts]
-        total = np.zeros(sum(sizes))
-        for o, src in zip([o for o in node.output if o], maps):
-            adj = pn.adjoint(o)
-            keep = src >= 0
-            total += np.bincount(src[keep], weights=adj[keep], minlength=total.size)
-        for a, part in zip(acts, np.split(total, np.cumsum(sizes)[:-1])):
-            pn.add_adjoint(a, part.reshape(g.shape(a)))
-
-    # ------------------------------------------------------------ onnxruntime forms
-    def onnx_forward(self, node, b):
-        g = b.graph
-        maps = b.analysis.node_data[g.index(node)]
-        acts = [i for i in dict.fromkeys(node.input) if i and g.is_activation(i)]
-        flat = b.op("Concat", [b.reshape(b.mass(a), [-1]) for a in acts] + [b.const(np.zeros(1))], axis=0)
-        size = sum(int(np.prod(g.shape(a))) for a in acts)
-        for o, src in zip([o for o in node.output if o], maps):
-            b.set_mass(o, b.op("Gather", [flat, b.const(np.where(src >= 0, src, size))], axis=0))
-
-    def onnx_backward(self, node, b):
-        g = b.graph
-        maps = b.analysis.node_data[g.index(node)]
-        acts = [i for i in dict.fromkeys(node.input) if i and g.is_activation(i)]
-        outs = [o for o in node.output if o]
-        sizes = [int(np.prod(g.shape(a))) for a in acts]
-        # Inverse of the copy map: for every input element, the output elements that copy it
-        # (padded with an index that reads a zero), summed by a Gather and a ReduceSum.
-        src = np.concatenate([m.ravel() for m in maps])
-        n_out = src.size
-        order = np.argsort(src, kind="stable")
-        counts = np.bincount(src[src >= 0], minlength=sum(sizes))
-        width = max(int(counts.max()) if counts.size else 0, 1)
-        inverse = np.full((sum(sizes), width), n_out, dtype=np.int64)
-        valid = order[src[order] >= 0]
-        owners = src[valid]
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        slot = np.arange(valid.size) - starts[owners]
-        inverse[owners, slot] = valid
-        flat = b.op("Concat", [b.reshape(b.adjoint(o), [-1]) for o in outs] + [b.const(np.zeros(1))], axis=0)
-        summed = b.reduce_sum(b.op("Gather", [flat, b.const(inverse)], axis=0), [1])
-        offset = 0
-        for a, n in zip(acts, sizes):
-            part = b.op("Slice", [summed, b.ints([offset]), b.ints([offset + n]), b.ints([0])])
-            b.add_adjoint(a, b.reshape(part, g.shape(a)))
-            offset += n
+    def path(self, node, ctx):
+        acts = tuple(i for i in dict.fromkeys(node.input) if i and ctx.is_activation(i))
+        return [Gather(acts, tuple(o for o in node.output if o), tuple(ctx.data(node)))]

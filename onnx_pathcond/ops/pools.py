@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..channels import Layout
+from ..geometry import geometry, window_count_weights
 from ..graph import attr, node_label
-from ..symmetry import Layout
-from . import graphops
+from ..pathnet.primitives import ReduceSum, WindowSum
 from .base import OpRule, normalize_axis, register
-from .windows import crop_input, geometry, pad_input, scatter_windows, window_count_weights, window_view
 
 
 def _require_channel_axis_one(node, an, x) -> bool:
@@ -29,7 +29,6 @@ def _require_channel_axis_one(node, an, x) -> bool:
 @register
 class WindowPoolRule(OpRule):
     op_types = ("MaxPool", "AveragePool")
-    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         if len(node.output) > 1 and node.output[1] and an.graph.consumers.get(node.output[1]):
@@ -40,59 +39,14 @@ class WindowPoolRule(OpRule):
             return
         _require_channel_axis_one(node, an, node.input[0])
 
-    @staticmethod
-    def _setup(node, pn):
-        x = pn.mass(node.input[0])[0]
-        out_shape = pn.graph.shape(node.output[0])
-        geo = geometry(node, x.shape[1:], attr(node, "kernel_shape"), out_shape[2:] if out_shape else None,
-                       ceil_mode=bool(attr(node, "ceil_mode", 0)))
-        if node.op_type == "MaxPool":
-            weight = None
-        else:
-            weight = window_count_weights(geo, bool(attr(node, "count_include_pad", 0)))
-        return x, geo, weight
-
-    def forward(self, node, pn):
-        x, geo, weight = self._setup(node, pn)
-        nd = len(geo.kernel)
-        y = window_view(pad_input(x, geo), geo).sum(axis=tuple(range(1, 1 + nd)))
-        if weight is not None:
-            y = y * weight
-        pn.set_mass(node.output[0], y[None])
-
-    def backward(self, node, pn):
-        x, geo, weight = self._setup(node, pn)
-        adj = pn.adjoint(node.output[0])[0]
-        if weight is not None:
-            adj = adj * weight
-        nd = len(geo.kernel)
-        cols = np.broadcast_to(adj.reshape((adj.shape[0],) + (1,) * nd + adj.shape[1:]),
-                               (adj.shape[0],) + geo.kernel + geo.out_size)
-        pn.add_adjoint(node.input[0], crop_input(scatter_windows(cols, geo), geo)[None])
-
-    def _onnx_setup(self, node, b):
-        shape = b.shape(node.input[0])
-        out_shape = b.shape(node.output[0])
-        geo = geometry(node, shape[2:], attr(node, "kernel_shape"), out_shape[2:] if out_shape else None,
+    def path(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        geo = geometry(node, ctx.shape(x)[2:], attr(node, "kernel_shape"), ctx.shape(y)[2:],
                        ceil_mode=bool(attr(node, "ceil_mode", 0)))
         weight = None
         if node.op_type == "AveragePool":
-            weight = b.const(window_count_weights(geo, bool(attr(node, "count_include_pad", 0)))[None, None])
-        return shape, geo, weight
-
-    def onnx_forward(self, node, b):
-        shape, geo, weight = self._onnx_setup(node, b)
-        parts = graphops.window_slices(b, graphops.pad_input(b, b.mass(node.input[0]), geo), geo)
-        y = parts[0] if len(parts) == 1 else b.op("Sum", parts)
-        b.set_mass(node.output[0], y if weight is None else b.op("Mul", [y, weight]))
-
-    def onnx_backward(self, node, b):
-        shape, geo, weight = self._onnx_setup(node, b)
-        adj = b.adjoint(node.output[0])
-        if weight is not None:
-            adj = b.op("Mul", [adj, weight])
-        full = graphops.scatter_windows(b, [adj] * geo.kernel_volume, shape[1], geo)
-        b.add_adjoint(node.input[0], graphops.crop_input(b, full, geo))
+            weight = window_count_weights(geo, bool(attr(node, "count_include_pad", 0)))
+        return [WindowSum(x, y, geo, weight)]
 
 
 def _reduce_axes(node, graph, rank):
@@ -112,7 +66,6 @@ def _reduce_axes(node, graph, rank):
 @register
 class ReduceRule(OpRule):
     op_types = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceSum", "ReduceMax")
-    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         g = an.graph
@@ -137,39 +90,10 @@ class ReduceRule(OpRule):
         axis = lay.axis if keepdims else lay.axis - sum(1 for a in axes if a < lay.axis)
         an.set_layout(node.output[0], Layout(axis, lay.pos))
 
-    @staticmethod
-    def _setup(node, pn):
-        shape = pn.graph.shape(node.input[0])
-        axes = tuple(_reduce_axes(node, pn.graph, len(shape)))
+    def path(self, node, ctx):
+        x = node.input[0]
+        shape = ctx.shape(x)
+        axes = tuple(_reduce_axes(node, ctx.graph, len(shape)))
         count = int(np.prod([shape[a] for a in axes])) if axes else 1
         averaging = node.op_type in ("GlobalAveragePool", "ReduceMean")
-        weight = 1.0 / count ** 2 if averaging else 1.0
-        return shape, axes, weight
-
-    def forward(self, node, pn):
-        shape, axes, weight = self._setup(node, pn)
-        x = pn.mass(node.input[0])
-        y = x.sum(axis=axes) * weight if axes else x.copy()
-        pn.set_mass(node.output[0], y.reshape(pn.graph.shape(node.output[0])))
-
-    def backward(self, node, pn):
-        shape, axes, weight = self._setup(node, pn)
-        adj = pn.adjoint(node.output[0])
-        kept = [1 if a in axes else d for a, d in enumerate(shape)]
-        pn.add_adjoint(node.input[0], np.broadcast_to(adj.reshape(kept) * weight, shape))
-
-    def onnx_forward(self, node, b):
-        shape, axes, weight = self._setup(node, b)
-        x = b.mass(node.input[0])
-        y = b.reduce_sum(x, list(axes), keepdims=1) if axes else x
-        if weight != 1.0:
-            y = b.op("Mul", [y, b.const(weight)])
-        b.set_mass(node.output[0], b.reshape(y, b.shape(node.output[0])))
-
-    def onnx_backward(self, node, b):
-        shape, axes, weight = self._setup(node, b)
-        kept = [1 if a in axes else d for a, d in enumerate(shape)]
-        adj = b.reshape(b.adjoint(node.output[0]), kept)
-        if weight != 1.0:
-            adj = b.op("Mul", [adj, b.const(weight)])
-        b.add_adjoint(node.input[0], b.op("Expand", [adj, b.ints(shape)]))
+        return [ReduceSum(x, node.output[0], axes, 1.0 / count ** 2 if averaging else 1.0)]

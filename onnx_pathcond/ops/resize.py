@@ -17,6 +17,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from ..graph import attr, node_label
+from ..pathnet.primitives import AxisMatrices
 from .base import OpRule, register
 
 
@@ -70,14 +71,9 @@ def _probe_matrices(node, graph):
     return matrices
 
 
-def _along(x, matrix, axis):
-    return np.moveaxis(np.tensordot(matrix, x, axes=([1], [axis])), 0, axis)
-
-
 @register
 class ResizeRule(OpRule):
     op_types = ("Resize", "Upsample")
-    cheap_forward = True  # the backward pass recomputes its output rather than keep it
 
     def analyse(self, node, an):
         g = an.graph
@@ -95,34 +91,5 @@ class ResizeRule(OpRule):
             lay = None
         an.set_layout(node.output[0], lay)
 
-    def forward(self, node, pn):
-        y = pn.mass(node.input[0])
-        for k, m2 in enumerate(pn.analysis.node_data[pn.graph.index(node)]):
-            y = _along(y, m2, 2 + k)
-        pn.set_mass(node.output[0], y)
-
-    def backward(self, node, pn):
-        adj = pn.adjoint(node.output[0])
-        for k, m2 in enumerate(pn.analysis.node_data[pn.graph.index(node)]):
-            adj = _along(adj, m2.T, 2 + k)
-        pn.add_adjoint(node.input[0], adj)
-
-    @staticmethod
-    def _einsum_along(b, x, matrix, axis, rank):
-        letters = "abcdefgh"[:rank]
-        eq = f"zy,{letters}->{letters[:axis]}z{letters[axis + 1:]}".replace("y", letters[axis], 1)
-        return b.op("Einsum", [b.const(matrix), x], equation=eq)
-
-    def onnx_forward(self, node, b):
-        rank = len(b.shape(node.input[0]))
-        y = b.mass(node.input[0])
-        for k, m2 in enumerate(b.analysis.node_data[b.graph.index(node)]):
-            y = self._einsum_along(b, y, m2, 2 + k, rank)
-        b.set_mass(node.output[0], y)
-
-    def onnx_backward(self, node, b):
-        rank = len(b.shape(node.input[0]))
-        adj = b.adjoint(node.output[0])
-        for k, m2 in enumerate(b.analysis.node_data[b.graph.index(node)]):
-            adj = self._einsum_along(b, adj, m2.T.copy(), 2 + k, rank)
-        b.add_adjoint(node.input[0], adj)
+    def path(self, node, ctx):
+        return [AxisMatrices(node.input[0], node.output[0], tuple(ctx.data(node)))]

@@ -1,0 +1,1 @@
+"""The path network (docs/design.md §5): primitives, the walk, and its two executors."""

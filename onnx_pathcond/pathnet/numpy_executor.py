@@ -1,0 +1,397 @@
+"""The numpy executor of the path network: every primitive once, in float64 (the reference).
+
+Arrays keep the model's batch axis (of size one). Convolutions and pools read their windows
+through strided views of the zero-padded input (`window_view`), whose adjoints scatter back
+with one strided slice per kernel offset: a loop over at most a few dozen offsets, never over
+channels or positions. Large dense weights are squared a block of rows at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import List, Optional, Tuple
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from ..channels import ParamUse
+from ..geometry import Geometry
+from ..graph import Graph
+from . import primitives as P
+from .records import Sink, Statistic
+
+
+def default_mass_budget(total_bytes: float) -> float:
+    """The budget of the numpy walk, from the bytes all the masses of a network would take:
+    a quarter of them, and never below 16 MiB (a network whose masses are that small keeps
+    them all)."""
+    return max(total_bytes / 4, 16 * 2 ** 20)
+
+
+def unbroadcast(arr: np.ndarray, shape) -> np.ndarray:
+    """Sum `arr` down to `shape` (the adjoint of numpy broadcasting)."""
+    shape = tuple(shape)
+    if arr.shape == shape:
+        return arr
+    extra = arr.ndim - len(shape)
+    if extra:
+        arr = arr.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, d in enumerate(shape) if d == 1 and arr.shape[i] != 1)
+    if axes:
+        arr = arr.sum(axis=axes, keepdims=True)
+    return arr.reshape(shape)
+
+
+# ---------------------------------------------------------------------------- windows
+def pad_input(x: np.ndarray, geo: Geometry) -> np.ndarray:
+    """`x` of shape [C, *S] embedded in zeros of shape [C, *padded_size]."""
+    xp = np.zeros((x.shape[0],) + geo.padded_size, dtype=x.dtype)
+    index = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(geo.pads_begin, geo.in_size))
+    xp[index] = x
+    return xp
+
+
+def crop_input(xp: np.ndarray, geo: Geometry) -> np.ndarray:
+    index = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(geo.pads_begin, geo.in_size))
+    return xp[index]
+
+
+def window_view(xp: np.ndarray, geo: Geometry) -> np.ndarray:
+    """Read-only view [C, *kernel, *out] of a padded array [C, *padded_size]: element
+    [c, k..., p...] is padded position p·stride + k·dilation."""
+    xp = np.ascontiguousarray(xp)
+    nd = len(geo.kernel)
+    s = xp.strides
+    shape = (xp.shape[0],) + geo.kernel + geo.out_size
+    strides = ((s[0],) + tuple(s[1 + i] * geo.dilations[i] for i in range(nd))
+               + tuple(s[1 + i] * geo.strides[i] for i in range(nd)))
+    return as_strided(xp, shape=shape, strides=strides, writeable=False)
+
+
+def scatter_windows(cols: np.ndarray, geo: Geometry) -> np.ndarray:
+    """Adjoint of `window_view`: sum cols [C, *kernel, *out] into a padded [C, *padded_size]."""
+    out = np.zeros((cols.shape[0],) + geo.padded_size, dtype=cols.dtype)
+    for offset in itertools.product(*(range(k) for k in geo.kernel)):
+        index = (slice(None),) + tuple(
+            slice(k * d, k * d + (o - 1) * st + 1, st)
+            for k, d, o, st in zip(offset, geo.dilations, geo.out_size, geo.strides))
+        out[index] += cols[(slice(None),) + offset]
+    return out
+
+
+def _columns(x: np.ndarray, groups: int, geo: Geometry) -> np.ndarray:
+    """im2col: [G, Cg·K, P] from x [C, *S]."""
+    if geo.kernel_volume == 1 and all(s == 1 for s in geo.strides) and geo.padded_size == geo.in_size:
+        return x.reshape(groups, x.shape[0] // groups, -1)  # a 1×1 convolution reads x as it is
+    cols = window_view(pad_input(x, geo), geo)
+    return cols.reshape(groups, (x.shape[0] // groups) * geo.kernel_volume, -1)
+
+
+def _crop_or_pad(arr: np.ndarray, begin, size) -> np.ndarray:
+    """Window [begin, begin+size) of the spatial axes of arr [C, *S], zero outside."""
+    out = np.zeros((arr.shape[0],) + tuple(size), dtype=arr.dtype)
+    src, dst = [slice(None)], [slice(None)]
+    for b, s, n in zip(begin, size, arr.shape[1:]):
+        lo, hi = max(b, 0), min(b + s, n)
+        src.append(slice(lo, max(lo, hi)))
+        dst.append(slice(lo - b, lo - b + max(0, hi - lo)))
+    out[tuple(dst)] = arr[tuple(src)]
+    return out
+
+
+def _uncrop(arr: np.ndarray, begin, full_size) -> np.ndarray:
+    """Adjoint of `_crop_or_pad`: place arr back into zeros of `full_size`."""
+    out = np.zeros((arr.shape[0],) + tuple(full_size), dtype=arr.dtype)
+    src, dst = [slice(None)], [slice(None)]
+    for b, s, n in zip(begin, arr.shape[1:], full_size):
+        lo, hi = max(b, 0), min(b + s, n)
+        dst.append(slice(lo, max(lo, hi)))
+        src.append(slice(lo - b, lo - b + max(0, hi - lo)))
+    out[tuple(dst)] = arr[tuple(src)]
+    return out
+
+
+# ---------------------------------------------------------------------------- dense products
+# Rows of a weight squared at once: the float64 square of a large weight (twice its float32
+# size) never exists whole, only this many elements of it.
+_SQUARE_CHUNK = 1 << 22
+
+
+def squared_product(w: np.ndarray, x: np.ndarray, w_left: bool, transposed: bool) -> np.ndarray:
+    """x @ M or M @ x (`w_left`) with M = w² or (w²)ᵀ (`transposed`), in float64.
+
+    `w` is a 2-D weight in its stored dtype; x may have leading batch axes (np.matmul's
+    broadcasting). w² is formed a block of rows at a time.
+    """
+    n0, n1 = w.shape
+    step = max(1, _SQUARE_CHUNK // max(1, n1))
+    if w_left:
+        out = np.zeros(x.shape[:-2] + ((n1 if transposed else n0), x.shape[-1]))
+    else:
+        out = np.zeros(x.shape[:-1] + ((n0 if transposed else n1),))
+    for start in range(0, n0, step):
+        rows = slice(start, start + step)
+        part = w[rows]
+        part = np.square(part.astype(np.float32) if part.dtype.name == "bfloat16" else part, dtype=np.float64)
+        if w_left and not transposed:  # rows of M are rows of w
+            out[..., rows, :] = np.matmul(part, x)
+        elif w_left:  # Mᵀ: rows of w are columns of M
+            out += np.matmul(part.T, x[..., rows, :])
+        elif not transposed:  # x @ w²: rows of w meet columns of x
+            out += np.matmul(x[..., rows], part)
+        else:  # x @ (w²)ᵀ: rows of w make columns of the output
+            out[..., rows] = np.matmul(x, part.T)
+    return out
+
+
+def _swap(x: np.ndarray) -> np.ndarray:
+    return np.swapaxes(x, -1, -2)
+
+
+class NumpyExecutor:
+    """Runs primitives on float64 numpy arrays; statistics go to `sink` as they are made."""
+
+    eager_sums = True  # adjoint contributions are added as they come (one array per tensor)
+
+    def __init__(self, graph: Graph, sink: Sink):
+        self.graph = graph
+        self.sink = sink
+
+    # ------------------------------------------------------------ what the walk calls
+    @staticmethod
+    def default_budget(total_bytes: float) -> float:
+        return default_mass_budget(total_bytes)
+
+    @staticmethod
+    def measure(value: np.ndarray):
+        root = value
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        return id(root), root.nbytes, root
+
+    @staticmethod
+    def ones(shape) -> np.ndarray:
+        return np.ones(shape)
+
+    @staticmethod
+    def zeros(shape) -> np.ndarray:
+        return np.zeros(shape)
+
+    def begin_backward(self) -> None:
+        pass
+
+    @staticmethod
+    def total(parts: List[Tuple[np.ndarray, bool]], shape) -> np.ndarray:
+        """The sum of `parts` ((array, whether it is new and may be added into)) broadcast to
+        `shape`; a single part of that shape is returned as it is."""
+        shape = tuple(shape)
+        if len(parts) == 1 and parts[0][0].shape == shape:
+            return parts[0][0]
+        into = next((k for k, (v, fresh) in enumerate(parts) if fresh and v.shape == shape), None)
+        if into is None:
+            first = parts[0][0] if len(parts) == 1 else parts[0][0] + parts[1][0]
+            acc = first if first.shape == shape and len(parts) > 1 else np.broadcast_to(first, shape).copy()
+            rest = parts[2:]
+        else:
+            acc = parts[into][0]
+            rest = parts[:into] + parts[into + 1:]
+        for value, _ in rest:
+            np.add(acc, value, out=acc)
+        return acc
+
+    def emit(self, use: ParamUse, g, factors) -> None:
+        self.sink(Statistic(use, g, factors))
+
+    # ------------------------------------------------------------ parameters
+    def _stored(self, use: ParamUse) -> np.ndarray:
+        """A parameter in its stored dtype (no copy), in the layout its op sees."""
+        if use.ref is not None:
+            return use.ref.to_view(self.graph.stored_value(use.ref))
+        return np.asarray(self.graph.constant_value(use.input_name))
+
+    def _factor(self, weight: P.Weight) -> np.ndarray:
+        """The weight's value in float64: the parameter squared (or the fixed value) × gain."""
+        if weight.value is not None:
+            value = np.asarray(weight.value, dtype=np.float64)
+        else:
+            value = self._stored(weight.use)
+            if value.dtype.name == "bfloat16":
+                value = value.astype(np.float32)
+            value = np.square(value, dtype=np.float64)
+        return value * weight.gain if weight.gain != 1.0 else value
+
+    # ------------------------------------------------------------ primitives
+    def forward(self, prim: P.Primitive, inputs: List[np.ndarray]) -> List[np.ndarray]:
+        return getattr(self, "_forward_" + type(prim).__name__)(prim, *inputs)
+
+    def backward(self, prim: P.Primitive, inputs: Optional[List[np.ndarray]], adjoints: List[np.ndarray]):
+        """(adjoint contribution per input (None: none), [(use, g, factors)])."""
+        return getattr(self, "_backward_" + type(prim).__name__)(prim, inputs, *adjoints)
+
+    def _shape(self, name: str):
+        return self.graph.shape(name)
+
+    # Identity
+    def _forward_Identity(self, prim: P.Identity, x):
+        return [x]
+
+    def _backward_Identity(self, prim: P.Identity, inputs, adj):
+        return [unbroadcast(adj, self._shape(prim.x))], []
+
+    # Scale
+    def _forward_Scale(self, prim: P.Scale, x):
+        return [x * self._factor(prim.weight).reshape(prim.view)]
+
+    def _backward_Scale(self, prim: P.Scale, inputs, adj):
+        factor = self._factor(prim.weight).reshape(prim.view)
+        into = unbroadcast(adj * factor, self._shape(prim.x))
+        stats = []
+        if prim.weight.reports:
+            g = unbroadcast(adj * inputs[0], prim.view) * prim.weight.gain
+            stats.append((prim.weight.use, g.reshape(prim.weight.use.view_shape), None))
+        return [into], stats
+
+    # Bias
+    def _forward_Bias(self, prim: P.Bias):
+        return [self._factor(prim.weight).reshape(prim.view)]
+
+    def _backward_Bias(self, prim: P.Bias, inputs, adj):
+        stats = []
+        if prim.weight.reports:
+            g = unbroadcast(adj, prim.view) * prim.weight.gain
+            stats.append((prim.weight.use, g.reshape(prim.weight.use.view_shape), None))
+        return [], stats
+
+    # Dense
+    def _forward_Dense(self, prim: P.Dense, x):
+        w = self._stored(prim.weight.use)
+        y = squared_product(w, _swap(x) if prim.x_transposed else x, w_left=prim.weight_left,
+                            transposed=prim.weight_transposed)
+        if prim.weight.gain != 1.0:
+            y *= prim.weight.gain
+        return [y]
+
+    def _backward_Dense(self, prim: P.Dense, inputs, adj):
+        w = self._stored(prim.weight.use)
+        x = _swap(inputs[0]) if prim.x_transposed else inputs[0]
+        gain = prim.weight.gain
+        into = squared_product(w, adj, w_left=prim.weight_left, transposed=not prim.weight_transposed)
+        if gain != 1.0:
+            into *= gain
+        into = _swap(into) if prim.x_transposed else into
+        # The weight's g is a product over the batch (and positions): it goes as factors, and
+        # the criterion multiplies them out only if it needs g itself.
+        if prim.weight_left:  # y[.., o, t] = Σ_i W[o, i] x[.., i, t]
+            xs, adjs = _swap(x).reshape(-1, x.shape[-2]), _swap(adj).reshape(-1, adj.shape[-2])
+        else:  # y[.., o] = Σ_i x[.., i] W[i, o]
+            xs, adjs = x.reshape(-1, x.shape[-1]), adj.reshape(-1, adj.shape[-1])
+        if gain != 1.0:
+            adjs = adjs * gain
+        out_first = prim.weight_left != prim.weight_transposed  # the stored view is [O, I]
+        factors = (adjs.T, xs.T) if out_first else (xs.T, adjs.T)
+        return [into], [(prim.weight.use, None, factors)]
+
+    # Conv
+    def _conv_setup(self, prim: P.Conv, x):
+        w2 = self._factor(prim.weight)
+        groups = prim.groups
+        return w2.shape, x[0], w2.reshape(groups, w2.shape[0] // groups, -1)
+
+    def _forward_Conv(self, prim: P.Conv, x):
+        wshape, x, w2 = self._conv_setup(prim, x)
+        geo = prim.geometry
+        y = np.matmul(w2, _columns(x, prim.groups, geo)).reshape((1, wshape[0]) + geo.out_size)
+        return [y]
+
+    def _backward_Conv(self, prim: P.Conv, inputs, adj):
+        wshape, x, w2 = self._conv_setup(prim, inputs[0])
+        geo, groups = prim.geometry, prim.groups
+        adj = adj[0].reshape(groups, wshape[0] // groups, -1)
+        back = np.matmul(w2.transpose(0, 2, 1), adj).reshape((x.shape[0],) + geo.kernel + geo.out_size)
+        del w2  # the weights' copies go before the statistics' arrays arrive
+        into = crop_input(scatter_windows(back, geo), geo)[None]
+        del back
+        cols = _columns(x, groups, geo)
+        factors = (adj[0], cols[0]) if groups == 1 and geo.kernel_volume == 1 else None
+        g = np.matmul(adj, cols.transpose(0, 2, 1)).reshape(wshape)
+        return [into], [(prim.weight.use, g, factors)]
+
+    # ConvTranspose
+    def _forward_ConvTranspose(self, prim: P.ConvTranspose, x):
+        w2 = self._factor(prim.weight)
+        x = x[0]
+        groups, geo = prim.groups, prim.scatter
+        n_out = w2.shape[1] * groups
+        w2 = w2.reshape(groups, w2.shape[0] // groups, -1)  # [G, Cg, Og*K]
+        spread = np.matmul(w2.transpose(0, 2, 1), x.reshape(groups, x.shape[0] // groups, -1))
+        full = scatter_windows(spread.reshape((n_out,) + geo.kernel + geo.out_size), geo)
+        return [_crop_or_pad(full, prim.begin, prim.out_size)[None]]
+
+    def _backward_ConvTranspose(self, prim: P.ConvTranspose, inputs, adj):
+        w2 = self._factor(prim.weight)
+        wshape, x = w2.shape, inputs[0][0]
+        groups, geo = prim.groups, prim.scatter
+        w2 = w2.reshape(groups, w2.shape[0] // groups, -1)
+        full = _uncrop(adj[0], prim.begin, geo.padded_size)
+        cols = window_view(full, geo).reshape(groups, -1, int(np.prod(geo.out_size)))  # [G, Og*K, P]
+        into = np.matmul(w2, cols).reshape((1,) + x.shape)
+        xg = x.reshape(groups, x.shape[0] // groups, -1)
+        g = np.matmul(xg, cols.transpose(0, 2, 1)).reshape(wshape)
+        return [into], [(prim.weight.use, g, None)]
+
+    # WindowSum
+    def _forward_WindowSum(self, prim: P.WindowSum, x):
+        geo = prim.geometry
+        y = window_view(pad_input(x[0], geo), geo).sum(axis=tuple(range(1, 1 + len(geo.kernel))))
+        if prim.weight is not None:
+            y = y * prim.weight
+        return [y[None]]
+
+    def _backward_WindowSum(self, prim: P.WindowSum, inputs, adj):
+        geo = prim.geometry
+        adj = adj[0]
+        if prim.weight is not None:
+            adj = adj * prim.weight
+        nd = len(geo.kernel)
+        cols = np.broadcast_to(adj.reshape((adj.shape[0],) + (1,) * nd + adj.shape[1:]),
+                               (adj.shape[0],) + geo.kernel + geo.out_size)
+        return [crop_input(scatter_windows(cols, geo), geo)[None]], []
+
+    # ReduceSum
+    def _forward_ReduceSum(self, prim: P.ReduceSum, x):
+        y = x.sum(axis=prim.axes) * prim.gain if prim.axes else x.copy()
+        return [y.reshape(self._shape(prim.y))]
+
+    def _backward_ReduceSum(self, prim: P.ReduceSum, inputs, adj):
+        shape = self._shape(prim.x)
+        kept = [1 if a in prim.axes else d for a, d in enumerate(shape)]
+        return [np.broadcast_to(adj.reshape(kept) * prim.gain, shape)], []
+
+    # Gather
+    def _forward_Gather(self, prim: P.Gather, *xs):
+        flat = np.concatenate([x.ravel() for x in xs] + [np.zeros(1)])
+        return [flat[np.where(src >= 0, src, flat.size - 1)] for src in prim.maps]
+
+    def _backward_Gather(self, prim: P.Gather, inputs, *adjs):
+        sizes = [int(np.prod(self._shape(x))) for x in prim.xs]
+        total = np.zeros(sum(sizes))
+        for src, adj in zip(prim.maps, adjs):
+            keep = src >= 0
+            total += np.bincount(src[keep], weights=adj[keep], minlength=total.size)
+        parts = np.split(total, np.cumsum(sizes)[:-1])
+        return [part.reshape(self._shape(x)) for x, part in zip(prim.xs, parts)], []
+
+    # AxisMatrices
+    @staticmethod
+    def _along(x, matrix, axis):
+        return np.moveaxis(np.tensordot(matrix, x, axes=([1], [axis])), 0, axis)
+
+    def _forward_AxisMatrices(self, prim: P.AxisMatrices, x):
+        for k, m in enumerate(prim.matrices):
+            x = self._along(x, m, prim.first_axis + k)
+        return [x]
+
+    def _backward_AxisMatrices(self, prim: P.AxisMatrices, inputs, adj):
+        for k, m in enumerate(prim.matrices):
+            adj = self._along(adj, m.T, prim.first_axis + k)
+        return [adj], []

@@ -1,0 +1,30 @@
+"""Running two models on the same random inputs and comparing their outputs with onnxruntime,
+for every test that checks a rescaled model against its input."""
+
+import numpy as np
+import onnxruntime as ort
+
+
+def run(model, feeds):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def random_feeds(model, seed, batch=None):
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in model.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else (batch or 3) for d in vi.type.tensor_type.shape.dim]
+        if batch and dims:
+            dims[0] = batch if not vi.type.tensor_type.shape.dim[0].HasField("dim_value") else dims[0]
+        feeds[vi.name] = (rng.standard_normal(dims) * 2).astype(np.float32)
+    return feeds
+
+
+def assert_equivalent(before, after, seed=123, rtol=1e-5):
+    feeds = random_feeds(before, seed)
+    for a, b in zip(run(before, feeds), run(after, feeds)):
+        scale = np.abs(a).max()
+        assert np.abs(a - b).max() <= rtol * max(scale, 1e-30), (np.abs(a - b).max(), scale)

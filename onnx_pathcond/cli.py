@@ -9,12 +9,20 @@ import click
 
 from . import __version__
 from .errors import InputError, PathCondError
+from .options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_RTOL, DEFAULT_SEED, DEFAULT_SOLVER, DEVICES,
+                      SOLVERS)
 from .progress import Progress
 
 EXIT_CODES_HELP = """\b
 Exit codes: 0 written (or dry run); 1 the model cannot be processed;
 2 bad command line or input file; 3 the rescaled model failed the equivalence check.
 """
+
+
+def _short(x: float) -> str:
+    """1e-06 as '1e-6', the way the README writes tolerances."""
+    mantissa, exponent = f"{x:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def _fail(error: PathCondError) -> None:
@@ -51,25 +59,28 @@ def _same_file(a: str, b: str) -> bool:
 @click.argument("output_path", metavar="OUT", required=False, type=click.Path(path_type=str))
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0xD1x...",
               help="Fix the shape of a graph input with dynamic dimensions (repeatable).")
-@click.option("--solver", type=click.Choice(["cd", "exact"]), default="cd", show_default=True,
-              help="cd: the authors' cyclic coordinate descent (10 sweeps). exact: the minimiser of the "
-                   "criterion (can rescale weights by 1e3 or more; see README).")
+@click.option("--solver", type=click.Choice(list(SOLVERS)), default=DEFAULT_SOLVER, show_default=True,
+              help=f"cd: the authors' cyclic coordinate descent ({SOLVERS['cd'].max_iter} sweeps). exact: the "
+                   f"minimiser of the criterion (can rescale weights by 1e3 or more; see README).")
 @click.option("--max-iter", type=click.IntRange(min=0), default=None,
-              help="Sweeps of coordinate descent (default 10) or iterations of the exact solver (default 1000).")
+              help=f"Sweeps of coordinate descent (default {SOLVERS['cd'].max_iter}) or iterations of the exact "
+                   f"solver (default {SOLVERS['exact'].max_iter}).")
 @click.option("--tol", type=click.FloatRange(min=0.0), default=None,
-              help="Stop when a sweep changes Σ|Δu| by less (cd, default 1e-2) or when the gradient's "
-                   "largest entry falls below this fraction of its value at no rescaling (exact, default 1e-6).")
-@click.option("--backend", type=click.Choice(["auto", "numpy", "onnxruntime"]), default="auto", show_default=True,
+              help=f"Stop when a sweep changes Σ|Δu| by less (cd, default {_short(SOLVERS['cd'].tol)}) or when the "
+                   f"gradient's largest entry falls below this fraction of its value at no rescaling (exact, "
+                   f"default {_short(SOLVERS['exact'].tol)}).")
+@click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND, show_default=True,
               help="What computes diag(G): numpy, or onnxruntime (auto: onnxruntime with --device cuda, numpy on "
                    "the CPU, where it measured faster and leaner).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default=DEFAULT_DEVICE, show_default=True,
               help="cuda: run the onnxruntime backend on its CUDA execution provider (needs onnx-pathcond[gpu]).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check on random inputs that the output computes the same function.")
 @click.option("--rtol", type=click.FloatRange(min=0.0), default=None,
-              help="Largest accepted output difference relative to the output's scale "
-                   "(default 1e-5; 1e-2 for float16 outputs).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
+              help=f"Largest accepted output difference relative to the output's scale "
+                   f"(default {_short(DEFAULT_RTOL['float32'])}; {_short(DEFAULT_RTOL['float16'])} for float16 outputs).")
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
+              help="Seed of the random verification inputs.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
               help="Write the full report as JSON to this file.")
 @click.option("--dry-run", is_flag=True, help="Only analyse: print the groups and barriers, write nothing.")
@@ -101,10 +112,6 @@ def main(input_path, output_path, input_shapes, solver, max_iter, tol, backend, 
             raise InputError(f"--input-shape given more than once for '{repeated[0]}'")
         if output_path is not None and not dry_run:
             api.check_output_path(output_path, input_path if os.path.exists(input_path) else None, overwrite)
-        if max_iter is None:
-            max_iter = 1000 if solver == "exact" else 10
-        if tol is None:
-            tol = 1e-6 if solver == "exact" else 1e-2
         progress = Progress(verbose=verbose)
         try:
             model, report = api.rescale(input_path, input_shapes=list(input_shapes), solver=solver, max_iter=max_iter,

@@ -10,23 +10,25 @@ and the static shape of every tensor for a batch of one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import InputError, ModelError
+from .modelfile import LEFT_IN_FILE_ABOVE, ModelFile
+from .protoio import FLOAT_TYPES  # noqa: F401  (the float element types; rules import them from here)
 
 # Tensors above this many elements are left out of the skeleton used for shape inference:
 # shape inference only needs their type and shape, and copying them would double memory.
-# Float initializers above it may also stay in their file until read (`protoio.FileWeights`).
-SKELETON_MAX_ELEMENTS = 4096
+# It is the size above which a float initializer may have no data here (left in its file by
+# `ModelFile`), so that no tensor without its data reaches shape inference.
+SKELETON_MAX_ELEMENTS = LEFT_IN_FILE_ABOVE
 
 # Nodes that only move a weight around; a weight behind them can still be rewritten in place.
 _WEIGHT_TRANSPARENT_OPS = ("Identity", "Transpose", "Cast")
 
-FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 @dataclass(frozen=True)
@@ -109,12 +111,14 @@ class Graph:
     becomes 1; any other dynamic dimension without an override is an error.
     """
 
-    def __init__(self, model: onnx.ModelProto, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
-                 weights=None):
-        self.model = model
-        # Initializers whose values are still in the input file (protoio.FileWeights), or None.
-        self.weights = weights
-        g = model.graph
+    def __init__(self, model: Union[onnx.ModelProto, ModelFile],
+                 input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None):
+        if isinstance(model, onnx.ModelProto):
+            model = ModelFile(model)
+        # Where weight values are read from: the ModelProto, or the input's files.
+        self.file = model
+        self.model = model.proto
+        g = self.model.graph
         self.initializers: Dict[str, TensorProto] = {t.name: t for t in g.initializer}
         self.constant_nodes: Dict[str, onnx.NodeProto] = {}
         for n in g.node:
@@ -397,18 +401,7 @@ class Graph:
 
     def initializer_value(self, name: str) -> np.ndarray:
         """An initializer's value, read from its file when it was left there."""
-        if self.weights is not None and name in self.weights:
-            return self.weights.array(self.initializers[name])
-        try:
-            return stored_array(self.initializers[name])
-        except ValueError as e:  # raw data that does not fit the shape, ...
-            raise ModelError(f"initializer '{name}' cannot be read: {e}") from None
-
-    def stays_in_file(self, name: str) -> bool:
-        return self.weights is not None and name in self.weights
+        return self.file.initializer_value(self.initializers[name])
 
     def is_float(self, name: str) -> bool:
         return self.elem_type.get(name, TensorProto.FLOAT) in FLOAT_TYPES
-
-    def is_graph_output(self, name: str) -> bool:
-        return name in self.graph_outputs

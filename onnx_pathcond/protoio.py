@@ -20,7 +20,9 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import ModelError
-from .graph import FLOAT_TYPES
+
+# Element types of floating-point tensors: the weights that may stay in their file.
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 _MODEL_GRAPH_FIELD = 7
 _GRAPH_INITIALIZER_FIELD = 5

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from .symmetry import Analysis, Groups
+from .exporters import folded_batchnorm, folded_batchnorm_warning
 from .graph import Graph, node_label
+from .pathnet.records import RuntimeInfo
+from .records import (CriterionSummary, ExporterFindings, FrozenRange, GroupCounts, LayerGroups, ModelSummary, Record,
+                      RewrittenTensor, SolverSummary, StatisticsRun, VerificationSummary)
+from .symmetry import Analysis, Groups
+from .verify import Verification
 
-STEPS = ("load", "analyse", "statistics", "solve", "rewrite", "verify", "save")
+# Largest finite value of the dtypes a rescaled weight may come near.
+_DTYPE_LIMITS = {"float16": 65504.0, "bfloat16": 3.3e38, "float32": 3.4e38}
 
 
 def channel_ranges(channels: np.ndarray) -> str:
@@ -33,7 +39,7 @@ def _origins(an: Analysis, positions: np.ndarray):
     return k, positions - starts[k]
 
 
-def group_layers(graph: Graph, an: Analysis, groups: Groups, u: Optional[np.ndarray]) -> List[dict]:
+def group_layers(graph: Graph, an: Analysis, groups: Groups, u: Optional[np.ndarray]) -> List[LayerGroups]:
     """One row per node that created rescalable groups: counts and λ = exp(u/2) summary."""
     rows = []
     if groups.count == 0:
@@ -45,16 +51,17 @@ def group_layers(graph: Graph, an: Analysis, groups: Groups, u: Optional[np.ndar
     for s, e in zip(starts.tolist(), stops.tolist()):
         node = graph.nodes[int(layer_of[s])]
         block = an.blocks[int(k[s])]
-        row = {"node": node_label(node), "op_type": node.op_type, "tensor": block.tensor, "groups": e - s,
-               "positions": int(groups.size[s:e].sum())}
+        row = LayerGroups(node=node_label(node), op_type=node.op_type, tensor=block.tensor, groups=e - s,
+                          positions=int(groups.size[s:e].sum()))
         if u is not None:
             lam = np.exp(u[s:e] / 2.0)
-            row.update(lambda_min=float(lam.min()), lambda_median=float(np.median(lam)), lambda_max=float(lam.max()))
+            row.lambda_min, row.lambda_median, row.lambda_max = (float(lam.min()), float(np.median(lam)),
+                                                                 float(lam.max()))
         rows.append(row)
     return rows
 
 
-def frozen_summary(graph: Graph, an: Analysis, groups: Groups) -> List[dict]:
+def frozen_summary(graph: Graph, an: Analysis, groups: Groups) -> List[FrozenRange]:
     """Frozen groups, gathered by the tensor they start in and the reason."""
     roots = groups.frozen_roots
     if roots.size == 0:
@@ -68,35 +75,128 @@ def frozen_summary(graph: Graph, an: Analysis, groups: Groups) -> List[dict]:
     rows = []
     for (blk, category, reason), chans in gathered.items():
         block = an.blocks[blk]
-        rows.append({"node": node_label(graph.nodes[block.node_index]), "tensor": block.tensor,
-                     "channels": channel_ranges(np.array(chans)), "groups": len(chans),
-                     "category": category, "reason": reason})
+        rows.append(FrozenRange(node=node_label(graph.nodes[block.node_index]), tensor=block.tensor,
+                                channels=channel_ranges(np.array(chans)), groups=len(chans), category=category,
+                                reason=reason))
     return rows
 
 
 @dataclass
 class Report:
+    """What a run found and did, one typed record per step (see `records`).
+
+    `to_dict()` / `to_json()` give the JSON report; `summary()` the text the command line
+    prints. `statistics` holds the statistics step's own record of how it ran (`RuntimeInfo`).
+    """
+
     input: Optional[str] = None
     output: Optional[str] = None
-    model: dict = field(default_factory=dict)
-    groups: dict = field(default_factory=dict)
-    layers: List[dict] = field(default_factory=list)
-    frozen: List[dict] = field(default_factory=list)
+    model: Optional[ModelSummary] = None
+    groups: Optional[GroupCounts] = None
+    layers: List[LayerGroups] = field(default_factory=list)
+    frozen: List[FrozenRange] = field(default_factory=list)
     barrier_ops: Dict[str, int] = field(default_factory=dict)
-    exporter: dict = field(default_factory=dict)
-    statistics: dict = field(default_factory=dict)
-    criterion: dict = field(default_factory=dict)
-    solver: dict = field(default_factory=dict)
-    rewritten: List[dict] = field(default_factory=list)
-    verification: Optional[dict] = None
+    exporter: Optional[ExporterFindings] = None
+    statistics: Optional[StatisticsRun] = None
+    criterion: Optional[CriterionSummary] = None
+    solver: Optional[SolverSummary] = None
+    rewritten: List[RewrittenTensor] = field(default_factory=list)
+    verification: Optional[VerificationSummary] = None
     warnings: List[str] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
+        def record(value, absent):
+            return value.as_dict() if value is not None else absent
+
+        return _jsonable({
+            "input": self.input, "output": self.output, "model": record(self.model, {}),
+            "groups": record(self.groups, {}), "layers": [row.as_dict() for row in self.layers],
+            "frozen": [row.as_dict() for row in self.frozen], "barrier_ops": dict(self.barrier_ops),
+            "exporter": record(self.exporter, {}), "statistics": record(self.statistics, {}),
+            "criterion": record(self.criterion, {}), "solver": record(self.solver, {}),
+            "rewritten": [r.as_dict() for r in self.rewritten], "verification": record(self.verification, None),
+            "warnings": list(self.warnings), "timings": dict(self.timings)})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    # ---------------------------------------------------------------- filled by the steps
+    def describe_analysis(self, graph: Graph, an: Analysis, groups: Groups, external_tensors: int) -> None:
+        """The model, its groups (rescalable and frozen, by layer) and what the exporter did."""
+        stored = {u.ref.name for u in an.uses if not u.ignored and u.ref is not None}
+        shapes = [graph.shape(name) for name in stored]
+        self.model = ModelSummary(
+            external_data_tensors=external_tensors, nodes=len(graph.nodes), parameter_tensors=len(stored),
+            parameters=sum(int(np.prod(shape)) for shape in shapes if shape),
+            opsets={o.domain or "ai.onnx": o.version for o in graph.model.opset_import},
+            producer=f"{graph.model.producer_name} {graph.model.producer_version}".strip(),
+            inputs={k: list(v) for k, v in graph.input_shapes.items()})
+        self.frozen = frozen_summary(graph, an, groups)
+        by_category: Dict[str, int] = {}
+        for row in self.frozen:
+            by_category[row.category] = by_category.get(row.category, 0) + row.groups
+        self.groups = GroupCounts(rescalable=groups.count, frozen=int(groups.frozen_roots.size),
+                                  frozen_by_category=by_category, positions=an.n_positions)
+        self.barrier_ops = dict(an.unsupported)
+        self.layers = group_layers(graph, an, groups, None)
+        self.exporter = ExporterFindings(folded_batchnorm(graph))
+        tied = sorted(name for name, (n, nonzero) in an.shared.items() if nonzero.any())
+        if tied:
+            self.warnings.append(
+                f"{len(tied)} parameter tensor(s) are read by several nodes ({', '.join(tied[:3])}"
+                f"{', ...' if len(tied) > 3 else ''}): the channels they join were tied so that each keeps one "
+                f"value per element (an exporter that merges equal initializers causes this)")
+        folded = folded_batchnorm_warning(graph)
+        if folded:
+            self.warnings.append(folded)
+        if groups.count == 0:
+            why = ", ".join(f"{n} {cat.replace('_', ' ')}" for cat, n in sorted(by_category.items(), key=lambda kv: -kv[1]))
+            first = self.frozen[0].reason if self.frozen else "no neuron found"
+            self.warnings.append(f"no rescalable group: the output has the same weights as the input (frozen groups: "
+                                 f"{why or 'none'}; e.g. {first})")
+
+    def describe_statistics(self, runtime: RuntimeInfo) -> None:
+        """What computed diag(G); its notice (e.g. CUDA asked for but not used) is a warning."""
+        self.statistics = StatisticsRun(runtime)
+        if runtime.notice:
+            self.warnings.append(self.statistics.notice)
+
+    def describe_solution(self, graph: Graph, an: Analysis, groups: Groups, problem, builder, result,
+                          max_iter: int, tol: float) -> None:
+        """The criterion before and after, the solver's run, and λ per layer."""
+        u = result.u
+        lam = np.exp(u / 2.0) if u.size else np.ones(1)
+        max_after, min_after = problem.extremes(u)
+        self.criterion = CriterionSummary(
+            name="pathcond", entries=problem.p, F_before=result.objective_before, F_after=result.objective_after,
+            am_gm_before=float(np.exp(problem.log_am_gm(np.zeros(problem.H)))),
+            am_gm_after=float(np.exp(problem.log_am_gm(u))),
+            max_before=builder.g_max_before if problem.p else 0.0, min_before=builder.g_min_before if problem.p else 0.0,
+            max_after=max_after, min_after=min_after)
+        exact = result.method != "coordinate-descent"
+        self.solver = SolverSummary(
+            method=result.method, sweeps=result.sweeps, unit="iterations" if exact else "sweeps",
+            change_name="gradient norm" if exact else "sum |du|", last_change=result.last_change,
+            converged=result.converged, max_iter=max_iter, tol=tol, F_before=result.objective_before,
+            F_after=result.objective_after, F_history=result.history,
+            max_abs_u=float(np.abs(u).max()) if u.size else 0.0, lambda_min=float(lam.min()),
+            lambda_max=float(lam.max()), seconds=result.seconds)
+        self.layers = group_layers(graph, an, groups, u)
+
+    def describe_rewrite(self, rewritten: List[RewrittenTensor]) -> None:
+        """The tensors that changed; a warning for any that comes near its dtype's largest value."""
+        self.rewritten = list(rewritten)
+        for r in self.rewritten:
+            limit = _DTYPE_LIMITS.get(r.dtype)
+            if limit and r.max_abs_after > 0.1 * limit:
+                self.warnings.append(f"rescaled '{r.name}' ({r.dtype}) reaches {r.max_abs_after:.3g}, "
+                                     f"close to the largest {r.dtype} value")
+
+    def describe_verification(self, check: Verification, seed: int) -> None:
+        self.verification = VerificationSummary(
+            engine=check.engine, rtol=check.rtol, max_rel=check.max_rel, passed=check.passed, seed=seed,
+            input_shapes={k: list(v) for k, v in check.input_shapes.items()}, outputs=list(check.outputs))
 
     # ---------------------------------------------------------------- text
     def summary(self, verbose: bool = False) -> str:
@@ -104,54 +204,48 @@ class Report:
         arrow = f"{self.input} -> {self.output}" if self.output else (self.input or "model")
         lines.append(f"onnx-pathcond: {arrow}")
         m = self.model
-        if m:
-            lines.append(f"  model      {m.get('nodes', 0)} nodes, {m.get('parameter_tensors', 0)} parameter tensors "
-                         f"({m.get('parameters', 0):,} values)")
+        if m is not None:
+            lines.append(f"  model      {m.nodes} nodes, {m.parameter_tensors} parameter tensors ({m.parameters:,} values)")
         g = self.groups
-        if g:
-            frozen_bits = []
-            for cat, n in sorted(g.get("frozen_by_category", {}).items(), key=lambda kv: -kv[1]):
-                frozen_bits.append(f"{n} {cat.replace('_', ' ')}")
-            lines.append(f"  groups     {g.get('rescalable', 0)} rescalable in {len(self.layers)} layers, "
-                         f"{g.get('frozen', 0)} frozen" + (f" ({', '.join(frozen_bits)})" if frozen_bits else ""))
+        if g is not None:
+            frozen_bits = [f"{n} {cat.replace('_', ' ')}"
+                           for cat, n in sorted(g.frozen_by_category.items(), key=lambda kv: -kv[1])]
+            lines.append(f"  groups     {g.rescalable} rescalable in {len(self.layers)} layers, {g.frozen} frozen"
+                         + (f" ({', '.join(frozen_bits)})" if frozen_bits else ""))
         if self.barrier_ops:
             lines.append("  barriers   " + ", ".join(f"{op} x{n}" for op, n in sorted(self.barrier_ops.items())))
         shown = self.frozen if verbose else self.frozen[:6]
         for f in shown:
-            lines.append(f"    frozen   {f['tensor']}[{f['channels']}]: {f['reason']}")
+            lines.append(f"    frozen   {f.tensor}[{f.channels}]: {f.reason}")
         if len(shown) < len(self.frozen):
             lines.append(f"    ... {len(self.frozen) - len(shown)} more frozen ranges (see -v or --report)")
         st = self.statistics
-        if st:
-            placed = st.get("nodes_by_provider")
-            where = (", ".join(f"{p} {n:,} nodes" for p, n in placed.items()) if placed
-                     else ", ".join(st.get("providers", [])))
-            lines.append(f"  diag(G) on {st['backend']} ({where}; {st['precision']})")
-            if st.get("cpu_fallback_ops") and verbose:
-                lines.append("    on CPU   " + ", ".join(f"{op} x{n}" for op, n in st["cpu_fallback_ops"].items()))
+        if st is not None:
+            placed = st.nodes_by_provider
+            where = (", ".join(f"{p} {n:,} nodes" for p, n in placed.items()) if placed else ", ".join(st.providers))
+            lines.append(f"  diag(G) on {st.backend} ({where}; {st.precision})")
+            if st.cpu_fallback_ops and verbose:
+                lines.append("    on CPU   " + ", ".join(f"{op} x{n}" for op, n in st.cpu_fallback_ops.items()))
         c = self.criterion
-        if c.get("am_gm_before") is not None:
-            after = c.get("am_gm_after")
-            lines.append(f"  diag(G)    AM/GM {c['am_gm_before']:.4g}" + (f" -> {after:.4g}" if after is not None else "")
-                         + f"   max/min {c['max_before']:.3g}/{c['min_before']:.3g}"
-                         + (f" -> {c['max_after']:.3g}/{c['min_after']:.3g}" if c.get("max_after") is not None else "")
-                         + f"   ({c.get('entries', 0):,} entries)")
+        if c is not None:
+            lines.append(f"  diag(G)    AM/GM {c.am_gm_before:.4g} -> {c.am_gm_after:.4g}"
+                         f"   max/min {c.max_before:.3g}/{c.min_before:.3g} -> {c.max_after:.3g}/{c.min_after:.3g}"
+                         f"   ({c.entries:,} entries)")
         s = self.solver
-        if s:
-            lines.append(f"  solver     {s['method']}: {s['sweeps']} {s.get('unit', 'sweeps')}, "
-                         f"last {s.get('change_name', 'change')} {s['last_change']:.3g}, F {s['F_before']:.6g} -> "
-                         f"{s['F_after']:.6g}, max |u| {s['max_abs_u']:.3g} "
-                         f"(lambda in [{s['lambda_min']:.3g}, {s['lambda_max']:.3g}])")
+        if s is not None:
+            lines.append(f"  solver     {s.method}: {s.sweeps} {s.unit}, last {s.change_name} {s.last_change:.3g}, "
+                         f"F {s.F_before:.6g} -> {s.F_after:.6g}, max |u| {s.max_abs_u:.3g} "
+                         f"(lambda in [{s.lambda_min:.3g}, {s.lambda_max:.3g}])")
         if verbose:
             for row in self.layers:
-                lam = (f" lambda {row['lambda_min']:.3g}..{row['lambda_median']:.3g}..{row['lambda_max']:.3g}"
-                       if "lambda_min" in row else "")
-                lines.append(f"    layer    {row['op_type']:<20} {row['tensor']:<30} {row['groups']:>6} groups{lam}")
+                lam = (f" lambda {row.lambda_min:.3g}..{row.lambda_median:.3g}..{row.lambda_max:.3g}"
+                       if row.lambda_min is not None else "")
+                lines.append(f"    layer    {row.op_type:<20} {row.tensor:<30} {row.groups:>6} groups{lam}")
         v = self.verification
-        if v:
-            lines.append(f"  check      {v['engine']}: max difference {v['max_rel']:.3g} relative to output scale "
-                         f"(rtol {v['rtol']:.3g}) -> {'equivalent' if v['passed'] else 'MISMATCH'}")
-        elif self.verification is None and self.timings.get("verify") is None and self.output:
+        if v is not None:
+            lines.append(f"  check      {v.engine}: max difference {v.max_rel:.3g} relative to output scale "
+                         f"(rtol {v.rtol:.3g}) -> {'equivalent' if v.passed else 'MISMATCH'}")
+        elif self.timings.get("verify") is None and self.output:
             lines.append("  check      skipped (--no-verify)")
         if self.timings:
             lines.append("  time       " + "  ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))

@@ -7,12 +7,14 @@ outgoing from) and cast back to the tensor's own dtype.
 
 `plan` says which tensors change and by what; `apply` writes the new values into the
 ModelProto; `apply_streamed` instead hands a writer one function per large tensor that
-computes its new values on demand, so that no second copy of the weights is ever held.
+computes its new values on demand, so that no second copy of the weights is ever held (and
+counts the time those functions take, which happens while the writer runs).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
@@ -20,22 +22,11 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .graph import Graph, stored_array
+from .records import RewrittenTensor
 from .symmetry import Groups, ParamUse
 
 # Elements rescaled per float64 temporary: the temporaries stay a few MB whatever the tensor.
 _CHUNK = 1 << 20
-
-
-@dataclass
-class RewrittenTensor:
-    name: str
-    consumer: str  # node that reads it
-    op_type: str
-    role: str
-    dtype: str
-    min_factor: float
-    max_factor: float
-    max_abs_after: float
 
 
 @dataclass
@@ -158,12 +149,31 @@ def _raw_initializer(graph: Graph, item: TensorRescale):
     if item.use.ref.kind != "initializer":
         return None
     tensor = graph.initializers[item.name]
-    return tensor if tensor.HasField("raw_data") or graph.stays_in_file(item.name) else None
+    return tensor if tensor.HasField("raw_data") or graph.file.in_file(item.name) else None
 
 
-def apply(graph: Graph, items: List[TensorRescale]) -> List[RewrittenTensor]:
+@dataclass
+class Rewrite:
+    """What `apply` and `apply_streamed` did.
+
+    `rewritten` gets each tensor's report entry once its new values exist. `deferred` holds,
+    by name, the functions that compute the new values of tensors left untouched in the
+    ModelProto (for the writer to call); `seconds` is the time those calls took so far.
+    """
+
+    rewritten: List[RewrittenTensor] = field(default_factory=list)
+    deferred: Dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def in_order(self, items: List[TensorRescale]) -> List[RewrittenTensor]:
+        """The report entries in the order of `items` (the writer may ask in another order)."""
+        order = {item.name: k for k, item in enumerate(items)}
+        return sorted(self.rewritten, key=lambda r: order[r.name])
+
+
+def apply(graph: Graph, items: List[TensorRescale]) -> Rewrite:
     """Rescale, in place in the graph's ModelProto, every tensor of `items`."""
-    return [_apply_one(graph, item) for item in items]
+    return Rewrite([_apply_one(graph, item) for item in items])
 
 
 def _apply_one(graph: Graph, item: TensorRescale) -> RewrittenTensor:
@@ -189,27 +199,27 @@ def _apply_one(graph: Graph, item: TensorRescale) -> RewrittenTensor:
     return _summary(item, new)
 
 
-def apply_streamed(graph: Graph, items: List[TensorRescale],
-                   summaries: List[RewrittenTensor]) -> Dict[str, Callable[[], np.ndarray]]:
+def apply_streamed(graph: Graph, items: List[TensorRescale]) -> Rewrite:
     """Like `apply`, but initializers stored as raw bytes are left untouched in the ModelProto:
-    for each, a function that returns its new value (as an array of its dtype, to be written
-    as its raw data) is returned instead, by name. Other tensors (small: Constant nodes,
-    typed-field storage) are rewritten in place. `summaries` receives each tensor's report
-    entry as it is rewritten or produced."""
-    deferred: Dict[str, Callable[[], np.ndarray]] = {}
+    for each, `deferred` gets a function that returns its new value (as an array of its
+    dtype, to be written as its raw data). Other tensors (small: Constant nodes, typed-field
+    storage) are rewritten in place."""
+    result = Rewrite()
     for item in items:
         tensor = _raw_initializer(graph, item)
         if tensor is None:
-            summaries.append(_apply_one(graph, item))
+            result.rewritten.append(_apply_one(graph, item))
             continue
 
         def produce(item=item) -> np.ndarray:
+            start = time.perf_counter()
             new = rescaled(graph.stored_value(item.use.ref), item.incoming, item.outgoing)
-            summaries.append(_summary(item, new))
+            result.rewritten.append(_summary(item, new))
+            result.seconds += time.perf_counter() - start
             return new.values
 
-        deferred[item.name] = produce
-    return deferred
+        result.deferred[item.name] = produce
+    return result
 
 
 def _summary(item: TensorRescale, new: Rescaled) -> RewrittenTensor:

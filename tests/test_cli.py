@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from nets import Net, mlp
 import onnx_pathcond
-from onnx_pathcond import solve
+from onnx_pathcond import options
 from onnx_pathcond.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -394,13 +394,9 @@ def test_report_path_equal_to_input_is_refused(tmp_path):
 
 def test_report_path_equal_to_output_is_refused(tmp_path):
     ws = Workspace(tmp_path, small_mlp())
-    result = cli(ws.input, ws.out, "--report", ws.out, "-q", code=None)
-    if result.exit_code == 0:
-        onnx.checker.check_model(onnx.load(str(ws.out)))  # OUT must still be the model
-    else:
-        assert result.exit_code == 2, describe(result)
-        assert_one_error_line(result)
-        ws.assert_nothing_written()
+    result = cli(ws.input, ws.out, "--report", ws.out, "-q", code=2)
+    assert_one_error_line(result, "--report", "the output model")
+    ws.assert_nothing_written()
 
 
 # ---------------------------------------------------------------------------- --dry-run
@@ -465,7 +461,6 @@ def test_usage_errors_are_one_error_line(tmp_path, args):
     assert_one_error_line(cli(ws.input, ws.out, *args, code=2))
 
 
-@pytest.mark.skipif(not hasattr(solve, "exact_minimiser"), reason="--solver exact is not implemented yet")
 def test_exact_solver(tmp_path):
     ws = Workspace(tmp_path, small_mlp())
     cli(ws.input, ws.out, "--report", ws.report, "-q")
@@ -475,6 +470,29 @@ def test_exact_solver(tmp_path):
     assert report["solver"]["method"] != "coordinate-descent"
     assert report["criterion"]["F_after"] <= cd["F_after"] + 1e-9 * abs(cd["F_after"])
     assert_valid_output(ws)
+
+
+@pytest.mark.parametrize("solver, documented", [("cd", (10, 1e-2)), ("exact", (1000, 1e-6))])
+def test_api_and_command_line_take_the_same_solver_defaults(tmp_path, solver, documented):
+    ws = Workspace(tmp_path, small_mlp())
+    cli(ws.input, ws.out, "--solver", solver, "--report", ws.report, "-q")
+    from_cli = ws.load_report()["solver"]
+    _, report = onnx_pathcond.rescale(str(ws.input), solver=solver)
+    assert (from_cli["max_iter"], from_cli["tol"]) == (report.solver.max_iter, report.solver.tol) == documented
+    assert (options.SOLVERS[solver].max_iter, options.SOLVERS[solver].tol) == documented
+
+
+def test_help_shows_each_solvers_defaults():
+    text = " ".join(cli("--help").stdout.split())
+    assert "Sweeps of coordinate descent (default 10) or iterations of the exact solver (default 1000)" in text
+    assert "(cd, default 1e-2)" in text and "(exact, default 1e-6)" in text
+    assert "(default 1e-5; 1e-2 for float16 outputs)" in text
+
+
+def test_exact_solver_from_the_api_converges_with_its_defaults():
+    _, report = onnx_pathcond.rescale(str(MLP), solver="exact")
+    assert report.solver.converged is True
+    assert report.solver.max_iter == 1000 and report.solver.sweeps < 1000
 
 
 # ---------------------------------------------------------------------------- -q / -v
@@ -694,8 +712,8 @@ def test_failed_save_is_one_error_line(tmp_path, monkeypatch):
     ws = Workspace(tmp_path, small_mlp())
     _failing_save(monkeypatch, tmp_path)
     result = cli(ws.input, ws.out, code=None)
-    assert result.exit_code in (1, 2), describe(result)
-    assert_one_error_line(result, "out.onnx")
+    assert result.exit_code == 1, describe(result)  # SaveError
+    assert_one_error_line(result, "out.onnx", "No space left on device")
 
 
 # ---------------------------------------------------------------------------- external data
@@ -710,6 +728,52 @@ def test_external_data_stays_external(tmp_path):
     out = onnx.load(str(source / "out.onnx"), load_external_data=False)
     big = [t for t in out.graph.initializer if np.prod(t.dims) > 16]
     assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
+
+
+def _external_input(folder: Path, location: str) -> Workspace:
+    """A Workspace whose input 'in.onnx' keeps its weights in `location` (next to it)."""
+    ws = Workspace(folder, small_mlp())
+    onnx.save(onnx.load(str(ws.input)), str(ws.input), save_as_external_data=True, location=location,
+              size_threshold=0)
+    ws.data = folder / location
+    ws.data_bytes = ws.data.read_bytes()
+    ws.input_bytes, ws.input_mtime, ws.listing = ws.input.read_bytes(), ws.input.stat().st_mtime_ns, ws.files()
+    return ws
+
+
+@pytest.mark.parametrize("location, out, clash", [
+    ("out.onnx.data", "out.onnx", "out.onnx.data"),  # OUT's data file is the input's
+    ("in.onnx.data", "in.onnx.data", "in.onnx.data"),  # OUT is the input's data file
+    ("weights.bin", "weights.bin", "weights.bin"),
+], ids=["out-data-is-input-data", "out-is-input-data", "out-is-other-data-file"])
+def test_output_that_would_replace_the_inputs_data_is_refused(tmp_path, location, out, clash):
+    ws = _external_input(tmp_path, location)
+    for flags in ([], ["--overwrite"]):  # --overwrite only allows OUT to be IN itself
+        result = cli(ws.input, tmp_path / out, *flags, code=2)
+        assert_one_error_line(result, clash, "external data")
+        ws.assert_nothing_written()
+        assert ws.data.read_bytes() == ws.data_bytes
+
+
+def test_output_whose_data_file_is_a_link_to_the_inputs_data_is_refused(tmp_path):
+    ws = _external_input(tmp_path, "in.onnx.data")
+    (tmp_path / "out.onnx.data").symlink_to(ws.data)
+    ws.listing = ws.files()
+    assert_one_error_line(cli(ws.input, ws.out, code=2), "in.onnx.data")
+    ws.assert_nothing_written()
+    assert ws.data.read_bytes() == ws.data_bytes
+
+
+def test_overwrite_replaces_the_input_and_its_data_file(tmp_path):
+    ws = _external_input(tmp_path, "in.onnx.data")
+    original = onnx.load(str(ws.input))
+    cli(ws.input, ws.input, "--overwrite", "-q")
+    assert ws.files() == ws.listing
+    assert ws.data.read_bytes() != ws.data_bytes
+    rescaled = onnx.load(str(ws.input))
+    assert_same_structure(original, rescaled)
+    assert_same_function(original, rescaled)
+    assert weights_changed(original, rescaled)
 
 
 # ---------------------------------------------------------------------------- the real executable

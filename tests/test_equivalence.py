@@ -23,9 +23,9 @@ def test_models_folder_is_not_empty():
 def test_shipped_model_rescales_to_an_equivalent_model(path):
     before = onnx.load(path)
     after, report = rescale(path)
-    assert report.verification["passed"]
+    assert report.verification.passed
     assert_equivalent(before, after)
-    changed = report.groups["rescalable"] > 0
+    changed = report.groups.rescalable > 0
     assert bool(report.rewritten) == changed
 
 
@@ -59,8 +59,8 @@ def test_generated_network_is_equivalent(kind, kwargs):
     else:
         model = cnn(**kwargs)
     after, report = rescale(model)
-    assert report.groups["rescalable"] > 0
-    assert report.criterion["F_after"] <= report.criterion["F_before"]
+    assert report.groups.rescalable > 0
+    assert report.criterion.F_after <= report.criterion.F_before
     assert_equivalent(model, after)
     for t in after.graph.initializer:
         assert np.all(np.isfinite(onnx.numpy_helper.to_array(t)))
@@ -81,6 +81,6 @@ def test_without_onnxruntime_the_reference_evaluator_checks(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
     model = cnn([2, 4, 3], size=8, seed=11)
     after, report = rescale(model)
-    assert report.verification["engine"] == "onnx reference evaluator"
-    assert report.verification["passed"] and 0 < report.verification["max_rel"] < 1e-5
-    assert report.statistics["backend"] == "numpy"
+    assert report.verification.engine == "onnx reference evaluator"
+    assert report.verification.passed and 0 < report.verification.max_rel < 1e-5
+    assert report.statistics.backend == "numpy"

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from checks import assert_equivalent
 from nets import Net, cnn, mlp
 from onnx_pathcond import protoio, rescale
-from onnx_pathcond.api import _load
+from onnx_pathcond.modelfile import ModelFile
 from onnx_pathcond.errors import InputError, ModelError
 
 SHIPPED = sorted(glob.glob("models/*.onnx"))
@@ -75,11 +75,10 @@ def test_streamed_run_from_the_file_matches_the_in_memory_run(tmp_path, dtype):
     src = tmp_path / "in.onnx"
     onnx.save(_wide_mlp(dtype), src)
     snapshot = src.read_bytes()
-    _, weights = _load(str(src), lazy=True)
-    assert set(weights.raw) == {"w0", "w1", "w2"}
+    assert set(ModelFile.read(str(src), lazy=True).weights.raw) == {"w0", "w1", "w2"}
     in_memory, report_a = rescale(str(src), rtol=3e-2)
     returned, report_b = rescale(str(src), output=tmp_path / "out.onnx", return_model=False, rtol=3e-2)
-    assert returned is None and report_b.verification["passed"]
+    assert returned is None and report_b.verification.passed
     assert (tmp_path / "out.onnx").read_bytes() == in_memory.SerializeToString()
     assert report_b.rewritten == report_a.rewritten and len(report_b.rewritten) == 3
     assert src.read_bytes() == snapshot
@@ -91,12 +90,12 @@ def test_external_data_is_not_read_into_memory(tmp_path):
     src = os.path.join(tmp_path, "ext.onnx")
     onnx.save(onnx.ModelProto.FromString(model.SerializeToString()), src, save_as_external_data=True,
               all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
-    skeleton, weights = _load(src, lazy=True)
-    large = [t for t in skeleton.graph.initializer if int(np.prod(t.dims)) > 1000]
+    source = ModelFile.read(src, lazy=True)
+    large = [t for t in source.proto.graph.initializer if int(np.prod(t.dims)) > 1000]
     assert large
-    for t in skeleton.graph.initializer:  # every initializer still points to the data file
-        assert t.data_location == TensorProto.EXTERNAL and not t.HasField("raw_data") and t.name in weights
-        np.testing.assert_array_equal(weights.array(t), values[t.name])
+    for t in source.proto.graph.initializer:  # every initializer still points to the data file
+        assert t.data_location == TensorProto.EXTERNAL and not t.HasField("raw_data") and source.in_file(t.name)
+        np.testing.assert_array_equal(source.initializer_value(t), values[t.name])
     out_a, out_b = tmp_path / "a" / "out.onnx", tmp_path / "b" / "out.onnx"
     out_a.parent.mkdir()
     out_b.parent.mkdir()
@@ -135,7 +134,7 @@ def _external_with(tmp_path, location=None, offset=None, length=None, drop_file=
 def test_bad_external_data_is_an_input_error(tmp_path, change, fragment):
     src = _external_with(tmp_path, **change)
     with pytest.raises(InputError, match=fragment):
-        _load(src, lazy=True)
+        ModelFile.read(src, lazy=True)
 
 
 def test_weight_of_the_wrong_size_is_a_model_error(tmp_path):

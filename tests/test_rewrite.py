@@ -49,7 +49,7 @@ def test_mlp_factors_are_neuron_scales():
         np.testing.assert_allclose(b[w], expected, rtol=3e-6)
         lam_prev = lam
     np.testing.assert_allclose(lam_prev, 1.0, rtol=1e-6)  # output neurons are frozen
-    assert report.groups["rescalable"] == 15
+    assert report.groups.rescalable == 15
 
 
 def test_conv_factor_is_constant_over_kernel_taps():
@@ -99,7 +99,7 @@ def test_half_precision_weights_keep_their_dtype(dtype):
     expected = ratio[:, None] * a["w0"].astype(np.float64)
     tol = 2 ** -10 if dtype == "float16" else 2 ** -7
     np.testing.assert_allclose(b["w0"].astype(np.float64), expected, rtol=2 * tol, atol=1e-3)
-    assert report.groups["rescalable"] == 20
+    assert report.groups.rescalable == 20
     assert_equivalent(model, after, rtol=3e-2)
 
 
@@ -112,7 +112,7 @@ def test_constant_node_weights_are_rewritten_in_place():
     changed = [not np.array_equal(numpy_helper.to_array(x), numpy_helper.to_array(y))
                for x, y in zip(consts_before, consts_after)]
     assert any(changed)
-    assert {r["name"] for r in report.rewritten} >= {n.output[0] for n in before.graph.node if n.op_type == "Constant"}
+    assert {r.name for r in report.rewritten} >= {n.output[0] for n in before.graph.node if n.op_type == "Constant"}
 
 
 def test_input_model_object_is_not_modified():

@@ -3,6 +3,7 @@ written (`rescale(..., output=, return_model=False)`), checked against the in-me
 (rewrite the ModelProto, then serialize it with protobuf's own writer)."""
 
 import os
+import time
 
 import numpy as np
 import onnx
@@ -12,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from checks import assert_equivalent
 from nets import cnn, mlp
 from onnx_pathcond import protoio, rescale
+from onnx_pathcond.errors import InputError
 
 
 @pytest.mark.parametrize("path", ["models/mlp.onnx", "models/resnet.dynamo_bn.onnx", "models/helper_mlp.onnx",
@@ -22,7 +24,7 @@ def test_streamed_file_is_the_serialized_rescaled_model(tmp_path, path):
     assert returned is None
     assert (tmp_path / "out.onnx").read_bytes() == in_memory.SerializeToString()
     assert report_b.rewritten == report_a.rewritten and report_b.rewritten
-    assert report_b.verification["passed"]
+    assert report_b.verification.passed
     assert not [p for p in os.listdir(tmp_path) if p != "out.onnx"]
 
 
@@ -88,3 +90,56 @@ def test_writer_rejects_new_values_of_another_size(tmp_path):
     name = model.graph.initializer[0].name
     with open(tmp_path / "m.onnx", "wb") as f, pytest.raises(ValueError, match=name):
         protoio.write_model(model, f, new_raw={name: lambda: np.zeros(3, np.float32)})
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_output_over_the_inputs_data_file_is_refused(tmp_path, streamed):
+    src = _external_copy(mlp([6, 8, 3], seed=2), str(tmp_path), name="in.onnx")
+    os.rename(src + ".data", tmp_path / "out.onnx.data")  # the input now reads OUT's data file
+    model = onnx.load(src, load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "out.onnx.data"
+    onnx.save(model, src)
+    before = (open(src, "rb").read(), (tmp_path / "out.onnx.data").read_bytes())
+    with pytest.raises(InputError, match="out.onnx.data"):
+        rescale(src, output=tmp_path / "out.onnx", return_model=not streamed)
+    assert (open(src, "rb").read(), (tmp_path / "out.onnx.data").read_bytes()) == before
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "out.onnx.data"]
+
+
+def test_time_computing_rescaled_values_counts_as_rewrite_not_save(tmp_path, monkeypatch):
+    # The writer computes each rescaled tensor as it reaches it: that time is the rewrite's.
+    # Each computation is made to last 0.1 s, far longer than writing this small model.
+    from onnx_pathcond import rewrite
+
+    real = rewrite.rescaled
+
+    def slow(*args, **kwargs):
+        time.sleep(0.1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rewrite, "rescaled", slow)
+    _, report = rescale("models/mlp.onnx", output=tmp_path / "out.onnx", return_model=False, verify_output=False)
+    computed = 0.1 * len(report.rewritten)
+    assert len(report.rewritten) == 5
+    assert report.timings["rewrite"] >= computed
+    assert 0 <= report.timings["save"] < computed / 2
+
+
+def test_save_model_writes_external_data_for_the_tensors_named(tmp_path):
+    from onnx_pathcond import external_tensors, load_model, save_model
+
+    src = _external_copy(mlp([6, 8, 3], seed=5), str(tmp_path), name="in.onnx")
+    names = external_tensors(src)
+    assert names == {t.name for t in onnx.load(src, load_external_data=False).graph.initializer}
+    model = load_model(src)
+    save_model(model, tmp_path / "inline.onnx")
+    save_model(model, tmp_path / "kept.onnx", external=names)
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "in.onnx.data", "inline.onnx", "kept.onnx", "kept.onnx.data"]
+    inline = onnx.load(str(tmp_path / "inline.onnx"), load_external_data=False)
+    kept = onnx.load(str(tmp_path / "kept.onnx"), load_external_data=False)
+    assert all(t.data_location == TensorProto.DEFAULT for t in inline.graph.initializer)
+    assert all(t.data_location == TensorProto.EXTERNAL for t in kept.graph.initializer)
+    assert onnx.load(str(tmp_path / "kept.onnx")) == inline == model

@@ -1,0 +1,159 @@
+"""The typed records a `Report` holds, one per thing a run found or did.
+
+Each record's `as_dict()` is its object in the JSON report. A record also reads like that
+object (`report.solver["converged"]`, `report.model.get("parameters")`), so that code written
+when the report held plain dicts keeps working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from .pathnet.records import RuntimeInfo
+from .verify import OutputDifference
+
+
+class Record:
+    """Base of the report's records: JSON form and read access by its keys."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __getitem__(self, key: str):
+        return self.as_dict()[key]
+
+    def get(self, key: str, default=None):
+        return self.as_dict().get(key, default)
+
+
+@dataclass
+class ModelSummary(Record):
+    external_data_tensors: int  # tensors the input file stores as external data
+    nodes: int
+    parameter_tensors: int  # stored tensors read as weights by rescalable ops
+    parameters: int  # their elements
+    opsets: Dict[str, int]
+    producer: str
+    inputs: Dict[str, List[int]]  # graph input shapes as analysed
+
+
+@dataclass
+class GroupCounts(Record):
+    rescalable: int
+    frozen: int
+    frozen_by_category: Dict[str, int]
+    positions: int  # candidate neurons: every channel of every tensor analysed
+
+
+@dataclass
+class LayerGroups(Record):
+    """The groups one node created, with λ = exp(u/2) once solved."""
+
+    node: str
+    op_type: str
+    tensor: str
+    groups: int
+    positions: int
+    lambda_min: Optional[float] = None
+    lambda_median: Optional[float] = None
+    lambda_max: Optional[float] = None
+
+    def as_dict(self) -> dict:
+        record = asdict(self)
+        if self.lambda_min is None:  # before the solver ran: no λ to tell
+            for key in ("lambda_min", "lambda_median", "lambda_max"):
+                del record[key]
+        return record
+
+
+@dataclass
+class FrozenRange(Record):
+    """Frozen groups that start in one tensor, for one reason."""
+
+    node: str
+    tensor: str
+    channels: str  # '0-15,32'
+    groups: int
+    category: str
+    reason: str
+
+
+@dataclass
+class ExporterFindings(Record):
+    folded_batchnorm: Dict[str, List[str]]  # evidence by kind; empty when none
+
+
+@dataclass
+class CriterionSummary(Record):
+    name: str
+    entries: int  # entries of diag(G)
+    F_before: float
+    F_after: float
+    am_gm_before: float
+    am_gm_after: float
+    max_before: float
+    min_before: float
+    max_after: float
+    min_after: float
+
+
+@dataclass
+class SolverSummary(Record):
+    method: str
+    sweeps: int
+    unit: str  # what `sweeps` counts: "sweeps" or "iterations"
+    change_name: str  # what `last_change` measures
+    last_change: float
+    converged: bool
+    max_iter: int
+    tol: float
+    F_before: float
+    F_after: float
+    F_history: List[float]
+    max_abs_u: float
+    lambda_min: float
+    lambda_max: float
+    seconds: float
+
+
+@dataclass
+class VerificationSummary(Record):
+    engine: str
+    rtol: float
+    max_rel: float
+    passed: bool
+    seed: int
+    input_shapes: Dict[str, List[int]]
+    outputs: List[OutputDifference] = field(default_factory=list)
+
+
+@dataclass
+class RewrittenTensor(Record):
+    name: str
+    consumer: str  # node that reads it
+    op_type: str
+    role: str
+    dtype: str
+    min_factor: float
+    max_factor: float
+    max_abs_after: float
+
+
+@dataclass
+class StatisticsRun(Record):
+    """How diag(G) was computed: the statistics step's own `RuntimeInfo`, whose fields read
+    through (`backend`, `providers`, `notice`, ...), and whose `as_dict()` is the JSON.
+
+    (A view only so that `report.statistics["backend"]` keeps working; once RuntimeInfo
+    derives from `Record`, the report can hold it directly.)"""
+
+    runtime: RuntimeInfo
+
+    def __getattr__(self, name: str):
+        if name == "runtime":  # not set yet (copying): no field to read through
+            raise AttributeError(name)
+        return getattr(self.runtime, name)
+
+    def as_dict(self) -> dict:
+        return self.runtime.as_dict()

@@ -90,7 +90,7 @@ def child_run(path: str, backend: Optional[str], device: Optional[str], solver: 
         result.update(ok=True, import_s=t_import, timings=timings, save_mode="rescale(output=)" if inline else "save_model",
                       parameters=(report.model or {}).get("parameters"),
                       groups=(report.groups or {}).get("rescalable"), frozen=(report.groups or {}).get("frozen"),
-                      statistics=getattr(report, "statistics", None),
+                      statistics=d.get("statistics"),
                       solver={k: d.get("solver", {}).get(k) for k in ("method", "sweeps", "F_before", "F_after")},
                       am_gm=[d.get("criterion", {}).get("am_gm_before"), d.get("criterion", {}).get("am_gm_after")],
                       max_rel=(getattr(report, "verification", None) or {}).get("max_rel"),

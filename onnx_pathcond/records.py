@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from .pathnet.records import RuntimeInfo
 from .verify import OutputDifference
 
 
@@ -138,22 +137,3 @@ class RewrittenTensor(Record):
     min_factor: float
     max_factor: float
     max_abs_after: float
-
-
-@dataclass
-class StatisticsRun(Record):
-    """How diag(G) was computed: the statistics step's own `RuntimeInfo`, whose fields read
-    through (`backend`, `providers`, `notice`, ...), and whose `as_dict()` is the JSON.
-
-    (A view only so that `report.statistics["backend"]` keeps working; once RuntimeInfo
-    derives from `Record`, the report can hold it directly.)"""
-
-    runtime: RuntimeInfo
-
-    def __getattr__(self, name: str):
-        if name == "runtime":  # not set yet (copying): no field to read through
-            raise AttributeError(name)
-        return getattr(self.runtime, name)
-
-    def as_dict(self) -> dict:
-        return self.runtime.as_dict()

@@ -13,7 +13,7 @@ from .exporters import folded_batchnorm, folded_batchnorm_warning
 from .graph import Graph, node_label
 from .pathnet.records import RuntimeInfo
 from .records import (CriterionSummary, ExporterFindings, FrozenRange, GroupCounts, LayerGroups, ModelSummary, Record,
-                      RewrittenTensor, SolverSummary, StatisticsRun, VerificationSummary)
+                      RewrittenTensor, SolverSummary, VerificationSummary)
 from .symmetry import Analysis, Groups
 from .verify import Verification
 
@@ -97,7 +97,7 @@ class Report:
     frozen: List[FrozenRange] = field(default_factory=list)
     barrier_ops: Dict[str, int] = field(default_factory=dict)
     exporter: Optional[ExporterFindings] = None
-    statistics: Optional[StatisticsRun] = None
+    statistics: Optional[RuntimeInfo] = None
     criterion: Optional[CriterionSummary] = None
     solver: Optional[SolverSummary] = None
     rewritten: List[RewrittenTensor] = field(default_factory=list)
@@ -158,9 +158,9 @@ class Report:
 
     def describe_statistics(self, runtime: RuntimeInfo) -> None:
         """What computed diag(G); its notice (e.g. CUDA asked for but not used) is a warning."""
-        self.statistics = StatisticsRun(runtime)
+        self.statistics = runtime
         if runtime.notice:
-            self.warnings.append(self.statistics.notice)
+            self.warnings.append(runtime.notice)
 
     def describe_solution(self, graph: Graph, an: Analysis, groups: Groups, problem, builder, result,
                           max_iter: int, tol: float) -> None:

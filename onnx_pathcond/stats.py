@@ -20,6 +20,7 @@ import numpy as np
 
 from .channels import Analysis
 from .errors import InputError
+from .options import BACKENDS
 from .graph import Graph
 from .pathnet import ort
 from .pathnet.numpy_executor import NumpyExecutor, default_mass_budget
@@ -28,9 +29,6 @@ from .pathnet.walk import PathWalk
 
 __all__ = ["BACKENDS", "RuntimeInfo", "Statistic", "compute_diag_g", "default_mass_budget", "diag_g_by_tensor",
            "numpy_walk", "resolve_backend"]
-
-BACKENDS = ("auto", "numpy", "onnxruntime")
-
 
 def resolve_backend(backend: str, device: str = "cpu") -> str:
     """What `auto` means: onnxruntime for a GPU, numpy on the CPU.

@@ -10,7 +10,7 @@ from onnx_pathcond.report import Report
 
 def test_records_are_typed_and_are_what_the_json_says():
     _, report = rescale("models/mlp.onnx")
-    assert isinstance(report.statistics.runtime, RuntimeInfo) and report.statistics.backend == "numpy"
+    assert isinstance(report.statistics, RuntimeInfo) and report.statistics.backend == "numpy"
     assert isinstance(report.model, ModelSummary) and isinstance(report.groups, GroupCounts)
     assert isinstance(report.criterion, CriterionSummary) and isinstance(report.solver, SolverSummary)
     assert isinstance(report.verification, VerificationSummary)

@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..channels import ParamUse
+from ..records import Record
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,8 +37,8 @@ Sink = Callable[[Statistic], None]
 
 
 @dataclass
-class RuntimeInfo:
-    """What actually computed the statistics."""
+class RuntimeInfo(Record):
+    """What actually computed the statistics (a record of the report)."""
 
     requested: str = "cpu"  # the device asked for: "cpu" or "cuda"
     backend: str = "numpy"

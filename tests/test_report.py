@@ -42,7 +42,7 @@ def test_statistics_record_is_the_steps_object():
                           nodes=14, nodes_by_provider={"CUDAExecutionProvider": 12, "CPUExecutionProvider": 2},
                           cpu_fallback_ops={"Shape": 2})
     report.describe_statistics(runtime)
-    assert report.statistics.runtime is runtime and report.statistics.backend == "onnxruntime"
+    assert report.statistics is runtime and report.statistics["backend"] == "onnxruntime"
     assert report.statistics["providers"] == runtime.providers
     assert report.warnings == ["CUDA ran 12 of 14 nodes"]
     assert report.to_dict()["statistics"] == runtime.as_dict()

@@ -21,7 +21,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import onnx
 
-from .graph import Graph, StoredRef, node_label
+from .graph import Graph, StoredRef
+from .nodes import node_label
 
 NO_POSITION = -1
 

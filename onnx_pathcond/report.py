@@ -10,7 +10,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .exporters import folded_batchnorm, folded_batchnorm_warning
-from .graph import Graph, node_label
+from .graph import Graph
+from .nodes import node_label
 from .pathnet.records import RuntimeInfo
 from .records import (CriterionSummary, ExporterFindings, FrozenRange, GroupCounts, LayerGroups, ModelSummary, Record,
                       RewrittenTensor, SolverSummary, VerificationSummary)

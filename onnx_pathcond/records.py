@@ -125,6 +125,8 @@ class VerificationSummary(Record):
     seed: int
     input_shapes: Dict[str, List[int]]
     outputs: List[OutputDifference] = field(default_factory=list)
+    precision: str = "float32"  # what the model computes in: its default tolerance
+    rounding_noise: Optional[float] = None  # the model's own, measured when the default was exceeded
 
 
 @dataclass

@@ -197,7 +197,8 @@ class Report:
     def describe_verification(self, check: Verification, seed: int) -> None:
         self.verification = VerificationSummary(
             engine=check.engine, rtol=check.rtol, max_rel=check.max_rel, passed=check.passed, seed=seed,
-            input_shapes={k: list(v) for k, v in check.input_shapes.items()}, outputs=list(check.outputs))
+            input_shapes={k: list(v) for k, v in check.input_shapes.items()}, outputs=list(check.outputs),
+            precision=check.precision, rounding_noise=check.noise)
 
     # ---------------------------------------------------------------- text
     def summary(self, verbose: bool = False) -> str:
@@ -244,8 +245,9 @@ class Report:
                 lines.append(f"    layer    {row.op_type:<20} {row.tensor:<30} {row.groups:>6} groups{lam}")
         v = self.verification
         if v is not None:
+            noise = f", the model's own rounding noise {v.rounding_noise:.3g}" if v.rounding_noise is not None else ""
             lines.append(f"  check      {v.engine}: max difference {v.max_rel:.3g} relative to output scale "
-                         f"(rtol {v.rtol:.3g}) -> {'equivalent' if v.passed else 'MISMATCH'}")
+                         f"(rtol {v.rtol:.3g} for {v.precision}{noise}) -> {'equivalent' if v.passed else 'MISMATCH'}")
         elif self.timings.get("verify") is None and self.output:
             lines.append("  check      skipped (--no-verify)")
         if self.timings:

@@ -219,7 +219,11 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     builder, problem, runtime = _statistics(graph, analysis, groups, backend, device, clock)
     report.describe_statistics(runtime)
     result = _solve(problem, settings, clock)
-    report.describe_solution(graph, analysis, groups, problem, builder, result, settings.max_iter, settings.tol)
+    with clock("solve", announce=False):  # half-precision weights must stay within their dtype's range
+        result.u, kept = rewrite.keep_in_range(graph, analysis.uses, groups, result.u)
+        if kept:
+            result.objective_after = problem.objective(result.u)
+    report.describe_solution(graph, analysis, groups, problem, builder, result, settings.max_iter, settings.tol, kept)
     del problem, builder  # the statistics are summarised: free them before the weights are copied
     items = rewrite.plan(analysis.uses, groups, result.u)
 

@@ -114,6 +114,9 @@ class SolverSummary(Record):
     lambda_min: float
     lambda_max: float
     seconds: float
+    # groups kept at scale 1 because their rescaling would take half-precision weights out of
+    # their dtype's range
+    kept_in_range: int = 0
 
 
 @dataclass

@@ -164,7 +164,7 @@ class Report:
             self.warnings.append(runtime.notice)
 
     def describe_solution(self, graph: Graph, an: Analysis, groups: Groups, problem, builder, result,
-                          max_iter: int, tol: float) -> None:
+                          max_iter: int, tol: float, kept_in_range: int = 0) -> None:
         """The criterion before and after, the solver's run, and λ per layer."""
         u = result.u
         lam = np.exp(u / 2.0) if u.size else np.ones(1)
@@ -182,8 +182,11 @@ class Report:
             converged=result.converged, max_iter=max_iter, tol=tol, F_before=result.objective_before,
             F_after=result.objective_after, F_history=result.history,
             max_abs_u=float(np.abs(u).max()) if u.size else 0.0, lambda_min=float(lam.min()),
-            lambda_max=float(lam.max()), seconds=result.seconds)
+            lambda_max=float(lam.max()), seconds=result.seconds, kept_in_range=kept_in_range)
         self.layers = group_layers(graph, an, groups, u)
+        if kept_in_range:
+            self.warnings.append(f"{kept_in_range} group(s) kept at scale 1: their rescaling would have taken "
+                                 f"half-precision weights to zero, to subnormals or past the largest value")
 
     def describe_rewrite(self, rewritten: List[RewrittenTensor]) -> None:
         """The tensors that changed; a warning for any that comes near its dtype's largest value."""

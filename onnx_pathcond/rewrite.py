@@ -71,6 +71,59 @@ def plan(uses: List[ParamUse], groups: Groups, u: np.ndarray) -> List[TensorResc
     return list(todo.values())
 
 
+# Half-precision types whose range a rescaling can leave: (smallest normal, largest finite).
+_NARROW = {"float16": (2.0 ** -14, 65504.0), "bfloat16": (2.0 ** -126, 3.3895313892515355e38)}
+
+
+def keep_in_range(graph: Graph, uses: List[ParamUse], groups: Groups, u: np.ndarray) -> Tuple[np.ndarray, int]:
+    """u with the groups whose rescaling would take a half-precision weight out of its
+    dtype's range set back to 0 (scale 1), and how many groups that was.
+
+    Out of range: a value that overflows, or a non-zero value that a normal number would
+    turn into zero or a subnormal (subnormals keep only a few bits; an already subnormal
+    weight may stay one, but not become zero). Both groups of such an element keep scale 1;
+    that changes the factors of their other elements, so the check repeats until none is
+    out of range (each round keeps at least one more group, so it ends).
+    """
+    narrow = [use for use in uses if use.ref is not None and not use.ignored
+              and graph.stored_value(use.ref).dtype.name in _NARROW]
+    if not narrow or not u.size:
+        return u, 0
+    u = np.array(u, dtype=np.float64)
+    kept = np.zeros(u.size, dtype=bool)
+    while True:
+        bad_groups = [_groups_out_of_range(graph, use, groups, u) for use in narrow]
+        bad = np.unique(np.concatenate(bad_groups)) if bad_groups else np.zeros(0, np.int64)
+        bad = bad[~kept[bad]]
+        if not bad.size:
+            return u, int(kept.sum())
+        kept[bad] = True
+        u[bad] = 0.0
+
+
+def _groups_out_of_range(graph: Graph, use: ParamUse, groups: Groups, u: np.ndarray) -> np.ndarray:
+    """The rescalable groups of the elements that `u` would take out of their dtype's range."""
+    value = use.ref.to_view(graph.stored_value(use.ref))
+    tiny, huge = _NARROW[value.dtype.name]
+    incoming, outgoing = element_factors(use, groups, u)
+    factor = np.broadcast_to(incoming * outgoing, use.view_shape)
+    if factor.min() >= 1.0 and factor.max() * float(np.abs(value.astype(np.float32)).max()) <= huge:
+        return np.zeros(0, np.int64)  # nothing shrinks and nothing grows past the largest value
+    old = np.abs(value.astype(np.float64))
+    new = old * factor
+    smallest = 2.0 ** -24 if value.dtype.name == "float16" else 2.0 ** -133  # the smallest subnormal
+    out = (new > huge) | ((old >= tiny) & (new < tiny)) | ((old > 0) & (new < smallest / 2))
+    if not out.any():
+        return np.zeros(0, np.int64)
+    found = []
+    for positions in (use.rows, use.cols):
+        ids = np.broadcast_to(positions, use.view_shape)[out]
+        ids = ids[ids >= 0]
+        ids = groups.of_position[ids] if ids.size else ids
+        found.append(ids[ids >= 0])
+    return np.unique(np.concatenate(found))
+
+
 @dataclass
 class Rescaled:
     values: np.ndarray  # in the original dtype

@@ -89,7 +89,7 @@ def _wrong_factors(monkeypatch):
                          ids=["mlp", "cnn", "cnn_float16_inside", "near_cancelling"])
 def test_a_wrong_rescaling_is_rejected(monkeypatch, build):
     model = build()
-    rescale(model)  # right factors pass
+    rescale(model)  # the right factors pass
     _wrong_factors(monkeypatch)
     with pytest.raises(VerificationError, match="differs from the input"):
         rescale(model)

@@ -105,23 +105,32 @@ def _groups_out_of_range(graph: Graph, use: ParamUse, groups: Groups, u: np.ndar
     """The rescalable groups of the elements that `u` would take out of their dtype's range."""
     value = use.ref.to_view(graph.stored_value(use.ref))
     tiny, huge = _NARROW[value.dtype.name]
-    incoming, outgoing = element_factors(use, groups, u)
-    factor = np.broadcast_to(incoming * outgoing, use.view_shape)
-    if factor.min() >= 1.0 and factor.max() * float(np.abs(value.astype(np.float32)).max()) <= huge:
-        return np.zeros(0, np.int64)  # nothing shrinks and nothing grows past the largest value
-    old = np.abs(value.astype(np.float64))
-    new = old * factor
     smallest = 2.0 ** -24 if value.dtype.name == "float16" else 2.0 ** -133  # the smallest subnormal
-    out = (new > huge) | ((old >= tiny) & (new < tiny)) | ((old > 0) & (new < smallest / 2))
-    if not out.any():
-        return np.zeros(0, np.int64)
+    incoming, outgoing = element_factors(use, groups, u)
+    if incoming.min() * outgoing.min() >= 1.0 and \
+            incoming.max() * outgoing.max() * float(np.abs(value.astype(np.float32)).max()) <= huge:
+        return np.zeros(0, np.int64)  # nothing shrinks and nothing grows past the largest value
+    shape = use.view_shape
+    if not shape:
+        value, shape = value.reshape(1), (1,)
+    rows, cols = np.broadcast_to(use.rows, use.view_shape).reshape(shape), \
+        np.broadcast_to(use.cols, use.view_shape).reshape(shape)
+    incoming, outgoing = np.broadcast_to(incoming, use.view_shape).reshape(shape), \
+        np.broadcast_to(outgoing, use.view_shape).reshape(shape)
+    step = max(1, _CHUNK // max(1, int(np.prod(shape[1:], dtype=np.int64))))
     found = []
-    for positions in (use.rows, use.cols):
-        ids = np.broadcast_to(positions, use.view_shape)[out]
-        ids = ids[ids >= 0]
-        ids = groups.of_position[ids] if ids.size else ids
-        found.append(ids[ids >= 0])
-    return np.unique(np.concatenate(found))
+    for start in range(0, shape[0], step):  # float64 temporaries of one chunk at a time
+        part = slice(start, start + step)
+        old = np.abs(value[part].astype(np.float64))
+        new = old * incoming[part] * outgoing[part]
+        out = (new > huge) | ((old >= tiny) & (new < tiny)) | ((old > 0) & (new < smallest / 2))
+        if out.any():
+            found.extend([rows[part][out], cols[part][out]])
+    if not found:
+        return np.zeros(0, np.int64)
+    ids = np.concatenate(found)
+    ids = groups.of_position[ids[ids >= 0]]
+    return np.unique(ids[ids >= 0])
 
 
 @dataclass

@@ -109,8 +109,6 @@ def analyse(graph: Graph) -> Analysis:
             continue  # constant subgraph (weights, shapes): not part of the network
         why = unknown.reason(node)
         if why:
-            if rule_for(node) is None:
-                an.unsupported[node.op_type] = an.unsupported.get(node.op_type, 0) + 1
             an.cut(node, why)
             continue
         rule = rule_for(node)
@@ -119,7 +117,6 @@ def analyse(graph: Graph) -> Analysis:
             an.cut(node, f"{node.op_type} '{node_label(node)}' takes a non-float activation '{non_float[0]}'")
             continue
         if rule is None:
-            an.unsupported[node.op_type] = an.unsupported.get(node.op_type, 0) + 1
             an.cut(node, f"feeds {node.op_type} '{node_label(node)}', which is not positively homogeneous or not supported")
             continue
         rule.analyse(node, an)

@@ -38,6 +38,24 @@ class Layout:
     def channels(self) -> int:
         return int(self.pos.shape[0])
 
+    @property
+    def positions(self) -> np.ndarray:
+        return self.pos
+
+
+@dataclass
+class SpreadLayout:
+    """Channels whose elements no longer lie along one axis, after moves such as the first
+    Reshape and the Transpose of a channel shuffle: the position of every element (negative
+    where none). Only element-moving ops read such a tensor; any other op needs one channel
+    axis, and the positions reaching it are frozen."""
+
+    labels: np.ndarray  # int64, the tensor's shape
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self.labels
+
 
 @dataclass
 class ParamUse:
@@ -127,7 +145,7 @@ class Analysis:
     def freeze_layout(self, name: str, reason: str, category: str = "barrier") -> None:
         lay = self.layouts.get(name)
         if lay is not None:
-            self.freeze(lay.pos, reason, category)
+            self.freeze(lay.positions, reason, category)
 
     def add_use(self, node: onnx.NodeProto, role: str, input_name: str, view_shape, rows, cols) -> ParamUse:
         ref = self.graph.stored_ref(input_name)

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .channels import NO_POSITION, Analysis, Freeze, Layout, ParamUse, PositionBlock
+from .channels import NO_POSITION, Analysis, Freeze, Layout, ParamUse, PositionBlock, SpreadLayout
 from .graph import Graph
 from .nodes import node_label
 from .ops import rule_for
@@ -116,6 +116,8 @@ def analyse(graph: Graph) -> Analysis:
         if non_float and rule is not None:
             an.cut(node, f"{node.op_type} '{node_label(node)}' takes a non-float activation '{non_float[0]}'")
             continue
+        if rule is not None and not rule.reads_spread_layouts:
+            _gather_spread_channels(node, an)
         if rule is None:
             an.cut(node, f"feeds {node.op_type} '{node_label(node)}', which is not positively homogeneous or not supported")
             continue
@@ -125,6 +127,16 @@ def analyse(graph: Graph) -> Analysis:
     freeze_weights_visible_at_run_time(an)
     reconcile_stored_tensors(an)
     return an
+
+
+def _gather_spread_channels(node, an: Analysis) -> None:
+    """Freeze the positions of inputs whose channels are spread over several axes: the node
+    needs them on one."""
+    for name in dict.fromkeys(i for i in node.input if i):
+        if isinstance(an.layout(name), SpreadLayout):
+            an.freeze_layout(name, f"{node.op_type} '{node_label(node)}' reads '{name}', whose channels are spread "
+                                   f"over several axes by the moves before it")
+            an.set_layout(name, None)
 
 
 class _UnknownShapes:

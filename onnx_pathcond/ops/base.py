@@ -27,6 +27,9 @@ _REGISTRY: Dict[str, "OpRule"] = {}
 
 class OpRule:
     op_types: Tuple[str, ...] = ()
+    # Whether `analyse` reads `SpreadLayout`s (channels spread over several axes). For the
+    # other rules, such inputs are frozen before `analyse` runs: they see a layout or None.
+    reads_spread_layouts = False
 
     def analyse(self, node: onnx.NodeProto, an) -> None:  # pragma: no cover - interface
         raise NotImplementedError

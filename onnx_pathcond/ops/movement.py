@@ -7,8 +7,11 @@ element it copies (or none, for padding). That map gives:
 * the path network: a `Gather` primitive (copies carry weight 1);
 * the channel layout of each output: an output axis along which every slot copies from a
   single channel position. Such an axis exists for Flatten / Reshape / Squeeze / Transpose /
-  Concat / Split / Slice / Pad / Tile / nearest Resize whenever they keep channels apart;
-  when none exists, the op mixes channels and the channels reaching it are frozen.
+  Concat / Split / Slice / Pad / Tile whenever they keep channels apart. When none exists
+  (the first Reshape and the Transpose of a channel shuffle spread each channel over two
+  axes), the output keeps the position of every element (`SpreadLayout`): moves are exact
+  for any labelling, so nothing is frozen until an op that needs one channel axis reads it
+  (a shuffle's last Reshape brings the channels back onto one axis, permuted).
 
 A Concat along a non-channel axis first ties the channels of its inputs (channel c of every
 input becomes channel c of the output).
@@ -19,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from ..channels import Layout
+from ..channels import Layout, SpreadLayout
 from ..nodes import attr, node_label
 from ..pathnet.primitives import Gather
 from .base import OpRule, normalize_axis, register
@@ -83,6 +86,9 @@ def _element_labels(node, an, relabel=None):
         if lay is None:
             parts.append(np.full(int(np.prod(shape)), _UNSCALED, dtype=np.int64))
             continue
+        if isinstance(lay, SpreadLayout):
+            parts.append(lay.labels.ravel())
+            continue
         view = [1] * len(shape)
         view[lay.axis] = lay.channels
         labels = np.where(lay.pos >= 0, lay.pos, _UNSCALED).reshape(view)
@@ -115,6 +121,7 @@ def _channel_axis(labels: np.ndarray, preferred: int):
 class MovementRule(OpRule):
     op_types = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice",
                 "Pad", "Tile", "Expand", "Gather", "DepthToSpace", "SpaceToDepth")
+    reads_spread_layouts = True
 
     def analyse(self, node, an):
         g = an.graph
@@ -143,15 +150,15 @@ class MovementRule(OpRule):
             out_labels = labels[np.where(src >= 0, src, labels.size - 1)]
             found = _channel_axis(out_labels, self._preferred_axis(node, first, len(g.shape(acts[0])), src.ndim))
             if found is None:
-                for a in acts:
-                    an.freeze_layout(a, f"{node.op_type} '{node_label(node)}' mixes channels")
-                an.set_layout(o, None)
+                an.set_layout(o, SpreadLayout(out_labels))
                 continue
             axis, slot_labels = found
             an.set_layout(o, Layout(axis, slot_labels.astype(np.int64)))
 
     @staticmethod
     def _preferred_axis(node, lay, in_rank, out_rank):
+        if not isinstance(lay, Layout):
+            return min(1, out_rank - 1)
         if node.op_type == "Transpose":
             perm = list(attr(node, "perm", None) or reversed(range(in_rank)))
             return perm.index(lay.axis)
@@ -174,6 +181,8 @@ class MovementRule(OpRule):
         rank = len(g.shape(acts[0]))
         axis = normalize_axis(attr(node, "axis", 0), rank)
         known = [lay for lay in layouts if lay is not None]
+        if any(isinstance(lay, SpreadLayout) for lay in known):
+            return None
         if all(lay.axis != axis for lay in known) and len({lay.channels for lay in known}) == 1 \
                 and len({lay.axis for lay in known}) == 1:
             if len(known) < len(layouts):

@@ -34,6 +34,7 @@ def _not_homogeneous(node, graph):
 @register
 class ClipRule(OpRule):
     op_types = ("Clip",)
+    reads_spread_layouts = True  # elementwise: channels spread over several axes pass as they are
 
     def analyse(self, node, an):
         why = _not_homogeneous(node, an.graph)

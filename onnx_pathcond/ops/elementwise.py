@@ -23,6 +23,7 @@ from .base import OpRule, register
 @register
 class PassThroughRule(OpRule):
     op_types = ("Relu", "LeakyRelu", "PRelu", "Identity", "Dropout")
+    reads_spread_layouts = True  # elementwise: channels spread over several axes pass as they are
 
     def analyse(self, node, an):
         g = an.graph

@@ -201,6 +201,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     the weights at once.
     """
     settings = options.solver_settings(solver, max_iter, tol)
+    options.check_tolerance("rtol", rtol)
     options.check_backend(backend, device)
     if dry_run:
         output = None

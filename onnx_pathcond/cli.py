@@ -53,6 +53,24 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
+class _Tolerance(click.ParamType):
+    """A finite number >= 0 (click's FloatRange lets NaN and infinity through)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except ValueError:
+                self.fail(f"'{value}' is not a number", param, ctx)
+        if not 0 <= number < float("inf"):
+            self.fail(f"{value} is not a finite number >= 0", param, ctx)
+        return number
+
+
 @click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]},
                epilog=EXIT_CODES_HELP)
 @click.argument("input_path", metavar="IN", type=click.Path(dir_okay=True, path_type=str))
@@ -65,7 +83,7 @@ def _same_file(a: str, b: str) -> bool:
 @click.option("--max-iter", type=click.IntRange(min=0), default=None,
               help=f"Sweeps of coordinate descent (default {SOLVERS['cd'].max_iter}) or iterations of the exact "
                    f"solver (default {SOLVERS['exact'].max_iter}).")
-@click.option("--tol", type=click.FloatRange(min=0.0), default=None,
+@click.option("--tol", type=_Tolerance(), default=None,
               help=f"Stop when a sweep changes Σ|Δu| by less (cd, default {_short(SOLVERS['cd'].tol)}) or when the "
                    f"gradient's largest entry falls below this fraction of its value at no rescaling (exact, "
                    f"default {_short(SOLVERS['exact'].tol)}).")
@@ -76,7 +94,7 @@ def _same_file(a: str, b: str) -> bool:
               help="cuda: run the onnxruntime backend on its CUDA execution provider (needs onnx-pathcond[gpu]).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check on random inputs that the output computes the same function.")
-@click.option("--rtol", type=click.FloatRange(min=0.0), default=None,
+@click.option("--rtol", type=_Tolerance(), default=None,
               help=f"Largest accepted output difference relative to the output's scale "
                    f"(default {_short(DEFAULT_RTOL['float32'])}; {_short(DEFAULT_RTOL['float16'])} for float16 outputs).")
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,

@@ -79,6 +79,8 @@ def _load(model: ModelLike, lazy: bool, output: Optional[Union[str, os.PathLike]
     """The model to work on: read from its path (with `lazy`, the large weights stay in the
     file until a step needs them), or a copy of the ModelProto given."""
     with clock("load"):
+        if output is not None:  # an empty path or a directory, refused before any reading
+            check_output_path(output, None, overwrite=True)
         if isinstance(model, onnx.ModelProto):
             return ModelFile.copy_of(model)
         source = ModelFile.read(model, lazy=lazy)

@@ -246,6 +246,10 @@ def check_model(model: onnx.ModelProto) -> None:
 def check_output_path(output: PathLike, input_path: Optional[str], overwrite: bool) -> str:
     """Refuse an output we could not or should not write, before reading the input."""
     output = os.fspath(output)
+    if not output:  # abspath('') is the current folder: it would be written as its parent's entry
+        raise InputError("the output path is empty")
+    if output.endswith(("/", os.sep)) or os.path.basename(output) in (".", ".."):
+        raise InputError(f"output '{output}' names a directory, not a file")
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise InputError(f"output directory '{os.path.dirname(output) or '.'}' does not exist")

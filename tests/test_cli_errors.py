@@ -85,3 +85,15 @@ def test_the_api_refuses_those_tolerances_too(name, value):
         rescale(mlp([4, 5, 3], seed=0), **{name: value})
 
 
+# ---------------------------------------------------------------------------- OUT
+@pytest.mark.parametrize("out, fragment", [("", "empty"), ("newdir/", "directory"), ("sub", "directory"),
+                                           (".", "directory")])
+def test_output_that_is_not_a_file_name(tmp_path, out, fragment):
+    (tmp_path / "sub").mkdir()
+    f = Folder(tmp_path, mlp([4, 5, 3], seed=0))
+    assert_error(run_cli(f.input, out, cwd=tmp_path), 2, fragment)
+    f.assert_unchanged()
+    assert os.listdir(tmp_path / "sub") == []
+    assert not [name for name in os.listdir(tmp_path.parent) if name.endswith(".tmp")]  # '' once wrote there
+
+

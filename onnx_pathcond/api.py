@@ -19,8 +19,8 @@ import onnx
 from . import options, rewrite, solve, stats, verify
 from .criteria.pathcond import ProblemBuilder
 from .errors import ModelError, VerificationError
-from .graph import Graph, parse_input_shapes
-from .modelfile import ModelFile, PendingSave, check_output_path  # noqa: F401  (check_output_path: the CLI's)
+from .graph import Graph, node_label, parse_input_shapes
+from .modelfile import ModelFile, PendingSave, check_output_path
 from .report import Report
 from .symmetry import analyse, build_groups
 
@@ -108,6 +108,17 @@ def _check_finite(graph: Graph, analysis) -> None:
                 raise ModelError(f"parameter '{use.ref.name}' contains NaN or Inf values")
 
 
+def _check_not_empty(graph: Graph, analysis) -> None:
+    """A parameter on a path with a dimension of size 0 makes a layer of no channel (or one
+    that reads none): the path statistics have nothing to sum over. Said here, by name,
+    rather than failing inside them."""
+    for use in analysis.uses:
+        if not use.ignored and 0 in use.view_shape:
+            name = use.ref.name if use.ref is not None else use.input_name
+            raise ModelError(f"parameter '{name}' of {use.node.op_type} '{node_label(use.node)}' has shape "
+                             f"{list(use.view_shape)}: a dimension of size 0 (an empty tensor) is not supported")
+
+
 def analyse_model(model: Union[onnx.ModelProto, ModelFile], input_shapes=None):
     """Graph view, symmetry analysis and groups (what --dry-run shows)."""
     if isinstance(input_shapes, (list, tuple)):
@@ -121,6 +132,7 @@ def analyse_model(model: Union[onnx.ModelProto, ModelFile], input_shapes=None):
 def _analyse(source: ModelFile, input_shapes, clock: _Clock):
     with clock("analyse"):
         graph, analysis, groups = analyse_model(source, input_shapes)
+        _check_not_empty(graph, analysis)
         _check_finite(graph, analysis)
     return graph, analysis, groups
 

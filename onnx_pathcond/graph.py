@@ -26,6 +26,10 @@ from .protoio import FLOAT_TYPES  # noqa: F401  (the float element types; rules 
 # `ModelFile`), so that no tensor without its data reaches shape inference.
 SKELETON_MAX_ELEMENTS = LEFT_IN_FILE_ABOVE
 
+# The most elements a graph input may have: the verification feeds random inputs of this
+# shape, and larger ones would neither fit in memory nor in onnxruntime's 32-bit sizes of some kernels.
+MAX_INPUT_ELEMENTS = 2 ** 31
+
 # Nodes that only move a weight around; a weight behind them can still be rewritten in place.
 _WEIGHT_TRANSPARENT_OPS = ("Identity", "Transpose", "Cast")
 
@@ -63,6 +67,10 @@ def parse_input_shapes(specs: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
             raise InputError(f"--input-shape '{spec}': dimensions must be positive integers separated by 'x'") from None
         if not shape or any(d <= 0 for d in shape):
             raise InputError(f"--input-shape '{spec}': dimensions must be positive integers separated by 'x'")
+        elements = int(np.prod(shape, dtype=object))  # Python integers: 99999999999999999999 does not overflow
+        if elements > MAX_INPUT_ELEMENTS:
+            raise InputError(f"--input-shape '{spec}' makes {elements:,} elements, too many for one input "
+                             f"(at most {MAX_INPUT_ELEMENTS:,})")
         shapes[name] = shape
     return shapes
 
@@ -208,6 +216,11 @@ class Graph:
                 raise InputError(f"input '{name}' has no shape in the model; give it with --input-shape {name}:D0xD1x...")
             dims = []
             for axis, d in enumerate(tt.shape.dim):
+                if d.HasField("dim_value") and d.dim_value == 0:
+                    # A size the model fixes to 0: the input is an empty tensor (onnxruntime
+                    # refuses any other size), so there is nothing to compute or rescale.
+                    raise ModelError(f"input '{name}' has size 0 at axis {axis} (an empty tensor): "
+                                     f"the model computes nothing that could be rescaled")
                 if d.HasField("dim_value") and d.dim_value > 0:
                     dims.append(d.dim_value)
                 elif axis == 0:
@@ -219,6 +232,9 @@ class Graph:
                         f"give its size with --input-shape {name}:" + "x".join(
                             str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else ("1" if i == 0 else "N")
                             for i, x in enumerate(tt.shape.dim)))
+            if int(np.prod(dims, dtype=object)) > MAX_INPUT_ELEMENTS:
+                raise ModelError(f"input '{name}' has shape {dims}, {int(np.prod(dims, dtype=object)):,} elements: "
+                                 f"too large (at most {MAX_INPUT_ELEMENTS:,} per input)")
             shapes[name] = tuple(dims)
         return shapes
 

@@ -68,6 +68,41 @@ def dynamic_mlp() -> onnx.ModelProto:
     return net.model(net.matmul(net.relu(net.matmul(net.x, 4, 5)), 5, 3))
 
 
+# ---------------------------------------------------------------------------- zero-sized dimensions
+def test_weight_with_a_zero_sized_dimension(tmp_path):
+    net = Net([1, 4], seed=0)
+    hidden = net.relu(net.matmul(net.x, 4, 0))  # a (4, 0) weight: a layer without any channel
+    f = Folder(tmp_path, net.model(net.matmul(hidden, 0, 3)))
+    assert_error(run_cli(f.input, f.out), 1, "'w1'", "[4, 0]", "size 0")
+    f.assert_unchanged()
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_input_declared_with_a_zero_sized_dimension(tmp_path, axis):
+    model = mlp([4, 5, 3], seed=0)
+    model.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = 0
+    f = Folder(tmp_path, model)
+    assert_error(run_cli(f.input, f.out), 1, "input 'x'", f"size 0 at axis {axis}")
+    f.assert_unchanged()
+
+
+# ---------------------------------------------------------------------------- sizes too large
+@pytest.mark.parametrize("spec", ["x:99999999999999999999x4", "x:999999999x4"])
+def test_input_shape_too_large(tmp_path, spec):
+    f = Folder(tmp_path, dynamic_mlp())
+    assert_error(run_cli(f.input, f.out, "--input-shape", spec), 2, "--input-shape", spec, "too many")
+    f.assert_unchanged()
+
+
+def test_input_declared_too_large(tmp_path):
+    model = dynamic_mlp()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_value, dims[1].dim_value = 100000, 100000
+    f = Folder(tmp_path, model)
+    assert_error(run_cli(f.input, f.out), 1, "input 'x'", "too large")
+    f.assert_unchanged()
+
+
 # ---------------------------------------------------------------------------- tolerances
 @pytest.mark.parametrize("option", ["--rtol", "--tol"])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1"])

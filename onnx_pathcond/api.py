@@ -161,10 +161,16 @@ def _rewrite(graph: Graph, items, stream: bool, clock: _Clock) -> rewrite.Rewrit
 
 
 def _write(source: ModelFile, output, rewritten: rewrite.Rewrite, clock: _Clock) -> PendingSave:
-    with clock("save"):
-        pending = source.write(output, new_values=rewritten.deferred)
-    clock.move(rewritten.seconds, "save", "rewrite")
-    return pending
+    pending = None
+    try:
+        with clock("save"):
+            pending = source.write(output, new_values=rewritten.deferred)
+        clock.move(rewritten.seconds, "save", "rewrite")
+        return pending
+    except BaseException:  # a stop signal between the writing and the caller's `try`: no folder left
+        if pending is not None:
+            pending.discard()
+        raise
 
 
 def _verify(original, written, reference: onnx.ModelProto, shapes, seed: int, rtol: Optional[float],
@@ -240,8 +246,9 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     if verify_output:  # the input file itself when there is one: no copy of the weights
         original = source.path if source.path is not None else (copy.deepcopy(source.proto) if items else source.proto)
     rewritten = _rewrite(graph, items, stream, clock)
-    pending = _write(source, output, rewritten, clock) if output is not None else None
+    pending = None
     try:
+        pending = _write(source, output, rewritten, clock) if output is not None else None
         report.describe_rewrite(rewritten.in_order(items))
         shapes = verify.verification_shapes(source.proto, graph.input_shapes) if verify_output else None
         if stream:  # only the written file is needed from here: let the input's weights go

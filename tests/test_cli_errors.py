@@ -132,3 +132,55 @@ def test_output_that_is_not_a_file_name(tmp_path, out, fragment):
     assert not [name for name in os.listdir(tmp_path.parent) if name.endswith(".tmp")]  # '' once wrote there
 
 
+# ---------------------------------------------------------------------------- signals
+def _start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "onnx_pathcond.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.4])
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, delay):
+    # 0.2 s is inside the start-up (python, click, then onnx and onnxruntime loading: about a
+    # second); later delays land wherever the run is by then. Whatever the moment, no traceback.
+    # (Python's own first ~50 ms, before any line of ours runs, are out of our hands.)
+    f = Folder(tmp_path, mlp([16, 64, 64, 4], seed=0))
+    proc = _start(f.input, f.out)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert "Traceback" not in stderr, stderr
+    if proc.returncode in (0, -signal.SIGINT) and stderr == "" and f.out.exists():
+        return  # it had finished, or was ending (the interpreter's teardown resets the handler)
+    assert proc.returncode == 130, (proc.returncode, stderr)
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted (SIGINT)"), stderr
+    if "was written" not in lines[0]:
+        f.assert_unchanged()
+
+
+def _temporary_folders(folder: Path):
+    return [name for name in os.listdir(folder) if name.startswith(".out.onnx.") and name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["TERM", "HUP", "INT"])
+def test_signal_while_saving_or_verifying_removes_the_temporary_folder(tmp_path, signum):
+    # Four 2048-wide layers (50 MB): the written model waits in its temporary folder while
+    # onnxruntime checks it, for a few tenths of a second.
+    f = Folder(tmp_path, mlp([64, 2048, 2048, 2048, 2048, 10], seed=0))
+    for attempt in range(3):
+        proc = _start(f.input, f.out)
+        deadline = time.monotonic() + 60
+        while not _temporary_folders(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+        if proc.returncode == 0:  # finished between seeing the folder and the signal: try again
+            f.out.unlink()
+            continue
+        assert "Traceback" not in stderr, stderr
+        assert proc.returncode == 128 + signum, (proc.returncode, stderr)
+        assert stderr.splitlines() == [f"error: interrupted ({signal.Signals(signum).name}); nothing was written"]
+        f.assert_unchanged()
+        return
+    pytest.skip("the run always finished before the signal could be sent")

@@ -364,11 +364,28 @@ class Graph:
             value = self.constant_value(node.input[0]).astype(helper.tensor_dtype_to_np_dtype(target))
         elif node.op_type == "Size":
             value = np.array(int(np.prod(self.shapes[node.input[0]])), dtype=np.int64)
+        elif node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and not attr(node, "block_size", 0):
+            # onnx's reference evaluator has no DequantizeLinear before opset 19 (QDQ exports use 13)
+            value = self._dequantize(node)
         else:
             value = self._evaluate_node(node)[list(node.output).index(name)]
         if value.size <= SKELETON_MAX_ELEMENTS:
             self._constant_cache[name] = value
         return value
+
+    def _dequantize(self, node: onnx.NodeProto) -> np.ndarray:
+        """(x - zero_point) * scale, per tensor or per channel along `axis`."""
+        x = self.constant_value(node.input[0])
+        scale = self.constant_value(node.input[1])
+        zero = self.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scale.ndim == 1 and x.ndim > 1:
+            axis = attr(node, "axis", 1) % x.ndim
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+            zero = zero.reshape(shape) if zero is not None else None
+        value = x.astype(np.float32) if zero is None else x.astype(np.float32) - zero.astype(np.float32)
+        return (value * scale).astype(scale.dtype)
 
     def _evaluate_node(self, node: onnx.NodeProto) -> List[np.ndarray]:
         """Run one node whose inputs are all constant (onnx's reference evaluator)."""

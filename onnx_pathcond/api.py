@@ -235,12 +235,16 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     if dry_run:
         return source.proto, report
 
-    builder, problem, runtime = _statistics(graph, analysis, groups, backend, device, clock)
-    report.describe_statistics(runtime)
-    result = _solve(problem, settings, clock)
-    report.describe_solution(graph, analysis, groups, problem, builder, result, settings.max_iter, settings.tol)
-    del problem, builder  # the statistics are summarised: free them before the weights are copied
-    items = rewrite.plan(analysis.uses, groups, result.u)
+    if groups.count:
+        builder, problem, runtime = _statistics(graph, analysis, groups, backend, device, clock)
+        report.describe_statistics(runtime)
+        result = _solve(problem, settings, clock)
+        report.describe_solution(graph, analysis, groups, problem, builder, result, settings.max_iter, settings.tol)
+        del problem, builder  # the statistics are summarised: free them before the weights are copied
+        items = rewrite.plan(analysis.uses, groups, result.u)
+    else:  # nothing can change: the statistics (the run's longest step) would only be thrown away
+        report.describe_no_solution(settings.max_iter, settings.tol)
+        items = []
 
     original = None
     if verify_output:  # the input file itself when there is one: no copy of the weights

@@ -173,16 +173,18 @@ def _write(source: ModelFile, output, rewritten: rewrite.Rewrite, clock: _Clock)
         raise
 
 
-def _verify(original, written, reference: onnx.ModelProto, shapes, seed: int, rtol: Optional[float],
+def _verify(original, written, reference: onnx.ModelProto, shapes, seed: int, rtol: Optional[float], precision: str,
             clock: _Clock) -> verify.Verification:
     """Both models on the same random inputs; a mismatch above rtol is an error."""
     with clock("verify"):
-        check = verify.compare(original, written, reference, shapes, seed=seed, rtol=rtol)
+        check = verify.compare(original, written, reference, shapes, seed=seed, rtol=rtol, precision=precision)
     if not check.passed:
         worst = max(check.outputs, key=lambda o: o.max_rel)
+        noise = "" if check.noise is None else \
+            f", where the input model's own rounding noise is {check.noise:.3g}"
         raise VerificationError(
             f"the rescaled model differs from the input: output '{worst.name}' max difference "
-            f"{worst.max_rel:.3g} relative to its scale (rtol {check.rtol:.3g}); nothing was written")
+            f"{worst.max_rel:.3g} relative to its scale (rtol {check.rtol:.3g}{noise}); nothing was written")
     return check
 
 
@@ -239,7 +241,12 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         builder, problem, runtime = _statistics(graph, analysis, groups, backend, device, clock)
         report.describe_statistics(runtime)
         result = _solve(problem, settings, clock)
-        report.describe_solution(graph, analysis, groups, problem, builder, result, settings.max_iter, settings.tol)
+        with clock("solve", announce=False):  # half-precision weights must stay within their dtype's range
+            result.u, kept = rewrite.keep_in_range(graph, analysis.uses, groups, result.u)
+            if kept:
+                result.objective_after = problem.objective(result.u)
+        report.describe_solution(graph, analysis, groups, problem, builder, result, settings.max_iter, settings.tol,
+                                 kept)
         del problem, builder  # the statistics are summarised: free them before the weights are copied
         items = rewrite.plan(analysis.uses, groups, result.u)
     else:  # nothing can change: the statistics (the run's longest step) would only be thrown away
@@ -255,6 +262,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         pending = _write(source, output, rewritten, clock) if output is not None else None
         report.describe_rewrite(rewritten.in_order(items))
         shapes = verify.verification_shapes(source.proto, graph.input_shapes) if verify_output else None
+        precision = verify.compute_precision(graph.elem_type.values())
         if stream:  # only the written file is needed from here: let the input's weights go
             reference, result_model = source.skeleton(), None
             del source, graph, analysis, groups, items, rewritten
@@ -262,7 +270,8 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
             reference = result_model = source.proto
         if verify_output:
             written = pending.model_path if pending is not None else reference
-            report.describe_verification(_verify(original, written, reference, shapes, seed, rtol, clock), seed)
+            report.describe_verification(_verify(original, written, reference, shapes, seed, rtol, precision, clock),
+                                         seed)
         if pending is not None:
             _commit(pending, clock)
             report.output = os.fspath(output)

@@ -21,7 +21,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import onnx
 
-from .graph import Graph, StoredRef, node_label
+from .graph import Graph, StoredRef
+from .nodes import node_label
 
 NO_POSITION = -1
 
@@ -92,7 +93,7 @@ class Analysis:
         self.uses: List[ParamUse] = []
         self.uses_by_node: Dict[int, Dict[str, ParamUse]] = {}
         self.cut_nodes: Dict[int, str] = {}  # node index -> why the path network is cut there
-        self.unsupported: Dict[str, int] = {}  # op type -> count of barrier nodes
+        self.unsupported: Dict[str, int] = {}  # op type -> count of barrier nodes (cut, for any reason)
         self.node_data: Dict[int, object] = {}  # what a rule computed once for its node
         # stored tensors read by several parameter uses: name -> (uses, mask of non-zero elements)
         self.shared: Dict[str, Tuple[int, np.ndarray]] = {}
@@ -183,6 +184,7 @@ class Analysis:
 
     def cut(self, node: onnx.NodeProto, reason: str, category: str = "barrier") -> None:
         """The node is a barrier: freeze what reaches it, and cut the path network there."""
+        self.unsupported[node.op_type] = self.unsupported.get(node.op_type, 0) + 1
         self.cut_nodes[self.graph.index(node)] = reason
         for i in node.input:
             if i and self.graph.is_activation(i):

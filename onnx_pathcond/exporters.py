@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from .graph import Graph, node_label
+from .graph import Graph
+from .nodes import node_label
 
 KEEP_BN_HINT = ("to keep BatchNorm, export with torch.onnx.export(..., dynamo=True, optimize=False) or with the "
                 "legacy exporter and training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False")

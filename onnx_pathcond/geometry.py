@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from .graph import attr
+from .nodes import attr
 
 
 @dataclass(frozen=True)

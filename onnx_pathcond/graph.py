@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import InputError, ModelError
 from .modelfile import LEFT_IN_FILE_ABOVE, ModelFile
+from .nodes import attr, node_label
 from .protoio import FLOAT_TYPES  # noqa: F401  (the float element types; rules import them from here)
 
 # Tensors above this many elements are left out of the skeleton used for shape inference:
@@ -97,19 +98,6 @@ def _constant_node_array(node: onnx.NodeProto) -> np.ndarray:
     if attr.name == "value_strings":
         return np.array(list(attr.strings))
     raise ModelError(f"Constant node '{node.name or node.output[0]}' has an attribute '{attr.name}' that is not supported")
-
-
-def attr(node: onnx.NodeProto, name: str, default=None):
-    """A node attribute's Python value, or `default` when absent."""
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def node_label(node: onnx.NodeProto) -> str:
-    """How a node is named in messages: its name, or its first output."""
-    return node.name or (node.output[0] if node.output else node.op_type)
 
 
 class Graph:
@@ -242,9 +230,15 @@ class Graph:
         """Static shapes of every tensor, by onnx shape inference on a weight-free skeleton.
 
         Shape inference cannot see through every shape computation an exporter writes
-        (Concat of Constants, Shape → Gather → Unsqueeze, ...). So small constant tensors are
-        folded to values and handed back to inference as initializers, until nothing new
-        is learnt.
+        (Concat of Constants, Shape → Gather → Div → Unsqueeze, ...). So small constant tensors
+        are folded to values and handed back to inference as initializers, until nothing new
+        is learnt (a chain of computed Reshape targets can need one round per link).
+
+        Where onnx's inference and onnxruntime disagree, the runtime's shape wins, since it is
+        the shape of the tensors the model really computes: pools in ceil_mode, whose last
+        window onnxruntime drops when it would start in the end padding (onnx keeps it). Such
+        a node is taken out of the skeleton and its output handed to inference as an input of
+        the runtime's shape, so that everything downstream follows it.
         """
         g = self.model.graph
         base_inputs = [helper.make_tensor_value_info(name, self.elem_type[name], shape)
@@ -259,10 +253,13 @@ class Graph:
             else:
                 base_inputs.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         folded: Dict[str, np.ndarray] = {}
-        for _ in range(8):
-            nodes = [n for n in g.node if not (n.output and all(o in folded for o in n.output if o))]
+        runtime: Dict[str, Tuple[int, ...]] = {}  # outputs whose shape onnxruntime computes otherwise
+        for _ in range(len(g.node) + 1):
+            nodes = [n for n in g.node if not (n.output and all(o in folded or o in runtime for o in n.output if o))]
             inits = base_inits + [numpy_helper.from_array(v, name) for name, v in folded.items()]
-            graph = helper.make_graph(nodes, "skeleton", base_inputs, list(g.output), initializer=inits)
+            inputs = base_inputs + [helper.make_tensor_value_info(name, self.elem_type.get(name, TensorProto.FLOAT),
+                                                                  shape) for name, shape in runtime.items()]
+            graph = helper.make_graph(nodes, "skeleton", inputs, list(g.output), initializer=inits)
             skeleton = helper.make_model(graph, opset_imports=list(self.model.opset_import),
                                          ir_version=self.model.ir_version)
             skeleton.functions.extend(self.model.functions)
@@ -271,10 +268,33 @@ class Graph:
             except Exception:  # inference is best effort: rules needing a missing shape say so
                 inferred = skeleton
             self._collect_shapes(inferred)
+            self.shapes.update(runtime)
             self.activations = self._find_activations()
             learnt = self._fold_small_constants(folded)
+            learnt = self._runtime_pool_shapes(runtime) or learnt
             if not learnt:
                 break
+
+    def _runtime_pool_shapes(self, runtime: Dict[str, Tuple[int, ...]]) -> bool:
+        """Record pool outputs in ceil_mode whose inferred shape is not the runtime's; True if
+        any is new."""
+        from .geometry import geometry
+
+        learnt = False
+        for n in self.nodes:
+            if n.op_type not in ("MaxPool", "AveragePool", "LpPool") or not attr(n, "ceil_mode", 0) \
+                    or n.output[0] in runtime or n.domain not in ("", "ai.onnx"):
+                continue
+            x = self.shapes.get(n.input[0])
+            kernel = attr(n, "kernel_shape", None)
+            if x is None or kernel is None or len(kernel) != len(x) - 2:
+                continue
+            out = tuple(x[:2]) + geometry(n, x[2:], kernel, None, ceil_mode=True).out_size
+            if self.shapes.get(n.output[0]) != out:
+                runtime[n.output[0]] = out
+                self.elem_type.setdefault(n.output[0], self.elem_type.get(n.input[0], TensorProto.FLOAT))
+                learnt = True
+        return learnt
 
     def _collect_shapes(self, inferred: onnx.ModelProto) -> None:
         for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):

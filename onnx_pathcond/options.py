@@ -36,9 +36,11 @@ DEVICES = ("cpu", "cuda")
 DEFAULT_DEVICE = "cpu"
 
 # Largest accepted output difference, relative to the output's scale, when no rtol is
-# given, by the output's dtype: float32 rounding of a rescaled network stays around 1e-7
-# relative, half precision around 1e-3.
+# given, by the precision the model computes in (its lowest float type): float32 rounding
+# of a rescaled network stays around 1e-7 relative, half precision around 1e-3. A model
+# whose own rounding noise is larger gets more (verify.py), never more than RTOL_CEILING.
 DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
+RTOL_CEILING = 0.1
 DEFAULT_SEED = 0
 
 

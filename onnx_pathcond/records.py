@@ -114,6 +114,9 @@ class SolverSummary(Record):
     lambda_min: float
     lambda_max: float
     seconds: float
+    # groups kept at scale 1 because their rescaling would take half-precision weights out of
+    # their dtype's range
+    kept_in_range: int = 0
 
 
 @dataclass
@@ -125,6 +128,8 @@ class VerificationSummary(Record):
     seed: int
     input_shapes: Dict[str, List[int]]
     outputs: List[OutputDifference] = field(default_factory=list)
+    precision: str = "float32"  # what the model computes in: its default tolerance
+    rounding_noise: Optional[float] = None  # the model's own, measured when the default was exceeded
 
 
 @dataclass

@@ -10,7 +10,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .exporters import folded_batchnorm, folded_batchnorm_warning
-from .graph import Graph, node_label
+from .graph import Graph
+from .nodes import node_label
 from .pathnet.records import RuntimeInfo
 from .records import (CriterionSummary, ExporterFindings, FrozenRange, GroupCounts, LayerGroups, ModelSummary, Record,
                       RewrittenTensor, SolverSummary, VerificationSummary)
@@ -167,7 +168,7 @@ class Report:
             self.warnings.append(runtime.notice)
 
     def describe_solution(self, graph: Graph, an: Analysis, groups: Groups, problem, builder, result,
-                          max_iter: int, tol: float) -> None:
+                          max_iter: int, tol: float, kept_in_range: int = 0) -> None:
         """The criterion before and after, the solver's run, and λ per layer."""
         u = result.u
         lam = np.exp(u / 2.0) if u.size else np.ones(1)
@@ -185,8 +186,11 @@ class Report:
             converged=result.converged, max_iter=max_iter, tol=tol, F_before=result.objective_before,
             F_after=result.objective_after, F_history=result.history,
             max_abs_u=float(np.abs(u).max()) if u.size else 0.0, lambda_min=float(lam.min()),
-            lambda_max=float(lam.max()), seconds=result.seconds)
+            lambda_max=float(lam.max()), seconds=result.seconds, kept_in_range=kept_in_range)
         self.layers = group_layers(graph, an, groups, u)
+        if kept_in_range:
+            self.warnings.append(f"{kept_in_range} group(s) kept at scale 1: their rescaling would have taken "
+                                 f"half-precision weights to zero, to subnormals or past the largest value")
 
     def describe_no_solution(self, max_iter: int, tol: float) -> None:
         """No rescalable group: neither statistics nor solver ran (the criterion stays empty)."""
@@ -207,7 +211,8 @@ class Report:
     def describe_verification(self, check: Verification, seed: int) -> None:
         self.verification = VerificationSummary(
             engine=check.engine, rtol=check.rtol, max_rel=check.max_rel, passed=check.passed, seed=seed,
-            input_shapes={k: list(v) for k, v in check.input_shapes.items()}, outputs=list(check.outputs))
+            input_shapes={k: list(v) for k, v in check.input_shapes.items()}, outputs=list(check.outputs),
+            precision=check.precision, rounding_noise=check.noise)
 
     # ---------------------------------------------------------------- text
     def summary(self, verbose: bool = False) -> str:
@@ -256,8 +261,9 @@ class Report:
                 lines.append(f"    layer    {row.op_type:<20} {row.tensor:<30} {row.groups:>6} groups{lam}")
         v = self.verification
         if v is not None:
+            noise = f", the model's own rounding noise {v.rounding_noise:.3g}" if v.rounding_noise is not None else ""
             lines.append(f"  check      {v.engine}: max difference {v.max_rel:.3g} relative to output scale "
-                         f"(rtol {v.rtol:.3g}) -> {'equivalent' if v.passed else 'MISMATCH'}")
+                         f"(rtol {v.rtol:.3g} for {v.precision}{noise}) -> {'equivalent' if v.passed else 'MISMATCH'}")
         elif self.timings.get("verify") is None and self.output:
             lines.append("  check      skipped (--no-verify)")
         if self.timings:

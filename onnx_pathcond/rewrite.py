@@ -71,6 +71,68 @@ def plan(uses: List[ParamUse], groups: Groups, u: np.ndarray) -> List[TensorResc
     return list(todo.values())
 
 
+# Half-precision types whose range a rescaling can leave: (smallest normal, largest finite).
+_NARROW = {"float16": (2.0 ** -14, 65504.0), "bfloat16": (2.0 ** -126, 3.3895313892515355e38)}
+
+
+def keep_in_range(graph: Graph, uses: List[ParamUse], groups: Groups, u: np.ndarray) -> Tuple[np.ndarray, int]:
+    """u with the groups whose rescaling would take a half-precision weight out of its
+    dtype's range set back to 0 (scale 1), and how many groups that was.
+
+    Out of range: a value that overflows, or a non-zero value that a normal number would
+    turn into zero or a subnormal (subnormals keep only a few bits; an already subnormal
+    weight may stay one, but not become zero). Both groups of such an element keep scale 1;
+    that changes the factors of their other elements, so the check repeats until none is
+    out of range (each round keeps at least one more group, so it ends).
+    """
+    narrow = [use for use in uses if use.ref is not None and not use.ignored
+              and graph.stored_value(use.ref).dtype.name in _NARROW]
+    if not narrow or not u.size:
+        return u, 0
+    u = np.array(u, dtype=np.float64)
+    kept = np.zeros(u.size, dtype=bool)
+    while True:
+        bad_groups = [_groups_out_of_range(graph, use, groups, u) for use in narrow]
+        bad = np.unique(np.concatenate(bad_groups)) if bad_groups else np.zeros(0, np.int64)
+        bad = bad[~kept[bad]]
+        if not bad.size:
+            return u, int(kept.sum())
+        kept[bad] = True
+        u[bad] = 0.0
+
+
+def _groups_out_of_range(graph: Graph, use: ParamUse, groups: Groups, u: np.ndarray) -> np.ndarray:
+    """The rescalable groups of the elements that `u` would take out of their dtype's range."""
+    value = use.ref.to_view(graph.stored_value(use.ref))
+    tiny, huge = _NARROW[value.dtype.name]
+    smallest = 2.0 ** -24 if value.dtype.name == "float16" else 2.0 ** -133  # the smallest subnormal
+    incoming, outgoing = element_factors(use, groups, u)
+    if incoming.min() * outgoing.min() >= 1.0 and \
+            incoming.max() * outgoing.max() * float(np.abs(value.astype(np.float32)).max()) <= huge:
+        return np.zeros(0, np.int64)  # nothing shrinks and nothing grows past the largest value
+    shape = use.view_shape
+    if not shape:
+        value, shape = value.reshape(1), (1,)
+    rows, cols = np.broadcast_to(use.rows, use.view_shape).reshape(shape), \
+        np.broadcast_to(use.cols, use.view_shape).reshape(shape)
+    incoming, outgoing = np.broadcast_to(incoming, use.view_shape).reshape(shape), \
+        np.broadcast_to(outgoing, use.view_shape).reshape(shape)
+    step = max(1, _CHUNK // max(1, int(np.prod(shape[1:], dtype=np.int64))))
+    found = []
+    for start in range(0, shape[0], step):  # float64 temporaries of one chunk at a time
+        part = slice(start, start + step)
+        old = np.abs(value[part].astype(np.float64))
+        new = old * incoming[part] * outgoing[part]
+        out = (new > huge) | ((old >= tiny) & (new < tiny)) | ((old > 0) & (new < smallest / 2))
+        if out.any():
+            found.extend([rows[part][out], cols[part][out]])
+    if not found:
+        return np.zeros(0, np.int64)
+    ids = np.concatenate(found)
+    ids = groups.of_position[ids[ids >= 0]]
+    return np.unique(ids[ids >= 0])
+
+
 @dataclass
 class Rescaled:
     values: np.ndarray  # in the original dtype

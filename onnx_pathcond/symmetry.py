@@ -14,7 +14,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .channels import NO_POSITION, Analysis, Freeze, Layout, ParamUse, PositionBlock
-from .graph import Graph, node_label
+from .graph import Graph
+from .nodes import node_label
 from .ops import rule_for
 
 __all__ = ["NO_POSITION", "Analysis", "Freeze", "Groups", "Layout", "ParamUse", "PositionBlock", "analyse",
@@ -101,17 +102,21 @@ def build_groups(an: Analysis) -> Groups:
 def analyse(graph: Graph) -> Analysis:
     """Walk the graph once, applying each node's rule."""
     an = Analysis(graph)
+    unknown = _UnknownShapes(graph)
     for node in graph.nodes:
         outputs_active = any(graph.is_activation(o) for o in node.output if o)
         if not outputs_active:
             continue  # constant subgraph (weights, shapes): not part of the network
+        why = unknown.reason(node)
+        if why:
+            an.cut(node, why)
+            continue
         rule = rule_for(node)
         non_float = [i for i in node.input if i and graph.is_activation(i) and not graph.is_float(i)]
         if non_float and rule is not None:
             an.cut(node, f"{node.op_type} '{node_label(node)}' takes a non-float activation '{non_float[0]}'")
             continue
         if rule is None:
-            an.unsupported[node.op_type] = an.unsupported.get(node.op_type, 0) + 1
             an.cut(node, f"feeds {node.op_type} '{node_label(node)}', which is not positively homogeneous or not supported")
             continue
         rule.analyse(node, an)
@@ -120,6 +125,48 @@ def analyse(graph: Graph) -> Analysis:
     freeze_weights_visible_at_run_time(an)
     reconcile_stored_tensors(an)
     return an
+
+
+class _UnknownShapes:
+    """Why a node touches a float activation whose static shape is unknown (then it is a
+    barrier: the path network needs every shape), naming the node where shapes were lost."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self._origin: Dict[str, str] = {}
+
+    def _unknown(self, name: str) -> bool:
+        g = self.graph
+        return bool(name) and g.is_activation(name) and g.is_float(name) and g.shape(name) is None
+
+    def origin(self, name: str) -> str:
+        """The first node upstream of `name` whose inputs have shapes and whose outputs do not."""
+        g = self.graph
+        current = name
+        seen = set()
+        while current not in self._origin and current not in seen:
+            seen.add(current)
+            node = g.producer.get(current)
+            if node is None:
+                break
+            lost = next((i for i in node.input if self._unknown(i)), None)
+            if lost is None:
+                domain = f" (domain '{node.domain}')" if node.domain not in ("", "ai.onnx") else ""
+                self._origin[current] = (f"{node.op_type} '{node_label(node)}'{domain}, whose output shape "
+                                         f"shape inference does not know")
+                break
+            current = lost
+        found = self._origin.get(current, f"tensor '{name}'")
+        for n in seen:
+            self._origin.setdefault(n, found)
+        return found
+
+    def reason(self, node) -> str:
+        names = [n for n in list(node.input) + list(node.output) if self._unknown(n)]
+        if not names:
+            return ""
+        return (f"{node.op_type} '{node_label(node)}' reads or makes '{names[0]}', whose shape is unknown after "
+                f"{self.origin(names[0])}")
 
 
 def freeze_weights_visible_at_run_time(an: Analysis) -> None:

@@ -4,6 +4,15 @@ Both models run on the same seeded random inputs, with onnxruntime on the CPU an
 graph optimisation off (so both run the same kernels), or with onnx's reference evaluator
 when onnxruntime is not installed. Per output we report the largest absolute difference and
 that difference relative to the output's scale (its largest magnitude).
+
+The tolerance, unless given, follows the precision the model computes in (float16 weights
+behind float32 inputs and outputs compute in float16). A rescaled model differs from its
+input by rounding only: its weights are the input's rounded once more, and its ops round
+other values. When the difference exceeds the precision's tolerance, the model's own
+rounding noise is measured: the input model against itself with every weight moved by about
+one unit in the last place (at random). A correct result differs from the input by a few
+times that noise; a wrong one (a scale applied on one side of a neuron only) by the scale
+itself. So the tolerance becomes `NOISE_FACTOR` times the noise, up to `RTOL_CEILING`.
 """
 
 from __future__ import annotations
@@ -19,8 +28,11 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import ModelError
-from .options import DEFAULT_RTOL
+from .options import DEFAULT_RTOL, RTOL_CEILING
 
+NOISE_FACTOR = 10.0
+_PRECISIONS = {TensorProto.BFLOAT16: "bfloat16", TensorProto.FLOAT16: "float16", TensorProto.FLOAT: "float32",
+               TensorProto.DOUBLE: "float64"}
 
 
 @dataclass
@@ -37,6 +49,8 @@ class Verification:
     rtol: float
     outputs: List[OutputDifference] = field(default_factory=list)
     input_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    precision: str = "float32"  # what the model computes in
+    noise: Optional[float] = None  # the model's own rounding noise, when it was measured
 
     @property
     def max_rel(self) -> float:
@@ -47,15 +61,12 @@ class Verification:
         return all(o.max_rel <= self.rtol for o in self.outputs)
 
 
-def default_rtol(model: onnx.ModelProto) -> float:
-    """The largest of the default tolerances of the model's outputs' dtypes."""
-    worst = DEFAULT_RTOL["float32"]
-    for out in model.graph.output:
-        t = out.type.tensor_type.elem_type
-        name = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}.get(t)
-        if name:
-            worst = max(worst, DEFAULT_RTOL[name])
-    return worst
+def compute_precision(elem_types) -> str:
+    """The lowest-precision float type among `elem_types` (TensorProto element types of the
+    model's activations and weights): what its arithmetic rounds to."""
+    found = [_PRECISIONS[t] for t in set(elem_types) if t in _PRECISIONS]
+    order = list(_PRECISIONS.values())
+    return min(found, key=order.index) if found else "float32"
 
 
 def verification_shapes(model: onnx.ModelProto, analysed: Dict[str, Tuple[int, ...]]) -> Dict[str, Tuple[int, ...]]:
@@ -135,28 +146,64 @@ def _run(model: Union[str, onnx.ModelProto], feeds: Dict[str, np.ndarray]) -> Tu
 
 
 def compare(original: Union[str, onnx.ModelProto], rescaled: Union[str, onnx.ModelProto], model: onnx.ModelProto,
-            shapes: Dict[str, Tuple[int, ...]], seed: int = 0, rtol: Optional[float] = None) -> Verification:
+            shapes: Dict[str, Tuple[int, ...]], seed: int = 0, rtol: Optional[float] = None,
+            precision: str = "float32") -> Verification:
     """Run both on the same random inputs. Each may be a file path (cheaper than a copy of
-    the model in memory: onnxruntime reads it itself); `model` says what inputs to make."""
-    rtol = default_rtol(model) if rtol is None else rtol
+    the model in memory: onnxruntime reads it itself); `model` says what inputs to make.
+    `precision` is what the model computes in; `rtol` None takes the tolerance from it and,
+    if needed, from the model's measured rounding noise (see the module docstring)."""
     feeds = random_inputs(model, shapes, seed)
     before, engine = _run(original, feeds)
     after, _ = _run(rescaled, feeds)
-    result = Verification(engine, rtol, input_shapes=dict(shapes))
+    result = Verification(engine, DEFAULT_RTOL[precision] if rtol is None else rtol, input_shapes=dict(shapes),
+                          precision=precision)
+    result.outputs = _differences(model, before, after)
+    if rtol is None and not result.passed:
+        perturbed, _ = _run(_with_rounding_noise(original, seed), feeds)
+        result.noise = max((o.max_rel for o in _differences(model, before, perturbed)), default=0.0)
+        result.rtol = max(result.rtol, min(RTOL_CEILING, NOISE_FACTOR * result.noise))
+    return result
+
+
+def _with_rounding_noise(original: Union[str, onnx.ModelProto], seed: int) -> onnx.ModelProto:
+    """The model with each float weight multiplied by 1 + ε·r, r uniform in [−1, 1] and ε the
+    unit roundoff of its dtype: as far from the input as a second rounding of its weights."""
+    if isinstance(original, str):
+        model = onnx.load(original)
+    else:
+        model = onnx.ModelProto()
+        model.CopyFrom(original)
+    rng = np.random.default_rng(seed + 1)
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute
+                                               if a.type == onnx.AttributeProto.TENSOR]
+    for tensor in tensors:
+        if tensor.data_type not in _PRECISIONS:
+            continue
+        value = onnx.numpy_helper.to_array(tensor)
+        dtype = value.dtype
+        wide = value.astype(np.float32) if dtype.name == "bfloat16" else value
+        eps = {"bfloat16": 2.0 ** -8}.get(dtype.name, float(np.finfo(wide.dtype).eps) / 2)
+        moved = wide.astype(np.float64) * (1.0 + eps * rng.uniform(-1.0, 1.0, wide.shape))
+        tensor.CopyFrom(onnx.numpy_helper.from_array(moved.astype(dtype), tensor.name))
+    return model
+
+
+def _differences(model: onnx.ModelProto, before, after) -> List[OutputDifference]:
+    outputs = []
     for out, a, b in zip(model.graph.output, before, after):
         a = np.asarray(a, dtype=np.float64) if np.asarray(a).dtype.kind in "fc" or np.asarray(a).dtype.name == "bfloat16" \
             else np.asarray(a)
         b = np.asarray(b, dtype=a.dtype)
         if a.dtype.kind not in "fc":
             same = np.array_equal(a, b)
-            result.outputs.append(OutputDifference(out.name, 0.0 if same else np.inf, 1.0, 0.0 if same else np.inf))
+            outputs.append(OutputDifference(out.name, 0.0 if same else np.inf, 1.0, 0.0 if same else np.inf))
             continue
         finite = np.isfinite(a)
         if not np.array_equal(finite, np.isfinite(b)) or not np.array_equal(a[~finite], b[~finite]):
-            result.outputs.append(OutputDifference(out.name, np.inf, np.inf, np.inf))
+            outputs.append(OutputDifference(out.name, np.inf, np.inf, np.inf))
             continue
         diff = float(np.abs(a[finite] - b[finite]).max()) if finite.any() else 0.0
         scale = float(np.abs(a[finite]).max()) if finite.any() else 0.0
         rel = diff / scale if scale > 0 else (0.0 if diff == 0 else np.inf)
-        result.outputs.append(OutputDifference(out.name, diff, scale, rel))
-    return result
+        outputs.append(OutputDifference(out.name, diff, scale, rel))
+    return outputs

@@ -409,6 +409,16 @@ class _Builder:
 
     _op_Relu = _op_LeakyRelu = _op_PRelu = _op_Identity = _op_Dropout = _identity
 
+    def _op_Clip(self, node, a):
+        # max(x, 0) (or no bound at all) is an identity edge per element; any other bound is a barrier
+        x = self._need_act(node.input[0])
+        low = node.input[1] if len(node.input) > 1 else ""
+        high = node.input[2] if len(node.input) > 2 else ""
+        low_value = self._need_const(low) if low else a.get("min")
+        if high or "max" in a or (low_value is not None and np.any(np.asarray(low_value) != 0)):
+            raise _Unsupported
+        self.copy_edges(x, node.output[0])
+
     # Gemm: Y = alpha * A' B' + beta * C
     def _op_Gemm(self, node, a):
         if self.is_const(node.input[0]) and self.is_act(node.input[1]):

@@ -84,6 +84,15 @@ def _barrier():
     return net.model(net.gemm(y, 3, 2))
 
 
+def _clip_relu():
+    net = Net([1, 3, 4, 4], seed=16, opset=13)
+    zero = net.param([], prefix="min", value=0.0)
+    y = net.node("Clip", [net.conv(net.x, 3, 4, 3, pad=1), zero])  # clamp(min=0), opset 11+
+    y = net.node("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])
+    y = net.node("Flatten", [y], axis=1)
+    return net.model(net.gemm(y, 16, 2))
+
+
 CASES = {
     "mlp_with_biases": lambda: mlp([3, 4, 3, 2], seed=0),
     "mlp_matmul_add": lambda: mlp([3, 4, 2], seed=1, kind="matmul"),
@@ -106,6 +115,7 @@ CASES = {
     "cnn_avgpool": lambda: cnn([2, 2], size=4, pool="avg", seed=4),
     "sigmoid_barrier": _barrier,
     "pruned_mlp": lambda: mlp([4, 5, 3], seed=5, prune=0.4),
+    "clip_min_zero": _clip_relu,
 }
 
 

@@ -20,6 +20,8 @@ from typing import Dict, List, Optional, Tuple
 
 import onnx
 
+from ..nodes import node_label
+
 _REGISTRY: Dict[str, "OpRule"] = {}
 
 
@@ -51,6 +53,19 @@ def rule_for(node: onnx.NodeProto) -> Optional[OpRule]:
 
 def supported_op_types():
     return sorted(_REGISTRY)
+
+
+def extent_agrees(node: onnx.NodeProto, an, tensor: str, axis: int, size: int, rank: Optional[int] = None) -> bool:
+    """Whether `tensor` has `size` elements along `axis` (and `rank` axes when given), as the
+    node's weight expects; if not, the node is cut: the model's shape information and its
+    weights disagree, and the path network cannot be built there."""
+    shape = an.graph.shape(tensor)
+    if shape is None or (len(shape) == (rank or len(shape)) and -len(shape) <= axis < len(shape)
+                         and shape[axis] == size):
+        return True
+    an.cut(node, f"{node.op_type} '{node_label(node)}' reads '{tensor}' of shape {list(shape)} where its weight "
+                 f"expects {size} along axis {axis}" + (f" and rank {rank}" if rank else ""))
+    return False
 
 
 def normalize_axis(axis: int, rank: int) -> int:

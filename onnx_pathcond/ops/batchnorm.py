@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..channels import Layout
-from ..graph import attr, node_label
+from ..nodes import attr, node_label
 from ..pathnet.primitives import Bias, Scale, Weight
 from .base import OpRule, register
 

@@ -12,9 +12,9 @@ import numpy as np
 
 from ..channels import Layout
 from ..geometry import geometry, transpose_geometry
-from ..graph import attr, node_label
+from ..nodes import attr, node_label
 from ..pathnet.primitives import Bias, Conv, ConvTranspose
-from .base import OpRule, register
+from .base import OpRule, extent_agrees, register
 
 
 def _constant_inputs_or_cut(node, an, names) -> bool:
@@ -49,6 +49,9 @@ def _source_prologue(node, an, out_axis):
         return None
     wshape = an.graph.shape(w)
     groups = attr(node, "group", 1)
+    n_in = wshape[1] * groups if out_axis == 0 else wshape[0]
+    if not extent_agrees(node, an, x, 1, n_in, rank=len(wshape)):
+        return None
     n_out = wshape[0] if out_axis == 0 else wshape[1] * groups
     y = node.output[0]
     out_pos = an.new_positions(node, y, n_out)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..channels import Layout, add_bias_use
-from ..graph import node_label
+from ..nodes import node_label
 from ..pathnet.primitives import Bias, Identity, Scale, Weight
 from .base import OpRule, register
 

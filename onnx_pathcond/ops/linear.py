@@ -10,9 +10,9 @@ The path network is the same product with squared parameters (and α², β²).
 from __future__ import annotations
 
 from ..channels import Layout, add_bias_use
-from ..graph import attr, node_label
+from ..nodes import attr, node_label
 from ..pathnet.primitives import Bias, Dense
-from .base import OpRule, register
+from .base import OpRule, extent_agrees, register
 
 
 def _feature_positions(node, an, name, axis, count):
@@ -75,6 +75,8 @@ class GemmRule(OpRule):
         # Feature axis of the activation operand: op(A) is [N, I] (A is [I, N] if transA);
         # op(B) is [I, N] (B is [N, I] if transB) when B is the activation.
         act_axis = (1 if not trans[0] else 0) if side == 1 else (0 if not trans[1] else 1)
+        if not extent_agrees(node, an, act, act_axis, n_in, rank=2):
+            return
         y = node.output[0]
         out_axis = 1 if side == 1 else 0
         out_pos = an.new_positions(node, y, n_out)
@@ -121,6 +123,8 @@ class MatMulRule(OpRule):
             n_in, n_out, act_axis, out_axis = wshape[0], wshape[1], len(xshape) - 1, len(yshape) - 1
         else:  # W[O, I] @ X[..., I, T]
             n_out, n_in, act_axis, out_axis = wshape[0], wshape[1], len(xshape) - 2, len(yshape) - 2
+        if not extent_agrees(node, an, act, act_axis, n_in):
+            return
         out_pos = an.new_positions(node, y, n_out)
         an.set_layout(y, Layout(out_axis, out_pos))
         in_pos = _feature_positions(node, an, act, act_axis, n_in)

@@ -20,7 +20,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from ..channels import Layout
-from ..graph import attr, node_label
+from ..nodes import attr, node_label
 from ..pathnet.primitives import Gather
 from .base import OpRule, normalize_axis, register
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..channels import Layout
 from ..geometry import geometry, window_count_weights
-from ..graph import attr, node_label
+from ..nodes import attr, node_label
 from ..pathnet.primitives import ReduceSum, WindowSum
 from .base import OpRule, normalize_axis, register
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from ..graph import attr, node_label
+from ..nodes import attr, node_label
 from ..pathnet.primitives import AxisMatrices
 from .base import OpRule, register
 

@@ -283,8 +283,8 @@ class PathWalk:
     def _forward(self, node) -> None:
         g, ex = self.graph, self.executor
         if self._is_cut(node):
-            for o in node.output:
-                if o and g.is_activation(o) and g.is_float(o):
+            for o in node.output:  # (a barrier's output of unknown shape is read by barriers only)
+                if o and g.is_activation(o) and g.is_float(o) and g.shape(o) is not None:
                     self._mass[o] = ex.ones(self._shape(o))
             return
         parts: Dict[str, list] = {}

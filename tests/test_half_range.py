@@ -1,0 +1,61 @@
+"""Rescaling keeps half-precision weights within their dtype's range: no non-zero weight
+becomes zero or a subnormal, none overflows. Groups that would need it keep scale 1, and the
+report says how many."""
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+from checks import run
+from nets import Net
+from onnx_pathcond import rescale
+
+pytest.importorskip("onnxruntime")
+
+
+def _unbalanced(dtype, huge, tiny):
+    """A 3-layer MLP whose first layer is huge (with a few small weights in it) and second
+    tiny: PathCond scales the first down and the second up by large factors, which would
+    take the small weights below half precision's normal range."""
+    net = Net(["N", 6], seed=7, dtype=dtype)
+    h = net.relu(net.gemm(net.x, 6, 8))
+    h = net.relu(net.gemm(h, 8, 8))
+    y = net.gemm(h, 8, 3)
+    model = net.model(y)
+    for k, t in enumerate(model.graph.initializer):  # weight and bias of each layer in turn
+        if k >= 4:
+            continue
+        value = numpy_helper.to_array(t).astype(np.float64) * (huge if k < 2 else tiny)
+        if k == 0:
+            value.flat[:3] = [1e-3, -2e-3, 1.5e-3]
+        t.CopyFrom(numpy_helper.from_array(value.astype(dtype), t.name))
+    return model
+
+
+def _in_range(before, after, dtype):
+    info = np.finfo(dtype)
+    for t, s in zip(before.graph.initializer, after.graph.initializer):
+        a = numpy_helper.to_array(t).astype(np.float64)
+        b = numpy_helper.to_array(s).astype(np.float64)
+        assert np.all(np.isfinite(b)), t.name
+        normal = np.abs(a) >= info.smallest_normal
+        assert np.all(np.abs(b[normal]) >= info.smallest_normal), t.name
+        assert np.all(b[a != 0] != 0), t.name
+
+
+def test_float16_weights_stay_normal_and_finite():
+    model = _unbalanced(np.float16, 3e3, 1e-3)
+    out, report = rescale(model, solver="exact")
+    assert report.solver.kept_in_range > 0
+    assert any("kept at scale 1" in w for w in report.warnings)
+    _in_range(model, out, np.float16)
+    assert report.verification.passed
+    x = {"x": np.random.default_rng(0).standard_normal((4, 6)).astype(np.float16)}
+    a, b = run(model, x)[0].astype(np.float64), run(out, x)[0].astype(np.float64)
+    assert np.abs(a - b).max() <= 1e-2 * np.abs(a).max()
+
+
+def test_ranges_that_hold_change_nothing():
+    model = _unbalanced(np.float32, 3e3, 1e-3)
+    out, report = rescale(model, solver="exact")
+    assert report.solver.kept_in_range == 0

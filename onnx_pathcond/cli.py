@@ -45,7 +45,8 @@ from .progress import Progress  # noqa: E402
 
 EXIT_CODES_HELP = """\b
 Exit codes: 0 written (or dry run); 1 the model cannot be processed;
-2 bad command line or input file; 3 the rescaled model failed the equivalence check.
+2 bad command line or input file; 3 the rescaled model failed the equivalence check;
+128+N stopped by signal N (130 Ctrl-C).
 """
 
 

@@ -6,9 +6,28 @@
 
 __version__ = "0.1.0"
 
-from .api import analyse_model, external_tensors, load_model, rescale, save_model  # noqa: E402
-from .errors import InputError, ModelError, PathCondError, VerificationError  # noqa: E402
-from .report import Report  # noqa: E402
+# The public names are imported on first use (PEP 562): importing the package itself, as
+# the command line does before anything else, stays cheap, so that the command can take
+# charge of Ctrl-C before onnx and onnxruntime (about a second) are loaded.
+_EXPORTS = {
+    "rescale": "api", "load_model": "api", "save_model": "api", "external_tensors": "api", "analyse_model": "api",
+    "Report": "report",
+    "PathCondError": "errors", "InputError": "errors", "ModelError": "errors", "VerificationError": "errors",
+}
 
 __all__ = ["rescale", "load_model", "save_model", "external_tensors", "analyse_model", "Report", "PathCondError", "InputError",
            "ModelError", "VerificationError", "__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

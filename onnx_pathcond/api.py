@@ -19,8 +19,8 @@ import onnx
 from . import options, rewrite, solve, stats, verify
 from .criteria.pathcond import ProblemBuilder
 from .errors import ModelError, VerificationError
-from .graph import Graph, parse_input_shapes
-from .modelfile import ModelFile, PendingSave, check_output_path  # noqa: F401  (check_output_path: the CLI's)
+from .graph import Graph, node_label, parse_input_shapes
+from .modelfile import ModelFile, PendingSave, check_output_path
 from .report import Report
 from .symmetry import analyse, build_groups
 
@@ -79,6 +79,8 @@ def _load(model: ModelLike, lazy: bool, output: Optional[Union[str, os.PathLike]
     """The model to work on: read from its path (with `lazy`, the large weights stay in the
     file until a step needs them), or a copy of the ModelProto given."""
     with clock("load"):
+        if output is not None:  # an empty path or a directory, refused before any reading
+            check_output_path(output, None, overwrite=True)
         if isinstance(model, onnx.ModelProto):
             return ModelFile.copy_of(model)
         source = ModelFile.read(model, lazy=lazy)
@@ -106,6 +108,17 @@ def _check_finite(graph: Graph, analysis) -> None:
                 raise ModelError(f"parameter '{use.ref.name}' contains NaN or Inf values")
 
 
+def _check_not_empty(graph: Graph, analysis) -> None:
+    """A parameter on a path with a dimension of size 0 makes a layer of no channel (or one
+    that reads none): the path statistics have nothing to sum over. Said here, by name,
+    rather than failing inside them."""
+    for use in analysis.uses:
+        if not use.ignored and 0 in use.view_shape:
+            name = use.ref.name if use.ref is not None else use.input_name
+            raise ModelError(f"parameter '{name}' of {use.node.op_type} '{node_label(use.node)}' has shape "
+                             f"{list(use.view_shape)}: a dimension of size 0 (an empty tensor) is not supported")
+
+
 def analyse_model(model: Union[onnx.ModelProto, ModelFile], input_shapes=None):
     """Graph view, symmetry analysis and groups (what --dry-run shows)."""
     if isinstance(input_shapes, (list, tuple)):
@@ -119,6 +132,7 @@ def analyse_model(model: Union[onnx.ModelProto, ModelFile], input_shapes=None):
 def _analyse(source: ModelFile, input_shapes, clock: _Clock):
     with clock("analyse"):
         graph, analysis, groups = analyse_model(source, input_shapes)
+        _check_not_empty(graph, analysis)
         _check_finite(graph, analysis)
     return graph, analysis, groups
 
@@ -147,10 +161,16 @@ def _rewrite(graph: Graph, items, stream: bool, clock: _Clock) -> rewrite.Rewrit
 
 
 def _write(source: ModelFile, output, rewritten: rewrite.Rewrite, clock: _Clock) -> PendingSave:
-    with clock("save"):
-        pending = source.write(output, new_values=rewritten.deferred)
-    clock.move(rewritten.seconds, "save", "rewrite")
-    return pending
+    pending = None
+    try:
+        with clock("save"):
+            pending = source.write(output, new_values=rewritten.deferred)
+        clock.move(rewritten.seconds, "save", "rewrite")
+        return pending
+    except BaseException:  # a stop signal between the writing and the caller's `try`: no folder left
+        if pending is not None:
+            pending.discard()
+        raise
 
 
 def _verify(original, written, reference: onnx.ModelProto, shapes, seed: int, rtol: Optional[float], precision: str,
@@ -203,6 +223,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     the weights at once.
     """
     settings = options.solver_settings(solver, max_iter, tol)
+    options.check_tolerance("rtol", rtol)
     options.check_backend(backend, device)
     if dry_run:
         output = None
@@ -216,23 +237,29 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     if dry_run:
         return source.proto, report
 
-    builder, problem, runtime = _statistics(graph, analysis, groups, backend, device, clock)
-    report.describe_statistics(runtime)
-    result = _solve(problem, settings, clock)
-    with clock("solve", announce=False):  # half-precision weights must stay within their dtype's range
-        result.u, kept = rewrite.keep_in_range(graph, analysis.uses, groups, result.u)
-        if kept:
-            result.objective_after = problem.objective(result.u)
-    report.describe_solution(graph, analysis, groups, problem, builder, result, settings.max_iter, settings.tol, kept)
-    del problem, builder  # the statistics are summarised: free them before the weights are copied
-    items = rewrite.plan(analysis.uses, groups, result.u)
+    if groups.count:
+        builder, problem, runtime = _statistics(graph, analysis, groups, backend, device, clock)
+        report.describe_statistics(runtime)
+        result = _solve(problem, settings, clock)
+        with clock("solve", announce=False):  # half-precision weights must stay within their dtype's range
+            result.u, kept = rewrite.keep_in_range(graph, analysis.uses, groups, result.u)
+            if kept:
+                result.objective_after = problem.objective(result.u)
+        report.describe_solution(graph, analysis, groups, problem, builder, result, settings.max_iter, settings.tol,
+                                 kept)
+        del problem, builder  # the statistics are summarised: free them before the weights are copied
+        items = rewrite.plan(analysis.uses, groups, result.u)
+    else:  # nothing can change: the statistics (the run's longest step) would only be thrown away
+        report.describe_no_solution(settings.max_iter, settings.tol)
+        items = []
 
     original = None
     if verify_output:  # the input file itself when there is one: no copy of the weights
         original = source.path if source.path is not None else (copy.deepcopy(source.proto) if items else source.proto)
     rewritten = _rewrite(graph, items, stream, clock)
-    pending = _write(source, output, rewritten, clock) if output is not None else None
+    pending = None
     try:
+        pending = _write(source, output, rewritten, clock) if output is not None else None
         report.describe_rewrite(rewritten.in_order(items))
         shapes = verify.verification_shapes(source.proto, graph.input_shapes) if verify_output else None
         precision = verify.compute_precision(graph.elem_type.values())

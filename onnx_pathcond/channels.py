@@ -157,16 +157,48 @@ class Analysis:
         if cols.ndim < len(view_shape):
             cols = cols.reshape((1,) * (len(view_shape) - cols.ndim) + cols.shape)
         use = ParamUse(node, role, input_name, ref, view_shape, rows, cols, index=len(self.uses))
-        if ref is None and not np.any(self.graph.constant_value(input_name)):
-            use.ignored = True
-        elif ref is None:
-            # A computed weight cannot be rewritten: the channels it touches keep scale 1.
-            why = f"parameter '{input_name}' of {node.op_type} '{node_label(node)}' is computed from other constants"
-            self.freeze(rows, why, "fixed_weight")
-            self.freeze(cols, why, "fixed_weight")
+        if ref is None:
+            self._computed_parameter(use)
         self.uses.append(use)
         self.uses_by_node.setdefault(self.graph.index(node), {})[role] = use
         return use
+
+    def _computed_parameter(self, use: ParamUse) -> None:
+        """A parameter computed from other constants cannot be rewritten in place: the
+        channels it touches keep scale 1 (a computed all-zero bias is on no path at all).
+        One whose value cannot be computed here also cuts the path network at its node, so
+        that no later step needs the value."""
+        node, name = use.node, use.input_name
+        source = self._computed_by(name)
+        if source is not None and source.op_type == "DequantizeLinear":
+            why = (f"weight '{name}' is computed by DequantizeLinear (a quantized model): "
+                   f"its values cannot be rescaled")
+        else:
+            why = f"parameter '{name}' of {node.op_type} '{node_label(node)}' is computed from other constants"
+        try:
+            value = self.graph.constant_value(name)
+        except Exception:  # an op the constant folding cannot run: say which, never the evaluator's words
+            op = f"{source.op_type} '{node_label(source)}'" if source is not None else "a node"
+            why = (f"parameter '{name}' of {node.op_type} '{node_label(node)}' is computed by {op}, "
+                   f"which cannot be evaluated here: its values cannot be rescaled")
+            self.cut_nodes[self.graph.index(node)] = why
+            for i in node.input:
+                if i and self.graph.is_activation(i):
+                    self.freeze_layout(i, why, "fixed_weight")
+        else:
+            if not np.any(value):
+                use.ignored = True
+                return
+        self.freeze(use.rows, why, "fixed_weight")
+        self.freeze(use.cols, why, "fixed_weight")
+
+    def _computed_by(self, name: str) -> Optional[onnx.NodeProto]:
+        """The node that computes a constant, past the ops that only move it (Identity, ...)."""
+        node = self.graph.producer.get(name)
+        while node is not None and node.op_type in ("Identity", "Transpose", "Cast", "Reshape", "Unsqueeze") \
+                and node.input:
+            node = self.graph.producer.get(node.input[0])
+        return node
 
     def cut(self, node: onnx.NodeProto, reason: str, category: str = "barrier") -> None:
         """The node is a barrier: freeze what reaches it, and cut the path network there."""

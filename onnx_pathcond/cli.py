@@ -3,19 +3,50 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
-import click
 
-from . import __version__
-from .errors import InputError, PathCondError
-from .options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_RTOL, DEFAULT_SEED, DEFAULT_SOLVER, DEVICES,
-                      SOLVERS)
-from .progress import Progress
+def _exit_interrupted(signum: int, after: str = "") -> None:
+    """One line and the shell's exit code for a signal: 128 + its number (130 for Ctrl-C)."""
+    sys.stderr.write(f"error: interrupted ({signal.Signals(signum).name}){after}\n")
+    sys.stderr.flush()
+    sys.exit(128 + signum)
+
+
+def _interrupted_while_loading(signum, frame):
+    """Ctrl-C while this module loads: nothing is open or written yet, so leave at once,
+    with the same line as later, rather than a KeyboardInterrupt's traceback."""
+    sys.stderr.write(f"error: interrupted ({signal.Signals(signum).name})\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+# Only while this module loads (put back at its end, so that importing it changes nothing);
+# `main` then installs its own handlers. The heavy modules (onnx, onnxruntime) are imported
+# inside `main`, and the package's __init__ imports nothing heavy, so that Ctrl-C is ours from
+# the first tenth of a second on.
+_before_loading = None
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    try:
+        _before_loading = signal.signal(signal.SIGINT, _interrupted_while_loading)
+    except ValueError:  # imported from a thread other than the main one
+        pass
+
+import threading  # noqa: E402
+
+import click  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .errors import InputError, PathCondError  # noqa: E402
+from .options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_RTOL, DEFAULT_SEED, DEFAULT_SOLVER,  # noqa: E402
+                      DEVICES, SOLVERS)
+from .progress import Progress  # noqa: E402
 
 EXIT_CODES_HELP = """\b
 Exit codes: 0 written (or dry run); 1 the model cannot be processed;
-2 bad command line or input file; 3 the rescaled model failed the equivalence check.
+2 bad command line or input file; 3 the rescaled model failed the equivalence check;
+128+N stopped by signal N (130 Ctrl-C).
 """
 
 
@@ -30,27 +61,106 @@ def _fail(error: PathCondError) -> None:
     sys.exit(error.exit_code)
 
 
+class _Interrupted(BaseException):
+    """A signal asking the run to stop. Raised in the main thread by our handler, it unwinds
+    like KeyboardInterrupt, so every `finally` runs and the temporary folder next to OUT is
+    removed; unlike KeyboardInterrupt, click does not turn it into its own "Aborted!"."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# SIGTERM (kill, a job scheduler) and SIGHUP (the terminal closed) would otherwise end the
+# process on the spot and leave the temporary folder behind; they take Ctrl-C's way out.
+_STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+
+
+class _SignalsStop:
+    """While in the block, the stop signals raise `_Interrupted` in the main thread; the
+    previous handlers are put back on leaving. A signal that was ignored when we started
+    (nohup, a background job) stays ignored. A second signal while the first one's cleanup
+    runs is ignored, so that the cleanup itself is not cut short."""
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set handlers (the command run from a thread)
+        for signum in _STOP_SIGNALS:
+            previous = signal.getsignal(signum)
+            if previous is signal.SIG_IGN:
+                continue
+            self.previous[signum] = previous
+            signal.signal(signum, self._handle)
+        self.stopping = False
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stopping:
+            return
+        self.stopping = True
+        raise _Interrupted(signum)
+
+    def __exit__(self, *exc):
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        return False
+
+
 class _OneLineErrors(click.Command):
-    """click's usage errors, like ours, as one `error: ...` line (exit code 2)."""
+    """click's usage errors, like ours, as one `error: ...` line (exit code 2); a stop
+    signal as one `error: interrupted (SIG...)` line and exit code 128 + its number."""
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
         try:
-            return super().main(*args, **kwargs)
+            with _SignalsStop():
+                try:
+                    return super().main(*args, **kwargs)
+                finally:
+                    modelfile = sys.modules.get(f"{__package__}.modelfile")
+                    if modelfile is not None:  # a temporary folder whose `finally` a signal came before
+                        modelfile.discard_unfinished()
+        except _Interrupted as e:
+            _exit_interrupted(e.signum, f"; '{_written[-1]}' was written" if _written else "; nothing was written")
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except click.ClickException as e:
             click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
             sys.exit(e.exit_code)
-        except click.Abort:
+        except click.Abort as e:
+            if isinstance(e.__context__, KeyboardInterrupt):  # raised by something other than our handler
+                _exit_interrupted(signal.SIGINT)
             click.echo("error: aborted", err=True)
             sys.exit(1)
+
+
+# The output once it is in place, so that a late interruption does not claim nothing was written.
+_written = []
 
 
 def _same_file(a: str, b: str) -> bool:
     if os.path.exists(a) and os.path.exists(b):
         return os.path.samefile(a, b)
     return os.path.abspath(a) == os.path.abspath(b)
+
+
+class _Tolerance(click.ParamType):
+    """A finite number >= 0 (click's FloatRange lets NaN and infinity through)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except ValueError:
+                self.fail(f"'{value}' is not a number", param, ctx)
+        if not 0 <= number < float("inf"):
+            self.fail(f"{value} is not a finite number >= 0", param, ctx)
+        return number
 
 
 @click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]},
@@ -65,7 +175,7 @@ def _same_file(a: str, b: str) -> bool:
 @click.option("--max-iter", type=click.IntRange(min=0), default=None,
               help=f"Sweeps of coordinate descent (default {SOLVERS['cd'].max_iter}) or iterations of the exact "
                    f"solver (default {SOLVERS['exact'].max_iter}).")
-@click.option("--tol", type=click.FloatRange(min=0.0), default=None,
+@click.option("--tol", type=_Tolerance(), default=None,
               help=f"Stop when a sweep changes Σ|Δu| by less (cd, default {_short(SOLVERS['cd'].tol)}) or when the "
                    f"gradient's largest entry falls below this fraction of its value at no rescaling (exact, "
                    f"default {_short(SOLVERS['exact'].tol)}).")
@@ -76,7 +186,7 @@ def _same_file(a: str, b: str) -> bool:
               help="cuda: run the onnxruntime backend on its CUDA execution provider (needs onnx-pathcond[gpu]).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check on random inputs that the output computes the same function.")
-@click.option("--rtol", type=click.FloatRange(min=0.0), default=None,
+@click.option("--rtol", type=_Tolerance(), default=None,
               help=f"Largest accepted output difference relative to the output's scale "
                    f"(default {_short(DEFAULT_RTOL['float32'])}; {_short(DEFAULT_RTOL['float16'])} for float16 outputs).")
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
@@ -95,9 +205,10 @@ def main(input_path, output_path, input_shapes, solver, max_iter, tol, backend, 
     The output has the same graph, names, shapes and dtypes; only weight values change, so the
     rescaled weights load back into the original framework by name.
     """
-    from . import api
-
+    del _written[:]
     try:
+        from . import api  # here, where a stop signal is answered by our handler
+
         if output_path is None and not dry_run:
             raise InputError("missing OUT (the output path); use --dry-run to only analyse")
         if report_path:
@@ -120,6 +231,8 @@ def main(input_path, output_path, input_shapes, solver, max_iter, tol, backend, 
                                         output=None if dry_run else output_path, return_model=False)
         finally:
             progress.close()
+        if not dry_run:
+            _written[:] = [output_path]
     except PathCondError as e:
         _fail(e)
     if report_path:
@@ -131,6 +244,9 @@ def main(input_path, output_path, input_shapes, solver, max_iter, tol, backend, 
         for w in report.warnings:
             click.echo(f"warning: {w}", err=True)
 
+
+if _before_loading is not None:
+    signal.signal(signal.SIGINT, _before_loading)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

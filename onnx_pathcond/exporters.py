@@ -33,7 +33,11 @@ def folded_batchnorm(graph: Graph) -> Dict[str, List[str]]:
         for name in node.input[1:]:
             if name.endswith("_bias") and name[: -len("_bias")] in names:
                 evidence["fused_bias_names"].append(name)
-            if name.startswith(f"onnx::{node.op_type}_"):
+            # The legacy exporter folds BatchNorm only into a convolution (its eval-mode
+            # Conv+BN fusion), which then reads `onnx::Conv_17`. A generated name on a MatMul or
+            # Gemm weight is a folded transpose of a Linear weight (every Transformer export
+            # has them), no sign of BatchNorm.
+            if node.op_type in ("Conv", "ConvTranspose") and name.startswith(f"onnx::{node.op_type}_"):
                 evidence["generated_names"].append(name)
     return {k: sorted(set(v)) for k, v in evidence.items() if v}
 

@@ -27,6 +27,10 @@ from .protoio import FLOAT_TYPES  # noqa: F401  (the float element types; rules 
 # `ModelFile`), so that no tensor without its data reaches shape inference.
 SKELETON_MAX_ELEMENTS = LEFT_IN_FILE_ABOVE
 
+# The most elements a graph input may have: the verification feeds random inputs of this
+# shape, and larger ones would neither fit in memory nor in onnxruntime's 32-bit sizes of some kernels.
+MAX_INPUT_ELEMENTS = 2 ** 31
+
 # Nodes that only move a weight around; a weight behind them can still be rewritten in place.
 _WEIGHT_TRANSPARENT_OPS = ("Identity", "Transpose", "Cast")
 
@@ -64,6 +68,10 @@ def parse_input_shapes(specs: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
             raise InputError(f"--input-shape '{spec}': dimensions must be positive integers separated by 'x'") from None
         if not shape or any(d <= 0 for d in shape):
             raise InputError(f"--input-shape '{spec}': dimensions must be positive integers separated by 'x'")
+        elements = int(np.prod(shape, dtype=object))  # Python integers: 99999999999999999999 does not overflow
+        if elements > MAX_INPUT_ELEMENTS:
+            raise InputError(f"--input-shape '{spec}' makes {elements:,} elements, too many for one input "
+                             f"(at most {MAX_INPUT_ELEMENTS:,})")
         shapes[name] = shape
     return shapes
 
@@ -196,6 +204,11 @@ class Graph:
                 raise InputError(f"input '{name}' has no shape in the model; give it with --input-shape {name}:D0xD1x...")
             dims = []
             for axis, d in enumerate(tt.shape.dim):
+                if d.HasField("dim_value") and d.dim_value == 0:
+                    # A size the model fixes to 0: the input is an empty tensor (onnxruntime
+                    # refuses any other size), so there is nothing to compute or rescale.
+                    raise ModelError(f"input '{name}' has size 0 at axis {axis} (an empty tensor): "
+                                     f"the model computes nothing that could be rescaled")
                 if d.HasField("dim_value") and d.dim_value > 0:
                     dims.append(d.dim_value)
                 elif axis == 0:
@@ -207,6 +220,9 @@ class Graph:
                         f"give its size with --input-shape {name}:" + "x".join(
                             str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else ("1" if i == 0 else "N")
                             for i, x in enumerate(tt.shape.dim)))
+            if int(np.prod(dims, dtype=object)) > MAX_INPUT_ELEMENTS:
+                raise ModelError(f"input '{name}' has shape {dims}, {int(np.prod(dims, dtype=object)):,} elements: "
+                                 f"too large (at most {MAX_INPUT_ELEMENTS:,} per input)")
             shapes[name] = tuple(dims)
         return shapes
 
@@ -368,11 +384,28 @@ class Graph:
             value = self.constant_value(node.input[0]).astype(helper.tensor_dtype_to_np_dtype(target))
         elif node.op_type == "Size":
             value = np.array(int(np.prod(self.shapes[node.input[0]])), dtype=np.int64)
+        elif node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and not attr(node, "block_size", 0):
+            # onnx's reference evaluator has no DequantizeLinear before opset 19 (QDQ exports use 13)
+            value = self._dequantize(node)
         else:
             value = self._evaluate_node(node)[list(node.output).index(name)]
         if value.size <= SKELETON_MAX_ELEMENTS:
             self._constant_cache[name] = value
         return value
+
+    def _dequantize(self, node: onnx.NodeProto) -> np.ndarray:
+        """(x - zero_point) * scale, per tensor or per channel along `axis`."""
+        x = self.constant_value(node.input[0])
+        scale = self.constant_value(node.input[1])
+        zero = self.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scale.ndim == 1 and x.ndim > 1:
+            axis = attr(node, "axis", 1) % x.ndim
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+            zero = zero.reshape(shape) if zero is not None else None
+        value = x.astype(np.float32) if zero is None else x.astype(np.float32) - zero.astype(np.float32)
+        return (value * scale).astype(scale.dtype)
 
     def _evaluate_node(self, node: onnx.NodeProto) -> List[np.ndarray]:
         """Run one node whose inputs are all constant (onnx's reference evaluator)."""

@@ -12,9 +12,10 @@ model, with any new values, into a temporary folder next to the target, and the 
 from __future__ import annotations
 
 import copy
+import errno
 import os
+import secrets
 import shutil
-import tempfile
 from typing import Callable, Collection, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -165,16 +166,16 @@ class PendingSave:
         proto, external, weights = model.proto, model.external, model.weights
         new_values = dict(new_values or {})
         try:
-            self.work = tempfile.mkdtemp(prefix=f".{self.name}.", suffix=".tmp", dir=self.folder)
+            self.work = _new_work_folder(self.folder, self.name)
         except OSError as e:
             raise SaveError(f"cannot write '{self.path}': {e.strerror or _one_line(e)}") from None
-        initializers = [t for t in proto.graph.initializer
-                        if t.name in external and (t.HasField("raw_data") or t.name in weights)]
-        attributes = [t for t in _attribute_tensors(proto) if t.name in external and t.HasField("raw_data")]
-        self.has_data = bool(initializers or attributes)
         stubs: Dict[str, onnx.TensorProto] = {}
         restore = []
-        try:
+        try:  # from the folder's creation on, any way out but success removes it (a signal too)
+            initializers = [t for t in proto.graph.initializer
+                            if t.name in external and (t.HasField("raw_data") or t.name in weights)]
+            attributes = [t for t in _attribute_tensors(proto) if t.name in external and t.HasField("raw_data")]
+            self.has_data = bool(initializers or attributes)
             try:
                 if self.has_data:
                     with open(os.path.join(self.work, self.data_name), "wb") as data:
@@ -222,6 +223,7 @@ class PendingSave:
 
     def discard(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
+        UNFINISHED.discard(self.work)
 
     def __enter__(self):
         return self
@@ -229,6 +231,34 @@ class PendingSave:
     def __exit__(self, *exc):
         self.discard()
         return False
+
+
+# Temporary folders of writes not yet committed or discarded. A folder is listed before it
+# is created: a stop signal can land between any two lines (even inside mkdtemp), and the
+# `finally` that would remove the folder may not have been entered yet; the command line
+# then removes what is listed here (`discard_unfinished`).
+UNFINISHED: set = set()
+
+
+def _new_work_folder(folder: str, name: str) -> str:
+    for _ in range(100):
+        work = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        UNFINISHED.add(work)
+        try:
+            os.mkdir(work, 0o700)
+            return work
+        except FileExistsError:
+            UNFINISHED.discard(work)
+        # any other way out (an OSError, a signal after mkdir) leaves `work` listed: removing
+        # a folder that was never made costs nothing
+    raise FileExistsError(errno.EEXIST, "no free name for a temporary folder", folder)
+
+
+def discard_unfinished() -> None:
+    """Remove the temporary folders of every write still pending (after an interruption)."""
+    for work in list(UNFINISHED):
+        shutil.rmtree(work, ignore_errors=True)
+        UNFINISHED.discard(work)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -246,6 +276,10 @@ def check_model(model: onnx.ModelProto) -> None:
 def check_output_path(output: PathLike, input_path: Optional[str], overwrite: bool) -> str:
     """Refuse an output we could not or should not write, before reading the input."""
     output = os.fspath(output)
+    if not output:  # abspath('') is the current folder: it would be written as its parent's entry
+        raise InputError("the output path is empty")
+    if output.endswith(("/", os.sep)) or os.path.basename(output) in (".", ".."):
+        raise InputError(f"output '{output}' names a directory, not a file")
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise InputError(f"output directory '{os.path.dirname(output) or '.'}' does not exist")

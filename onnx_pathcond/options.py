@@ -52,9 +52,17 @@ def solver_settings(solver: str = DEFAULT_SOLVER, max_iter: Optional[int] = None
     default = SOLVERS[solver]
     settings = SolverSettings(solver, default.max_iter if max_iter is None else max_iter,
                               default.tol if tol is None else tol)
-    if settings.max_iter < 0 or not settings.tol >= 0:
-        raise InputError("--max-iter and --tol must not be negative")
+    if settings.max_iter < 0:
+        raise InputError("--max-iter must not be negative")
+    check_tolerance("--tol", settings.tol)
     return settings
+
+
+def check_tolerance(option: str, value: Optional[float]) -> None:
+    """A tolerance is a finite number >= 0: NaN compares false with everything (a check
+    against it never passes, or never stops), and an infinite one accepts anything."""
+    if value is not None and not (0 <= value < float("inf")):
+        raise InputError(f"{option} must be a finite number >= 0, not {value}")
 
 
 def check_backend(backend: str, device: str) -> None:

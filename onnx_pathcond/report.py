@@ -22,6 +22,10 @@ from .verify import Verification
 _DTYPE_LIMITS = {"float16": 65504.0, "bfloat16": 3.3e38, "float32": 3.4e38}
 
 
+# The solver's method when there was nothing to solve.
+SKIPPED = "skipped, no rescalable group"
+
+
 def channel_ranges(channels: np.ndarray) -> str:
     """'0-15,32,40-47' for a sorted array of channel indices."""
     if channels.size == 0:
@@ -188,6 +192,13 @@ class Report:
             self.warnings.append(f"{kept_in_range} group(s) kept at scale 1: their rescaling would have taken "
                                  f"half-precision weights to zero, to subnormals or past the largest value")
 
+    def describe_no_solution(self, max_iter: int, tol: float) -> None:
+        """No rescalable group: neither statistics nor solver ran (the criterion stays empty)."""
+        self.solver = SolverSummary(
+            method=SKIPPED, sweeps=0, unit="sweeps", change_name="", last_change=0.0, converged=True,
+            max_iter=max_iter, tol=tol, F_before=None, F_after=None, F_history=[], max_abs_u=0.0,
+            lambda_min=1.0, lambda_max=1.0, seconds=0.0)
+
     def describe_rewrite(self, rewritten: List[RewrittenTensor]) -> None:
         """The tensors that changed; a warning for any that comes near its dtype's largest value."""
         self.rewritten = list(rewritten)
@@ -237,7 +248,9 @@ class Report:
                          f"   max/min {c.max_before:.3g}/{c.min_before:.3g} -> {c.max_after:.3g}/{c.min_after:.3g}"
                          f"   ({c.entries:,} entries)")
         s = self.solver
-        if s is not None:
+        if s is not None and s.method == SKIPPED:
+            lines.append(f"  solver     {SKIPPED}")
+        elif s is not None:
             lines.append(f"  solver     {s.method}: {s.sweeps} {s.unit}, last {s.change_name} {s.last_change:.3g}, "
                          f"F {s.F_before:.6g} -> {s.F_after:.6g}, max |u| {s.max_abs_u:.3g} "
                          f"(lambda in [{s.lambda_min:.3g}, {s.lambda_max:.3g}])")

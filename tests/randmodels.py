@@ -866,15 +866,20 @@ def random_feeds(model: onnx.ModelProto, batch: int, seed: int) -> Dict[str, np.
     return feeds
 
 
-def _validate(model: onnx.ModelProto) -> None:
+def check_feeds(model: onnx.ModelProto, seed: int) -> List[Dict[str, np.ndarray]]:
+    """The random inputs that the outputs are compared on: two draws for each batch."""
+    return [random_feeds(model, batch, 1000 * seed + k) for batch in input_batches(model) for k in range(2)]
+
+
+def _validate(model: onnx.ModelProto, seed: int) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
         raise GenError(f"checker: {str(e).splitlines()[0][:200]}") from None
     try:
         session = _ort_session(model)
-        for batch in input_batches(model)[:2]:
-            outs = session.run(None, random_feeds(model, batch, 0))
+        for feeds in check_feeds(model, seed):  # the inputs that check_outputs uses
+            outs = session.run(None, feeds)
             for o in outs:
                 if not np.all(np.isfinite(o.astype(np.float64))):
                     raise GenError("non-finite output")
@@ -892,7 +897,7 @@ def generate(seed: int, return_rejects=False):
     for sub in range(SUBSEEDS):
         try:
             model, desc = _candidate(seed, sub)
-            _validate(model)
+            _validate(model, seed)
         except GenError as e:
             rejects.append(str(e))
             continue
@@ -1004,6 +1009,8 @@ class Outcome:
     failures: List[Tuple[str, str]] = field(default_factory=list)  # (kind, detail)
     notes: List[Tuple[str, str]] = field(default_factory=list)  # (kind, detail): reported, not failures
     seconds: float = 0.0
+    exit_code: Optional[int] = None  # what the command line would exit with (written 0, refused the error's)
+    rescaled: Optional[bool] = None  # written: whether any weight changed
     diff_over_tol: Optional[float] = None  # written: largest output difference / tolerance
     reference: str = ""
 
@@ -1083,6 +1090,8 @@ def check_factors(before: onnx.ModelProto, after: onnx.ModelProto, outcome: Outc
     """(c) Each float tensor element is multiplied by a positive finite factor; zeros stay zeros;
     nothing overflows or underflows in the tensor's dtype."""
     old_tensors, new_tensors = float_tensors(before), float_tensors(after)
+    outcome.rescaled = any(name in new_tensors and t.SerializeToString() != new_tensors[name].SerializeToString()
+                           for name, t in old_tensors.items())
     for name, t in old_tensors.items():
         if name not in new_tensors:
             continue  # reported by check_same_graph
@@ -1123,7 +1132,7 @@ def check_outputs(before: onnx.ModelProto, after: onnx.ModelProto, outcome: Outc
     """(d) onnxruntime outputs of both models on seeded random inputs (every batch of
     `input_batches`, two draws each) within a tolerance from the dtype and the model's own
     rounding noise (its outputs against a wider-dtype run of itself)."""
-    feeds_list = [random_feeds(before, batch, 1000 * seed + k) for batch in input_batches(before) for k in range(2)]
+    feeds_list = check_feeds(before, seed)
     try:
         y0 = run_model(before, feeds_list)
     except Exception as e:  # pragma: no cover - generate() ran it already
@@ -1217,6 +1226,7 @@ def check_seed(seed: int, workdir: str) -> Outcome:
             onnx_pathcond.rescale(in_path, output=out_path, return_model=False)
         except onnx_pathcond.PathCondError as e:
             outcome.kind = "refused"
+            outcome.exit_code = e.exit_code
             outcome.message = str(e)
             outcome.reason = _one_line_reason(e)
             if "\n" in str(e) or not str(e).strip():
@@ -1233,6 +1243,7 @@ def check_seed(seed: int, workdir: str) -> Outcome:
             outcome.fail("crash", outcome.reason)
         else:
             outcome.kind = "written"
+            outcome.exit_code = 0
             left = sorted(set(os.listdir(out_dir)) - {"rescaled.onnx", "rescaled.onnx.data"})
             if left:
                 outcome.fail("written: extra files next to OUT", ", ".join(left))
@@ -1283,6 +1294,7 @@ def summarise(outcomes: Sequence[Outcome], seconds: float) -> str:
                  f"crashes {kinds['crash']}   with failures {len(failed)}   "
                  f"false rejections {sum(any(k == 'false rejection' for k, _ in o.failures) for o in outcomes)}   "
                  f"time {seconds:.1f}s ({seconds / max(len(outcomes), 1):.2f}s a model)")
+    lines.append(f"written with some weight changed: {sum(bool(o.rescaled) for o in outcomes)}")
     families = Counter(o.description.split(":")[1].split(",")[0].strip() + "/" +
                        o.description.split(",")[1].strip() for o in outcomes)
     lines.append("families/dtypes: " + ", ".join(f"{k} {v}" for k, v in sorted(families.items())))

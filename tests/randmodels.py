@@ -992,8 +992,8 @@ def _max_rel(a, b) -> float:
 # ============================================================================ the checks
 TENSOR_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "string_data", "uint64_data")
 # largest difference accepted, relative to the output's scale, whatever the noise measured
-# (8 units of the dtype's last place: both models round, at every layer)
-# (float32: 32 units, float64: 1e-13: deep models and cancellations of large terms go past 8)
+# (float16: 8 units in the last place, float32: 32, float64: 1e-13: both models round at every
+# layer, and deep models and cancellations of large terms go past a few units)
 FLOOR = {"float64": 1e-13, "float32": 32 * float(np.finfo(np.float32).eps), "float16": 8 * float(np.finfo(np.float16).eps)}
 # the same when no wider reference could be computed (the rounding noise is then unknown)
 NO_REFERENCE_FLOOR = {"float64": 1e-9, "float32": 1e-4, "float16": 2e-2}

@@ -182,6 +182,10 @@ def _verify(original, written, reference: onnx.ModelProto, shapes, seed: int, rt
         worst = max(check.outputs, key=lambda o: o.max_rel)
         noise = "" if check.noise is None else \
             f", where the input model's own rounding noise is {check.noise:.3g}"
+        if not np.isfinite(worst.max_abs):
+            raise VerificationError(
+                f"output '{worst.name}' is inf or NaN in one of the input and the rescaled model and finite in the "
+                f"other (rescaled activations can pass the largest {check.precision} value); nothing was written")
         raise VerificationError(
             f"the rescaled model differs from the input: output '{worst.name}' max difference "
             f"{worst.max_rel:.3g} relative to its scale (rtol {check.rtol:.3g}{noise}); nothing was written")

@@ -10,9 +10,11 @@ behind float32 inputs and outputs compute in float16). A rescaled model differs 
 input by rounding only: its weights are the input's rounded once more, and its ops round
 other values. When the difference exceeds the precision's tolerance, the model's own
 rounding noise is measured: the input model against itself with every weight moved by about
-one unit in the last place (at random). A correct result differs from the input by a few
-times that noise; a wrong one (a scale applied on one side of a neuron only) by the scale
-itself. So the tolerance becomes `NOISE_FACTOR` times the noise, up to `RTOL_CEILING`.
+one unit in the last place (at random), and, for a model computing in half precision, against
+itself computed in float32 (its activations' rounding). A correct result differs from the
+input by a few times that noise; a wrong one (a scale applied on one side of a neuron only)
+by the scale itself. So the tolerance becomes `NOISE_FACTOR` times the noise, up to
+`RTOL_CEILING`.
 """
 
 from __future__ import annotations
@@ -159,20 +161,57 @@ def compare(original: Union[str, onnx.ModelProto], rescaled: Union[str, onnx.Mod
                           precision=precision)
     result.outputs = _differences(model, before, after)
     if rtol is None and not result.passed:
-        perturbed, _ = _run(_with_rounding_noise(original, seed), feeds)
+        loaded = onnx.load(original) if isinstance(original, str) else original
+        perturbed, _ = _run(_with_rounding_noise(loaded, seed), feeds)
         result.noise = max((o.max_rel for o in _differences(model, before, perturbed)), default=0.0)
+        if precision in ("float16", "bfloat16"):
+            widened = _in_float32(loaded)
+            try:
+                wide, _ = _run(widened, {k: v.astype(np.float32) if v.dtype.name in ("float16", "bfloat16") else v
+                                         for k, v in feeds.items()})
+            except ModelError:  # an op with no float32 kernel: the weights' noise stands alone
+                wide = None
+            if wide is not None:
+                result.noise = max([result.noise] + [o.max_rel for o in _differences(model, wide, before)])
         result.rtol = max(result.rtol, min(RTOL_CEILING, NOISE_FACTOR * result.noise))
     return result
 
 
-def _with_rounding_noise(original: Union[str, onnx.ModelProto], seed: int) -> onnx.ModelProto:
+def _in_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a half-precision model computing in float32: its half-precision tensors,
+    values and types widened exactly (a Cast to half precision still rounds there, then
+    widens: the copy holds the same values)."""
+    narrow = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    wide = onnx.ModelProto()
+    wide.CopyFrom(model)
+    tensors = list(wide.graph.initializer) + [a.t for n in wide.graph.node for a in n.attribute
+                                              if a.type == onnx.AttributeProto.TENSOR]
+    for tensor in tensors:
+        if tensor.data_type in narrow:
+            value = onnx.numpy_helper.to_array(tensor).astype(np.float32)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(value, tensor.name))
+    nodes = []
+    for node in wide.graph.node:
+        to = next((a for a in node.attribute if a.name == "to"), None)
+        if node.op_type == "Cast" and to is not None and to.i in narrow:
+            rounded = node.output[0] + "__rounded"
+            nodes += [node, helper.make_node("Cast", [rounded], [node.output[0]], to=TensorProto.FLOAT)]
+            node.output[0] = rounded
+            continue
+        nodes.append(node)
+    del wide.graph.node[:]
+    wide.graph.node.extend(nodes)
+    for vi in list(wide.graph.input) + list(wide.graph.output) + list(wide.graph.value_info):
+        if vi.type.tensor_type.elem_type in narrow:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    return wide
+
+
+def _with_rounding_noise(original: onnx.ModelProto, seed: int) -> onnx.ModelProto:
     """The model with each float weight multiplied by 1 + ε·r, r uniform in [−1, 1] and ε the
     unit roundoff of its dtype: as far from the input as a second rounding of its weights."""
-    if isinstance(original, str):
-        model = onnx.load(original)
-    else:
-        model = onnx.ModelProto()
-        model.CopyFrom(original)
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
     rng = np.random.default_rng(seed + 1)
     tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute
                                                if a.type == onnx.AttributeProto.TENSOR]

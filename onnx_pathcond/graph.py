@@ -254,12 +254,22 @@ class Graph:
                 base_inputs.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         folded: Dict[str, np.ndarray] = {}
         runtime: Dict[str, Tuple[int, ...]] = {}  # outputs whose shape onnxruntime computes otherwise
+        stored = dict(self.shapes)  # initializers'
+        # Graph outputs go to inference without the shapes the file declares: a declaration can
+        # be wrong (written from onnx's own inference where the runtime computes another shape),
+        # and the inferred shape must win. The declared one serves where inference finds none.
+        outputs = [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None)
+                   if o.type.HasField("tensor_type") else o for o in g.output]
         for _ in range(len(g.node) + 1):
+            # Each round starts afresh: a shape inferred in an earlier round, from a shape since
+            # corrected, must not outlive a later round that cannot infer it.
+            self.shapes = dict(stored)
+            self.shapes.update((name, tuple(value.shape)) for name, value in folded.items())
             nodes = [n for n in g.node if not (n.output and all(o in folded or o in runtime for o in n.output if o))]
             inits = base_inits + [numpy_helper.from_array(v, name) for name, v in folded.items()]
             inputs = base_inputs + [helper.make_tensor_value_info(name, self.elem_type.get(name, TensorProto.FLOAT),
                                                                   shape) for name, shape in runtime.items()]
-            graph = helper.make_graph(nodes, "skeleton", inputs, list(g.output), initializer=inits)
+            graph = helper.make_graph(nodes, "skeleton", inputs, outputs, initializer=inits)
             skeleton = helper.make_model(graph, opset_imports=list(self.model.opset_import),
                                          ir_version=self.model.ir_version)
             skeleton.functions.extend(self.model.functions)
@@ -268,6 +278,8 @@ class Graph:
             except Exception:  # inference is best effort: rules needing a missing shape say so
                 inferred = skeleton
             self._collect_shapes(inferred)
+            self._collect_shapes(helper.make_model(helper.make_graph([], "declared", [], list(g.output))),
+                                 keep_known=True)
             self.shapes.update(runtime)
             self.activations = self._find_activations()
             learnt = self._fold_small_constants(folded)
@@ -296,8 +308,12 @@ class Graph:
                 learnt = True
         return learnt
 
-    def _collect_shapes(self, inferred: onnx.ModelProto) -> None:
+    def _collect_shapes(self, inferred: onnx.ModelProto, keep_known: bool = False) -> None:
+        """Static shapes and element types of the value infos of `inferred`; with `keep_known`,
+        only for tensors with no shape yet."""
         for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+            if keep_known and vi.name in self.shapes:
+                continue
             if not vi.type.HasField("tensor_type"):
                 continue
             tt = vi.type.tensor_type

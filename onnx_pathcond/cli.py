@@ -40,7 +40,7 @@ import click  # noqa: E402
 from . import __version__  # noqa: E402
 from .errors import InputError, PathCondError  # noqa: E402
 from .options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_RTOL, DEFAULT_SEED, DEFAULT_SOLVER,  # noqa: E402
-                      DEVICES, SOLVERS)
+                      DEVICES, NOISE_FACTOR, RTOL_CEILING, SOLVERS)
 from .progress import Progress  # noqa: E402
 
 EXIT_CODES_HELP = """\b
@@ -188,7 +188,9 @@ class _Tolerance(click.ParamType):
               help="Check on random inputs that the output computes the same function.")
 @click.option("--rtol", type=_Tolerance(), default=None,
               help=f"Largest accepted output difference relative to the output's scale "
-                   f"(default {_short(DEFAULT_RTOL['float32'])}; {_short(DEFAULT_RTOL['float16'])} for float16 outputs).")
+                   f"(default: {_short(DEFAULT_RTOL['float32'])} for a model computing in float32, "
+                   f"{_short(DEFAULT_RTOL['float16'])} in float16, raised to {NOISE_FACTOR:g} times the "
+                   f"model's own rounding noise when that is larger, at most {RTOL_CEILING:g}).")
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
               help="Seed of the random verification inputs.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),

@@ -30,9 +30,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import ModelError
-from .options import DEFAULT_RTOL, RTOL_CEILING
+from .options import DEFAULT_RTOL, NOISE_FACTOR, RTOL_CEILING
 
-NOISE_FACTOR = 10.0
 _PRECISIONS = {TensorProto.BFLOAT16: "bfloat16", TensorProto.FLOAT16: "float16", TensorProto.FLOAT: "float32",
                TensorProto.DOUBLE: "float64"}
 

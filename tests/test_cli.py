@@ -486,7 +486,8 @@ def test_help_shows_each_solvers_defaults():
     text = " ".join(cli("--help").stdout.split())
     assert "Sweeps of coordinate descent (default 10) or iterations of the exact solver (default 1000)" in text
     assert "(cd, default 1e-2)" in text and "(exact, default 1e-6)" in text
-    assert "(default 1e-5; 1e-2 for float16 outputs)" in text
+    assert ("(default: 1e-5 for a model computing in float32, 1e-2 in float16, raised to 10 times the model's own "
+            "rounding noise when that is larger, at most 0.1)") in text
 
 
 def test_exact_solver_from_the_api_converges_with_its_defaults():

@@ -13,8 +13,7 @@ from .exporters import folded_batchnorm, folded_batchnorm_warning
 from .graph import Graph
 from .nodes import node_label
 from .pathnet.records import RuntimeInfo
-from .records import (CriterionSummary, ExporterFindings, FrozenRange, GroupCounts, LayerGroups, ModelSummary, Record,
-                      RewrittenTensor, SolverSummary, VerificationSummary)
+from .records import (CriterionSummary, ExporterFindings, FrozenRange, GroupCounts, LayerGroups, ModelSummary, RewrittenTensor, SolverSummary, VerificationSummary)
 from .symmetry import Analysis, Groups
 from .verify import Verification
 

@@ -85,8 +85,9 @@ def keep_in_range(graph: Graph, uses: List[ParamUse], groups: Groups, u: np.ndar
     that changes the factors of their other elements, so the check repeats until none is
     out of range (each round keeps at least one more group, so it ends).
     """
-    narrow = [use for use in uses if use.ref is not None and not use.ignored
-              and graph.stored_value(use.ref).dtype.name in _NARROW]
+    narrow_types = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
+    narrow = [use for use in uses if use.ref is not None and not use.ignored  # by type: no weight is read
+              and graph.elem_type.get(use.ref.name) in narrow_types]
     if not narrow or not u.size:
         return u, 0
     u = np.array(u, dtype=np.float64)

@@ -6,30 +6,11 @@ import numpy as np
 import pytest
 from onnx import numpy_helper
 
+from builders import unbalanced_mlp
 from checks import run
-from nets import Net
 from onnx_pathcond import rescale
 
 pytest.importorskip("onnxruntime")
-
-
-def _unbalanced(dtype, huge, tiny):
-    """A 3-layer MLP whose first layer is huge (with a few small weights in it) and second
-    tiny: PathCond scales the first down and the second up by large factors, which would
-    take the small weights below half precision's normal range."""
-    net = Net(["N", 6], seed=7, dtype=dtype)
-    h = net.relu(net.gemm(net.x, 6, 8))
-    h = net.relu(net.gemm(h, 8, 8))
-    y = net.gemm(h, 8, 3)
-    model = net.model(y)
-    for k, t in enumerate(model.graph.initializer):  # weight and bias of each layer in turn
-        if k >= 4:
-            continue
-        value = numpy_helper.to_array(t).astype(np.float64) * (huge if k < 2 else tiny)
-        if k == 0:
-            value.flat[:3] = [1e-3, -2e-3, 1.5e-3]
-        t.CopyFrom(numpy_helper.from_array(value.astype(dtype), t.name))
-    return model
 
 
 def _in_range(before, after, dtype):
@@ -44,7 +25,7 @@ def _in_range(before, after, dtype):
 
 
 def test_float16_weights_stay_normal_and_finite():
-    model = _unbalanced(np.float16, 3e3, 1e-3)
+    model = unbalanced_mlp(np.float16, 3e3, 1e-3)
     out, report = rescale(model, solver="exact")
     assert report.solver.kept_in_range > 0
     assert any("kept at scale 1" in w for w in report.warnings)
@@ -56,6 +37,6 @@ def test_float16_weights_stay_normal_and_finite():
 
 
 def test_ranges_that_hold_change_nothing():
-    model = _unbalanced(np.float32, 3e3, 1e-3)
+    model = unbalanced_mlp(np.float32, 3e3, 1e-3)
     out, report = rescale(model, solver="exact")
     assert report.solver.kept_in_range == 0

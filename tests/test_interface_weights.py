@@ -4,15 +4,12 @@ listed as a graph input (the caller may feed it) and a weight also returned as a
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
+from builders import weights
 from checks import run
 from nets import mlp
 from onnx_pathcond import rescale
-
-
-def _weights(model):
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
 def test_an_initializer_that_is_a_graph_input_is_frozen_and_can_still_be_fed():
@@ -20,7 +17,7 @@ def test_an_initializer_that_is_a_graph_input_is_frozen_and_can_still_be_fed():
     first = model.graph.initializer[0]  # the first layer's weight
     model.graph.input.append(helper.make_tensor_value_info(first.name, first.data_type, list(first.dims)))
     out, report = rescale(model)
-    before, after = _weights(model), _weights(out)
+    before, after = weights(model), weights(out)
     assert np.array_equal(before[first.name], after[first.name])
     assert any(row["category"] == "fixed_weight" and "graph input" in row["reason"] for row in report.frozen)
     assert report.groups["rescalable"] > 0  # the second hidden layer is still rescaled
@@ -40,5 +37,5 @@ def test_a_weight_returned_as_a_graph_output_is_frozen():
     onnx.checker.check_model(model)
     out, report = rescale(model)  # the default check compares every output, w_out included
     assert report.verification["passed"]
-    assert np.array_equal(_weights(model)[w.name], _weights(out)[w.name])
+    assert np.array_equal(weights(model)[w.name], weights(out)[w.name])
     assert any("graph output 'w_out'" in row["reason"] for row in report.frozen)

@@ -59,12 +59,11 @@ class Primitive:
 
 
 @dataclass(frozen=True, eq=False)
-class Identity(Primitive):
-    """y = x broadcast to y's shape (a copy, ReLU, Dropout, a term of a sum)."""
+class OneToOne(Primitive):
+    """A primitive from one input tensor `x` to one output tensor `y`."""
 
     x: str
     y: str
-    aliases = True
 
     @property
     def inputs(self):
@@ -76,21 +75,18 @@ class Identity(Primitive):
 
 
 @dataclass(frozen=True, eq=False)
-class Scale(Primitive):
+class Identity(OneToOne):
+    """y = x broadcast to y's shape (a copy, ReLU, Dropout, a term of a sum)."""
+
+    aliases = True
+
+
+@dataclass(frozen=True, eq=False)
+class Scale(OneToOne):
     """y = x · w, w (shape `view`) broadcast against x, the result broadcast to y's shape."""
 
-    x: str
-    y: str
     weight: Weight
     view: Tuple[int, ...]
-
-    @property
-    def inputs(self):
-        return (self.x,)
-
-    @property
-    def outputs(self):
-        return (self.y,)
 
     @property
     def reads_inputs_backward(self):
@@ -112,13 +108,11 @@ class Bias(Primitive):
 
 
 @dataclass(frozen=True, eq=False)
-class Dense(Primitive):
+class Dense(OneToOne):
     """y = gain · X @ W (or gain · W @ X with `weight_left`), W the squared 2-D weight
     (transposed when `weight_transposed`), X the input (its last two axes swapped when
     `x_transposed`; leading axes broadcast as in np.matmul)."""
 
-    x: str
-    y: str
     weight: Weight
     weight_left: bool = False
     weight_transposed: bool = False
@@ -126,44 +120,24 @@ class Dense(Primitive):
     cheap = False
     reads_inputs_backward = True
 
-    @property
-    def inputs(self):
-        return (self.x,)
-
-    @property
-    def outputs(self):
-        return (self.y,)
-
 
 @dataclass(frozen=True, eq=False)
-class Conv(Primitive):
-    """N-d convolution [1, C, *S] → [1, O, *out] with the squared weight [O, C/groups, *kernel]."""
+class Conv(OneToOne):
+    """N-d convolution [N, C, *S] → [N, O, *out] with the squared weight [O, C/groups, *kernel]."""
 
-    x: str
-    y: str
     weight: Weight
     geometry: Geometry
     groups: int = 1
     cheap = False
     reads_inputs_backward = True
 
-    @property
-    def inputs(self):
-        return (self.x,)
-
-    @property
-    def outputs(self):
-        return (self.y,)
-
 
 @dataclass(frozen=True, eq=False)
-class ConvTranspose(Primitive):
+class ConvTranspose(OneToOne):
     """N-d transposed convolution with the squared weight [C, O/groups, *kernel]: each input
     position scatters a window; `scatter` is the geometry of those windows over the full
     output, of which [begin, begin + out_size) is kept."""
 
-    x: str
-    y: str
     weight: Weight
     scatter: Geometry
     begin: Tuple[int, ...]
@@ -172,50 +146,22 @@ class ConvTranspose(Primitive):
     cheap = False
     reads_inputs_backward = True
 
-    @property
-    def inputs(self):
-        return (self.x,)
-
-    @property
-    def outputs(self):
-        return (self.y,)
-
 
 @dataclass(frozen=True, eq=False)
-class WindowSum(Primitive):
-    """Sum over each window of [1, C, *S] (a max pool in the path network), times the fixed
+class WindowSum(OneToOne):
+    """Sum over each window of [N, C, *S] (a max pool in the path network), times the fixed
     per-output-position `weight` (shape out_size) when given (an average pool's 1/n²)."""
 
-    x: str
-    y: str
     geometry: Geometry
     weight: Optional[np.ndarray] = None
 
-    @property
-    def inputs(self):
-        return (self.x,)
-
-    @property
-    def outputs(self):
-        return (self.y,)
-
 
 @dataclass(frozen=True, eq=False)
-class ReduceSum(Primitive):
+class ReduceSum(OneToOne):
     """Sum over `axes` times `gain`, reshaped to y's shape (global pools, reductions)."""
 
-    x: str
-    y: str
     axes: Tuple[int, ...]
     gain: float = 1.0
-
-    @property
-    def inputs(self):
-        return (self.x,)
-
-    @property
-    def outputs(self):
-        return (self.y,)
 
 
 @dataclass(frozen=True, eq=False)
@@ -237,18 +183,8 @@ class Gather(Primitive):
 
 
 @dataclass(frozen=True, eq=False)
-class AxisMatrices(Primitive):
+class AxisMatrices(OneToOne):
     """y = x with `matrices[k]` (non-negative, [out, in]) applied along axis `first_axis + k`."""
 
-    x: str
-    y: str
     matrices: Tuple[np.ndarray, ...]
     first_axis: int = 2
-
-    @property
-    def inputs(self):
-        return (self.x,)
-
-    @property
-    def outputs(self):
-        return (self.y,)

@@ -48,8 +48,8 @@ class PathContext:
     def shape(self, name: str) -> Tuple[int, ...]:
         shape = self.graph.shape(name)
         if shape is None:
-            raise ModelError(f"the shape of tensor '{name}' is unknown; the statistics need static shapes "
-                             f"(give the input shapes with --input-shape)")
+            raise ModelError(f"the statistics need the static shape of tensor '{name}', which shape inference "
+                             f"could not find")
         return shape
 
     def is_activation(self, name: str) -> bool:
@@ -176,11 +176,7 @@ class PathWalk:
 
     # ------------------------------------------------------------ masses and adjoints
     def _shape(self, name: str) -> Tuple[int, ...]:
-        shape = self.graph.shape(name)
-        if shape is None:
-            raise ModelError(f"the shape of tensor '{name}' is unknown; the statistics need static shapes "
-                             f"(give the input shapes with --input-shape)")
-        return shape
+        return self.context.shape(name)
 
     def mass(self, name: str):
         """The forward mass of a tensor the walk still holds (after `run()`: the graph outputs)."""

@@ -1,8 +1,9 @@
 """The statistics step: diag(G), the path-lifting statistics of every parameter (docs/design.md §2).
 
 The path network is the model with every parameter squared, ReLU-like activations as the
-identity, max pools as sums and averages with weights 1/n². Fed with ones (batch of one),
-its forward masses F and the adjoint masses R of S = Σ outputs give each parameter element
+identity, max pools as sums and averages with weights 1/n². Fed with ones (a batch of one, or
+the batch the model fixes), its forward masses F and the adjoint masses R of S = Σ outputs
+give each parameter element
 g_i = ∂S/∂(θ_i²). Barriers cut the path network: their inputs count as outputs (adjoint 1)
 and their outputs as inputs (mass 1).
 

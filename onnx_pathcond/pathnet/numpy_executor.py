@@ -1,9 +1,10 @@
 """The numpy executor of the path network: every primitive once, in float64 (the reference).
 
-Arrays keep the model's batch axis (of size one). Convolutions and pools read their windows
-through strided views of the zero-padded input (`window_view`), whose adjoints scatter back
-with one strided slice per kernel offset: a loop over at most a few dozen offsets, never over
-channels or positions. Large dense weights are squared a block of rows at a time.
+Arrays keep the model's batch axis (one sample for a dynamic batch, or the batch the model
+fixes). Convolutions and pools read their windows through strided views of the zero-padded
+input (`window_view`), whose adjoints scatter back with one strided slice per kernel offset: a
+loop over at most a few dozen offsets, never over channels or positions. Large dense weights
+are squared a block of rows at a time.
 """
 
 from __future__ import annotations

@@ -100,6 +100,21 @@ def _constant_node_array(node: onnx.NodeProto) -> np.ndarray:
     raise ModelError(f"Constant node '{node.name or node.output[0]}' has an attribute '{attr.name}' that is not supported")
 
 
+def _standard_for_shapes(node: onnx.NodeProto) -> onnx.NodeProto:
+    """For shape inference, an onnxruntime contrib op whose output has the shape of a standard
+    op's (which onnx's inference knows): that op on the same inputs; any other node as it is."""
+    if node.domain == "com.microsoft" and node.op_type == "FusedConv":
+        standard = onnx.NodeProto()
+        standard.CopyFrom(node)
+        standard.domain, standard.op_type = "", "Conv"
+        del standard.input[3:]  # Z, added before the activation, has the output's shape
+        kept = [a for a in standard.attribute if not a.name.startswith("activation")]
+        del standard.attribute[:]
+        standard.attribute.extend(kept)
+        return standard
+    return node
+
+
 class Graph:
     """Read-only view of `model.graph` for a batch of one.
 
@@ -265,7 +280,8 @@ class Graph:
             # corrected, must not outlive a later round that cannot infer it.
             self.shapes = dict(stored)
             self.shapes.update((name, tuple(value.shape)) for name, value in folded.items())
-            nodes = [n for n in g.node if not (n.output and all(o in folded or o in runtime for o in n.output if o))]
+            nodes = [_standard_for_shapes(n) for n in g.node
+                     if not (n.output and all(o in folded or o in runtime for o in n.output if o))]
             inits = base_inits + [numpy_helper.from_array(v, name) for name, v in folded.items()]
             inputs = base_inputs + [helper.make_tensor_value_info(name, self.elem_type.get(name, TensorProto.FLOAT),
                                                                   shape) for name, shape in runtime.items()]

@@ -11,7 +11,8 @@ A rule says two things about its op:
   uses and what `analyse` computed. `path` is asked only for nodes that `analyse` did not cut.
 
 A rule holds no numpy or ONNX code of the path network: each executor implements every
-primitive once. Ops without a rule are barriers.
+primitive once. Ops without a rule are barriers. A rule serves the ONNX domain unless it names
+another in `domain` (onnxruntime's contrib ops are "com.microsoft").
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import onnx
 
 from ..nodes import node_label
 
-_REGISTRY: Dict[str, "OpRule"] = {}
+_REGISTRY: Dict[Tuple[str, str], "OpRule"] = {}  # (domain, op type) -> rule
+_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 class OpRule:
     op_types: Tuple[str, ...] = ()
+    domain = ""  # the ONNX standard domain, or e.g. "com.microsoft" for onnxruntime's contrib ops
     # Whether `analyse` reads `SpreadLayout`s (channels spread over several axes). For the
     # other rules, such inputs are frozen before `analyse` runs: they see a layout or None.
     reads_spread_layouts = False
@@ -42,20 +45,20 @@ def register(rule_cls):
     """Class decorator: one instance of the rule serves all its op types."""
     rule = rule_cls()
     for op in rule_cls.op_types:
-        if op in _REGISTRY:
+        if (rule_cls.domain, op) in _REGISTRY:
             raise RuntimeError(f"two rules for op {op}")
-        _REGISTRY[op] = rule
+        _REGISTRY[(rule_cls.domain, op)] = rule
     return rule_cls
 
 
 def rule_for(node: onnx.NodeProto) -> Optional[OpRule]:
-    if node.domain not in ("", "ai.onnx"):
-        return None
-    return _REGISTRY.get(node.op_type)
+    domain = "" if node.domain in _DEFAULT_DOMAINS else node.domain
+    return _REGISTRY.get((domain, node.op_type))
 
 
 def supported_op_types():
-    return sorted(_REGISTRY)
+    """The op types with a rule; those of another domain than ONNX's as `domain.OpType`."""
+    return sorted(f"{domain}.{op}" if domain else op for domain, op in _REGISTRY)
 
 
 def extent_agrees(node: onnx.NodeProto, an, tensor: str, axis: int, size: int, rank: Optional[int] = None) -> bool:

@@ -129,3 +129,30 @@ class ConvTransposeRule(OpRule):
         scatter, begin, out_size = transpose_geometry(node, ctx.shape(x)[2:], weight.use.view_shape[2:],
                                                       ctx.shape(y)[2:])
         return _with_bias(node, ctx, [ConvTranspose(x, y, weight, scatter, begin, out_size, attr(node, "group", 1))])
+
+
+# onnxruntime's activations that are positively homogeneous: a FusedConv with one of them is a
+# Conv followed by a ReLU-like op.
+_HOMOGENEOUS_ACTIVATIONS = ("Relu", "LeakyRelu")
+
+
+@register
+class FusedConvRule(ConvRule):
+    """com.microsoft.FusedConv (what onnxruntime writes for Conv + activation when it saves a
+    model optimised at the EXTENDED level): a Conv, then its activation. With a ReLU-like
+    activation its output channels are neurons as a Conv's; in the path network the
+    activation is the identity."""
+
+    domain = "com.microsoft"
+    op_types = ("FusedConv",)
+
+    def analyse(self, node, an):
+        activation = attr(node, "activation", b"")
+        activation = activation.decode() if isinstance(activation, bytes) else activation
+        if activation and activation not in _HOMOGENEOUS_ACTIVATIONS:
+            an.cut(node, f"FusedConv '{node_label(node)}' applies {activation}, which is not positively homogeneous")
+            return
+        if len(node.input) > 3 and node.input[3]:
+            an.cut(node, f"FusedConv '{node_label(node)}' adds a tensor before its activation (input Z)")
+            return
+        super().analyse(node, an)

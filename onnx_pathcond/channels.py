@@ -47,8 +47,9 @@ class Layout:
 class SpreadLayout:
     """Channels whose elements no longer lie along one axis, after moves such as the first
     Reshape and the Transpose of a channel shuffle: the position of every element (negative
-    where none). Only element-moving ops read such a tensor; any other op needs one channel
-    axis, and the positions reaching it are frozen."""
+    where none). Element-moving ops and the element-wise ReLU family read such a tensor (rules
+    with `reads_spread_layouts`); any other op needs one channel axis, and the positions
+    reaching it are frozen."""
 
     labels: np.ndarray  # int64, the tensor's shape
 

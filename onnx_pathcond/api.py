@@ -174,10 +174,11 @@ def _write(source: ModelFile, output, rewritten: rewrite.Rewrite, clock: _Clock)
 
 
 def _verify(original, written, reference: onnx.ModelProto, shapes, seed: int, rtol: Optional[float], precision: str,
-            clock: _Clock) -> verify.Verification:
+            weights, clock: _Clock) -> verify.Verification:
     """Both models on the same random inputs; a mismatch above rtol is an error."""
     with clock("verify"):
-        check = verify.compare(original, written, reference, shapes, seed=seed, rtol=rtol, precision=precision)
+        check = verify.compare(original, written, reference, shapes, seed=seed, rtol=rtol, precision=precision,
+                               weights=weights)
     if not check.passed:
         worst = max(check.outputs, key=lambda o: o.max_rel)
         noise = "" if check.noise is None else \
@@ -267,6 +268,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         report.describe_rewrite(rewritten.in_order(items))
         shapes = verify.verification_shapes(source.proto, graph.input_shapes) if verify_output else None
         precision = verify.compute_precision(graph.elem_type.values())
+        parameters = {use.ref.name for use in analysis.uses if use.ref is not None}
         if stream:  # only the written file is needed from here: let the input's weights go
             reference, result_model = source.skeleton(), None
             del source, graph, analysis, groups, items, rewritten
@@ -274,7 +276,8 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
             reference = result_model = source.proto
         if verify_output:
             written = pending.model_path if pending is not None else reference
-            report.describe_verification(_verify(original, written, reference, shapes, seed, rtol, precision, clock),
+            report.describe_verification(_verify(original, written, reference, shapes, seed, rtol, precision,
+                                                 parameters, clock),
                                          seed)
         if pending is not None:
             _commit(pending, clock)

@@ -23,7 +23,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -150,11 +150,13 @@ def _run(model: Union[str, onnx.ModelProto], feeds: Dict[str, np.ndarray]) -> Tu
 
 def compare(original: Union[str, onnx.ModelProto], rescaled: Union[str, onnx.ModelProto], model: onnx.ModelProto,
             shapes: Dict[str, Tuple[int, ...]], seed: int = 0, rtol: Optional[float] = None,
-            precision: str = "float32") -> Verification:
+            precision: str = "float32", weights: Optional[Set[str]] = None) -> Verification:
     """Run both on the same random inputs. Each may be a file path (cheaper than a copy of
     the model in memory: onnxruntime reads it itself); `model` says what inputs to make.
     `precision` is what the model computes in; `rtol` None takes the tolerance from it and,
-    if needed, from the model's measured rounding noise (see the module docstring)."""
+    if needed, from the model's measured rounding noise (see the module docstring), for which
+    the tensors named in `weights` (the rescalable parameters; None: every float tensor) are
+    moved. A noise run that fails (a model onnxruntime cannot run so) leaves the tolerance be."""
     feeds = random_inputs(model, shapes, seed)
     before, engine = _run(original, feeds)
     after, _ = _run(rescaled, feeds)
@@ -166,9 +168,13 @@ def compare(original: Union[str, onnx.ModelProto], rescaled: Union[str, onnx.Mod
         # The effect of one random rounding varies a lot from draw to draw on a small model
         # (a few weights decide an output): the largest of a few draws is taken.
         result.noise = 0.0
-        for draw in range(NOISE_DRAWS):
-            perturbed, _ = _run(_with_rounding_noise(loaded, seed + draw), feeds)
-            result.noise = max([result.noise] + [o.max_rel for o in _differences(model, before, perturbed)])
+        try:
+            for draw in range(NOISE_DRAWS):
+                perturbed, _ = _run(_with_rounding_noise(loaded, seed + draw, weights), feeds)
+                result.noise = max([result.noise] + [o.max_rel for o in _differences(model, before, perturbed)])
+        except ModelError:
+            result.noise = None
+            return result
         if precision in ("float16", "bfloat16"):
             widened = _in_float32(loaded)
             try:
@@ -212,14 +218,17 @@ def _in_float32(model: onnx.ModelProto) -> onnx.ModelProto:
     return wide
 
 
-def _with_rounding_noise(original: onnx.ModelProto, seed: int) -> onnx.ModelProto:
-    """The model with each float weight multiplied by 1 + ε·r, r uniform in [−1, 1] and ε the
-    unit roundoff of its dtype: as far from the input as a second rounding of its weights."""
+def _with_rounding_noise(original: onnx.ModelProto, seed: int, weights: Optional[Set[str]] = None) -> onnx.ModelProto:
+    """The model with each float weight (those named in `weights`, or every float tensor)
+    multiplied by 1 + ε·r, r uniform in [−1, 1] and ε the unit roundoff of its dtype: as far
+    from the input as a second rounding of its weights. (Other float constants, such as a
+    Resize's scales, decide shapes: they stay as they are.)"""
     model = onnx.ModelProto()
     model.CopyFrom(original)
     rng = np.random.default_rng(seed + 1)
-    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute
-                                               if a.type == onnx.AttributeProto.TENSOR]
+    tensors = [t for t in model.graph.initializer if weights is None or t.name in weights]
+    tensors += [a.t for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR
+                and (weights is None or (n.op_type == "Constant" and n.output[0] in weights))]
     for tensor in tensors:
         if tensor.data_type not in _PRECISIONS:
             continue

@@ -10,9 +10,10 @@
 
 import numpy as np
 import pytest
+from onnx import numpy_helper
 
 from builders import float16_inside, near_cancelling
-from nets import cnn, mlp
+from nets import Net, cnn, mlp
 from onnx_pathcond import VerificationError, rescale, rewrite
 
 pytest.importorskip("onnxruntime")
@@ -54,3 +55,22 @@ def test_a_wrong_rescaling_is_rejected(monkeypatch, build):
     _wrong_factors(monkeypatch)
     with pytest.raises(VerificationError, match="differs from the input"):
         rescale(model)
+
+
+def test_the_noise_run_moves_the_weights_only():
+    from onnx_pathcond import verify
+    from onnx_pathcond.api import analyse_model
+
+    net = Net([1, 2, 3, 3], seed=5, opset=13)
+    y = net.relu(net.conv(net.x, 2, 3, 1))
+    scales = net.param(None, prefix="scales", value=np.array([1, 1, 2, 2], np.float32))
+    y = net.node("Resize", [y, "", scales], mode="nearest")
+    model = net.model(net.gemm(net.node("Flatten", [y], axis=1), 3 * 6 * 6, 2))
+    _, analysis, _ = analyse_model(model)
+    parameters = {u.ref.name for u in analysis.uses if u.ref is not None}
+    assert scales not in parameters
+    moved = verify._with_rounding_noise(model, seed=0, weights=parameters)
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in moved.graph.initializer}
+    assert np.array_equal(before[scales], after[scales])
+    assert all(not np.array_equal(before[n], after[n]) for n in parameters if before[n].size > 4)

@@ -255,33 +255,33 @@ class OnnxExecutor:
     def _swap(self, name: str, rank: int) -> str:
         return self.transpose(name, list(range(rank - 2)) + [rank - 1, rank - 2])
 
-    def _dense_operands(self, prim: P.Dense, x: Optional[str]):
+    def _dense_weight(self, prim: P.Dense, transposed: bool) -> str:
+        """The squared weight W of the product (its transpose Wᵀ with `transposed`): one
+        Transpose at most, none when the stored layout already is the one asked for."""
         w2 = self._factor(P.Weight(prim.weight.use))  # the gain goes on the activations' side
-        if prim.weight_transposed:
-            w2 = self.transpose(w2, [1, 0])
-        rank = len(self._shape(prim.x))
-        if x is not None and prim.x_transposed:
-            x = self._swap(x, rank)
-        return w2, x, rank
+        return self.transpose(w2, [1, 0]) if prim.weight_transposed != transposed else w2
+
+    def _dense_input(self, prim: P.Dense, x: str, swapped: bool) -> str:
+        """The product's operand X (with its last two axes swapped when `swapped`)."""
+        return self._swap(x, len(self._shape(prim.x))) if prim.x_transposed != swapped else x
 
     def _forward_Dense(self, prim: P.Dense, x):
-        w2, x, _ = self._dense_operands(prim, x)
+        w2, x = self._dense_weight(prim, False), self._dense_input(prim, x, False)
         y = self.op("MatMul", [w2, x] if prim.weight_left else [x, w2])
         return [self._made(self.scaled(y, prim.weight.gain), self._shape(prim.y))]
 
     def _backward_Dense(self, prim: P.Dense, inputs, adj):
-        w2, x, rank = self._dense_operands(prim, inputs[0])
         adj = self.scaled(adj, prim.weight.gain)
-        w2t = self.transpose(w2, [1, 0])
+        w2t = self._dense_weight(prim, True)
         into = self.op("MatMul", [w2t, adj] if prim.weight_left else [adj, w2t])
         if prim.x_transposed:
-            into = self._swap(into, rank)
+            into = self._swap(into, len(self._shape(prim.x)))
         # g's factors: the inputs and the (scaled) adjoints, one row per position
-        if prim.weight_left:
-            xs = self.reshape(self._swap(x, rank), [-1, self._dense_in(prim)])
+        if prim.weight_left:  # X [..., I, T]: positions are the other axes
+            xs = self.reshape(self._dense_input(prim, inputs[0], True), [-1, self._dense_in(prim)])
             adjs = self.reshape(self._swap(adj, len(self._shape(prim.y))), [-1, self._dense_out(prim)])
         else:
-            xs = self.reshape(x, [-1, self._dense_in(prim)])
+            xs = self.reshape(self._dense_input(prim, inputs[0], False), [-1, self._dense_in(prim)])
             adjs = self.reshape(adj, [-1, self._dense_out(prim)])
         xs_t, adjs_t = self.transpose(xs, [1, 0]), self.transpose(adjs, [1, 0])
         out_first = prim.weight_left != prim.weight_transposed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -80,10 +81,20 @@ class _SignalsStop:
     """While in the block, the stop signals raise `_Interrupted` in the main thread; the
     previous handlers are put back on leaving. A signal that was ignored when we started
     (nohup, a background job) stays ignored. A second signal while the first one's cleanup
-    runs is ignored, so that the cleanup itself is not cut short."""
+    runs is ignored, so that the cleanup itself is not cut short.
+
+    Inside `deferred()` a signal is only noted, and raised when the block ends: an exception
+    raised while an extension module initialises can crash the interpreter (seen: onnx's
+    protobuf module, a segmentation fault), and one raised inside an import lock's callback is
+    swallowed ("Exception ignored"), so the run would go on as if Ctrl-C had not been pressed."""
+
+    active: "_SignalsStop | None" = None  # the instance whose handlers are installed
 
     def __enter__(self):
         self.previous = {}
+        self.stopping = False
+        self.deferring = False
+        self.pending = None
         if threading.current_thread() is not threading.main_thread():
             return self  # only the main thread may set handlers (the command run from a thread)
         for signum in _STOP_SIGNALS:
@@ -92,19 +103,44 @@ class _SignalsStop:
                 continue
             self.previous[signum] = previous
             signal.signal(signum, self._handle)
-        self.stopping = False
+        _SignalsStop.active = self
         return self
 
     def _handle(self, signum, frame):
-        if self.stopping:
+        if self.stopping or self.pending is not None:
+            return
+        self.pending = signum
+        if self.deferring:
             return
         self.stopping = True
         raise _Interrupted(signum)
 
+    @contextlib.contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending is not None:
+            self.stopping = True
+            raise _Interrupted(self.pending)
+
     def __exit__(self, *exc):
+        _SignalsStop.active = None
         for signum, previous in self.previous.items():
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         return False
+
+
+def _import_heavy_modules():
+    """numpy, onnx and onnxruntime, with any stop signal held until they are loaded (see
+    `_SignalsStop.deferred`). Imported here, not at the top, so that Ctrl-C during their
+    second or so of loading is answered by our handler at all."""
+    stop = _SignalsStop.active
+    with stop.deferred() if stop is not None else contextlib.nullcontext():
+        from . import api  # noqa: F401
+        import onnxruntime  # noqa: F401  (imported later by the checks; loaded here for the same reason)
 
 
 class _OneLineErrors(click.Command):
@@ -114,9 +150,12 @@ class _OneLineErrors(click.Command):
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
         try:
-            with _SignalsStop():
+            with _SignalsStop() as stop:
                 try:
-                    return super().main(*args, **kwargs)
+                    result = super().main(*args, **kwargs)
+                    if stop.stopping:  # our exception was swallowed (a callback's "Exception ignored")
+                        raise _Interrupted(stop.pending)
+                    return result
                 finally:
                     modelfile = sys.modules.get(f"{__package__}.modelfile")
                     if modelfile is not None:  # a temporary folder whose `finally` a signal came before
@@ -209,7 +248,8 @@ def main(input_path, output_path, input_shapes, solver, max_iter, tol, backend, 
     """
     del _written[:]
     try:
-        from . import api  # here, where a stop signal is answered by our handler
+        _import_heavy_modules()
+        from . import api
 
         if output_path is None and not dry_run:
             raise InputError("missing OUT (the output path); use --dry-run to only analyse")

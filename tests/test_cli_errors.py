@@ -182,3 +182,21 @@ def test_signal_while_saving_or_verifying_removes_the_temporary_folder(tmp_path,
         f.assert_unchanged()
         return
     pytest.skip("the run always finished before the signal could be sent")
+
+
+def test_a_signal_while_the_heavy_modules_load_is_held_until_they_are_loaded():
+    # Raised inside an extension module's initialisation, the stop exception crashed the
+    # interpreter (onnx's protobuf module: exit -11, one run in a hundred under load); inside
+    # an import lock's callback it was swallowed and the run went on. So during that import
+    # the signal is noted, and raised once the block is over.
+    from onnx_pathcond.cli import _Interrupted, _SignalsStop
+
+    reached_the_end_of_the_block = False
+    with pytest.raises(_Interrupted) as raised:
+        with _SignalsStop() as stop:
+            with stop.deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler runs in here, between two bytecodes
+                reached_the_end_of_the_block = True
+    assert reached_the_end_of_the_block and raised.value.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back

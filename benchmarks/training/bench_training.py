@@ -163,10 +163,16 @@ NETS: Dict[str, NetSpec] = {
 }
 
 
-def build_net(name: str, seed: int) -> nn.Module:
-    """Net `name` with He initialisation drawn from `seed`."""
+INITS = ("he", "torch")
+
+
+def build_net(name: str, seed: int, init: str = "he") -> nn.Module:
+    """Net `name` initialised from `seed`: `he` (normal, fan-in, ReLU gain, zero biases), or
+    `torch` (PyTorch's own defaults, as the modules are built)."""
     torch.manual_seed(seed)
     net = NETS[name].build()
+    if init == "torch":
+        return net
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in net.modules():
@@ -377,7 +383,8 @@ def _target_key(target: float) -> str:
 
 # ---------------------------------------------------------------------------- the grid
 def run_grid(nets: Sequence[str], methods: Sequence[str], lrs: Optional[Sequence[float]], seeds: Sequence[int],
-             epochs: int, batch_size: int = BATCH_SIZE, log: Callable[[str], None] = print) -> List[Run]:
+             epochs: int, batch_size: int = BATCH_SIZE, init: str = "he",
+             log: Callable[[str], None] = print) -> List[Run]:
     """Every net × learning rate × method × seed. A net is built and rescaled once per
     (method, seed); each learning rate trains a fresh copy of it."""
     runs: List[Run] = []
@@ -387,7 +394,7 @@ def run_grid(nets: Sequence[str], methods: Sequence[str], lrs: Optional[Sequence
         data = datasets.setdefault(spec.data, load_data(spec.data))
         for seed in seeds:
             for method in methods:
-                net = build_net(net_name, seed)
+                net = build_net(net_name, seed, init)
                 rescaling = apply_method(net, method, data)
                 start = {k: v.clone() for k, v in net.state_dict().items()}
                 if rescaling.error:
@@ -589,6 +596,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results", help="output folder (default results/ here)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help=f"SGD minibatch (default {BATCH_SIZE}; 0: the whole training set)")
+    parser.add_argument("--init", choices=INITS, default="he",
+                        help="he (default): He normal, zero biases; torch: PyTorch's default initialisation")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -596,7 +605,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     command = "python benchmarks/training/bench_training.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
-    runs = run_grid(args.nets, args.methods, args.lrs, args.seeds, args.epochs, args.batch_size)
+    runs = run_grid(args.nets, args.methods, args.lrs, args.seeds, args.epochs, args.batch_size, args.init)
     for path in write_outputs(runs, args.out, args.epochs, args.batch_size, command.strip()):
         print(f"wrote {path}")
     print(f"{len(runs)} runs in {time.perf_counter() - t0:.0f} s")

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bruteforce import bruteforce_diag_g
+from bruteforce import bruteforce_diag_g, unit_graph_forward
 from checks import assert_equivalent, run
 from nets import Net
 from onnx_pathcond import rescale
@@ -64,6 +64,7 @@ def _between_gemms():
 
 
 FORMS = {
+    "vector": _form([3], "i,oi->o", [H, 3], "i,oi->o", [2, H]),
     "linear": _form([1, 3], "bi,oi->bo", [H, 3], "bi,oi->bo", [2, H], opts1=dict(bias_shape=[H])),
     "sequence": _form([1, 2, 3], "bsd,df->bsf", [3, H], "bsd,df->bsf", [H, 2], opts1=dict(bias_shape=[H])),
     "channel_mixing": _form([1, 3, 2, 2], "nchw,oc->nohw", [H, 3], "nchw,oc->nohw", [2, H],
@@ -93,6 +94,25 @@ def _einsum_nodes(model):
 def _einsum_weights(model):
     stored = {t.name for t in model.graph.initializer}
     return {i for n in _einsum_nodes(model) for i in n.input if i in stored}
+
+
+@pytest.mark.parametrize("equation, x_shape, w_shape, weight_first", [
+    ("bi,oi->bo", [2, 3], [4, 3], False),
+    (" n c h w , o c -> n h w o ", [1, 3, 2, 2], [4, 3], False),
+    ("...i,io", [2, 2, 3], [3, 4], False),
+    ("oi,bi->ob", [2, 3], [4, 3], True),
+    ("bi,ij->bij", [2, 3], [3, 2], False),  # forms the tool refuses are still linear maps here
+    ("bii,oi->bo", [2, 3, 3], [4, 3], False),
+    ("bi,ij->b", [2, 3], [3, 2], False),
+])
+def test_reference_einsum_edges_reproduce_onnxruntime(equation, x_shape, w_shape, weight_first):
+    """The brute force's Einsum edges, run as a linear network, give what onnxruntime computes
+    (a check of the reference itself, without onnx_pathcond)."""
+    net = Net(x_shape, seed=12)
+    model = net.model(_einsum(net, net.x, equation, w_shape, weight_first=weight_first))
+    x = np.random.default_rng(13).standard_normal(x_shape).astype(np.float32)
+    got = unit_graph_forward(model, {"x": x})[model.graph.output[0].name]
+    np.testing.assert_allclose(got, run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
@@ -199,14 +219,14 @@ BARRIERS = {
     "weight_contracts_two_axes": ("bij,ij->b", "contracts two axes",
                                   lambda net, y: net.node("Einsum", [_reshaped(net, y, [1, 5, 1]), net.param([5, 1])],
                                                           equation="bij,ij->b")),
-    "broadcast_product": ("bi,ij->bij", "also kept",
+    "broadcast_product": ("bi,ij->bij", "broadcast product",
                           lambda net, y: net.node("Einsum", [y, net.param([5, 2])], equation="bi,ij->bij")),
     "weight_sums_its_own_index": ("bi,ij->b", "index of its own",
                                   lambda net, y: net.node("Einsum", [y, net.param([5, 2])], equation="bi,ij->b")),
     "activation_axis_summed": ("bsd,df->bf", "sums the activation",
                                lambda net, y: net.node("Einsum", [_reshaped(net, y, [1, 1, 5]), net.param([5, 2])],
                                                        equation="bsd,df->bf")),
-    "weight_is_not_a_matrix": ("bi,i->b", "2-D weight",
+    "weight_is_not_a_matrix": ("bi,i->b", "weight of rank 1",
                                lambda net, y: net.node("Einsum", [y, net.param([5])], equation="bi,i->b")),
 }
 
@@ -234,9 +254,11 @@ def _cast_weight_net(dtype):
     """float32 activations; weights stored in `dtype` and cast to float32 before each Einsum."""
     net = Net([1, 3, 2, 2], seed=8)
     y = net.x
-    for k, (eq, shape) in enumerate([("nchw,oc->nohw", [H, 3]), ("nchw,oc->nhwo", [5, H]), ("nhwc,co->nohw", [5, 2])]):
+    layers = [("nchw,oc->nohw", [H, 3]), ("nchw,oc->nhwo", [5, H]), ("nhwc,co->nohw", [5, 2])]
+    for k, (eq, shape) in enumerate(layers):
         w = net.rng.standard_normal(shape) * 0.7
-        net.inits.append(_bfloat16(f"w{k}", w) if dtype == "bfloat16" else numpy_helper.from_array(w.astype(dtype), f"w{k}"))
+        stored = _bfloat16(f"w{k}", w) if dtype == "bfloat16" else numpy_helper.from_array(w.astype(dtype), f"w{k}")
+        net.inits.append(stored)
         y = net.node("Einsum", [y, net.node("Cast", [f"w{k}"], to=TensorProto.FLOAT)], equation=eq)
         if k < 2:
             y = net.relu(y)

@@ -118,7 +118,8 @@ def axis_map(x_labels: List[str], w_labels: List[str], out_labels: List[str]):
     new = [o for o in w_labels if o not in x_labels and o in out_labels]
     shared = [k for k in w_labels if k in x_labels and k in out_labels]
     if shared:
-        return f"has a weight whose {_shown(shared[0])} is also kept from the activation (a broadcast product)"
+        return (f"has a weight with {_shown(shared[0])} that the output also keeps from the activation "
+                f"(a broadcast product)")
     if len(contracted) != 1 or len(new) != 1:
         if len(contracted) == 2:
             return "has a weight that contracts two axes of the activation"
@@ -158,8 +159,10 @@ class EinsumRule(OpRule):
         in_pos = None
         if lay is not None and lay.axis == axis and lay.channels == n_in:
             in_pos = lay.pos
-        elif lay is not None:  # the channels cross the product on another axis: they are mixed
-            an.freeze(lay.pos, f"{label} contracts axis {axis} of '{act}', whose channels lie on axis {lay.axis}")
+        elif lay is not None:  # the weight mixes these channels with other elements: scale 1 for them
+            where = (f"whose channels lie on axis {lay.axis}" if lay.axis != axis
+                     else f"whose {lay.channels} channels are not the weight's {n_in} inputs")
+            an.freeze(lay.pos, f"{label} contracts axis {axis} of '{act}', {where}")
         if out_first:  # the weight is [out, in]
             rows, cols = out_pos[:, None], None if in_pos is None else in_pos[None, :]
         else:  # [in, out]
@@ -179,8 +182,10 @@ class EinsumRule(OpRule):
         side = active.index(True)
         act, const = operands[side], operands[1 - side]
         xshape, wshape = an.graph.shape(act), an.graph.shape(const)
-        if wshape is None or len(wshape) != 2 or xshape is None:
-            return "needs a constant 2-D weight and an activation of known shape"
+        if wshape is None or xshape is None:
+            return "reads a tensor of unknown shape"
+        if len(wshape) != 2:
+            return f"has a weight of rank {len(wshape)}; only a 2-D weight (a matrix) is supported"
         try:
             labels, out_labels = parse_equation(equation, [len(an.graph.shape(i)) for i in operands])
         except EquationError as err:

@@ -63,6 +63,16 @@ def _between_gemms():
     return net.model(net.gemm(y, H, 2)), 5 + H
 
 
+def _constant_weights():
+    """Weights as a Constant node read through a Transpose, and as a Constant node itself."""
+    net = Net([1, 2, 3], seed=4)
+    stored = net.rng.standard_normal((3, H)).astype(np.float32)  # [in, out], transposed in the graph
+    w1 = net.node("Transpose", [net.node("Constant", [], value=numpy_helper.from_array(stored, "c1"))], perm=[1, 0])
+    y = net.relu(net.node("Einsum", [net.x, w1], equation="bsi,oi->bso"))
+    w2 = net.node("Constant", [], value=numpy_helper.from_array(net.rng.standard_normal((H, 2)).astype(np.float32)))
+    return net.model(net.node("Einsum", [w2, y], equation="io,bsi->bos")), H
+
+
 FORMS = {
     "vector": _form([3], "i,oi->o", [H, 3], "i,oi->o", [2, H]),
     "linear": _form([1, 3], "bi,oi->bo", [H, 3], "bi,oi->bo", [2, H], opts1=dict(bias_shape=[H])),
@@ -79,6 +89,7 @@ FORMS = {
     "channels_first_output": _form([1, 3], "bi,oi->ob", [H, 3], "ob,po->bp", [2, H]),
     "after_conv": lambda: _after_conv(),
     "between_gemms": lambda: _between_gemms(),
+    "constant_weights": lambda: _constant_weights(),
 }
 
 
@@ -92,8 +103,18 @@ def _einsum_nodes(model):
 
 
 def _einsum_weights(model):
+    """The stored tensor (initializer or Constant) behind each Einsum's weight, one per node."""
+    producer = {o: n for n in model.graph.node for o in n.output}
     stored = {t.name for t in model.graph.initializer}
-    return {i for n in _einsum_nodes(model) for i in n.input if i in stored}
+    found = []
+    for node in _einsum_nodes(model):
+        for name in node.input:
+            while name in producer and producer[name].op_type in ("Transpose", "Cast"):
+                name = producer[name].input[0]
+            if name in stored or (name in producer and producer[name].op_type == "Constant"):
+                found.append(name)
+    assert len(found) == len(_einsum_nodes(model))
+    return set(found)
 
 
 @pytest.mark.parametrize("equation, x_shape, w_shape, weight_first", [

@@ -211,21 +211,20 @@ class _Tolerance(click.ParamType):
               help="Fix the shape of a graph input with dynamic dimensions (repeatable).")
 @click.option("--criterion", type=click.Choice(CRITERIA), default=DEFAULT_CRITERION, show_default=True,
               help="What the rescaling minimises. pathcond: the PathCond criterion on diag(G). enorm: "
-                   "Equi-normalization, the sum of the squared parameters (needs no diag(G); its solver runs "
-                   f"to convergence: cd at most {ENORM_SOLVERS['cd'].max_iter} sweeps, "
-                   f"tol {_short(ENORM_SOLVERS['cd'].tol)}).")
+                   "Equi-normalization, the sum of the squared parameters (needs no diag(G); its coordinate "
+                   "descent runs to convergence by default).")
 @click.option("--solver", type=click.Choice(list(SOLVERS)), default=DEFAULT_SOLVER, show_default=True,
               help=f"cd: the authors' cyclic coordinate descent ({SOLVERS['cd'].max_iter} sweeps). exact: the "
                    f"minimiser of the criterion (can rescale weights by 1e3 or more; see README).")
 @click.option("--max-iter", type=click.IntRange(min=0), default=None,
-              help=f"Sweeps of coordinate descent (default {SOLVERS['cd'].max_iter}; enorm "
-                   f"{ENORM_SOLVERS['cd'].max_iter}) or iterations of the exact solver (default "
-                   f"{SOLVERS['exact'].max_iter}; enorm {ENORM_SOLVERS['exact'].max_iter}).")
+              help=f"Sweeps of coordinate descent (default {SOLVERS['cd'].max_iter}) or iterations of the exact "
+                   f"solver (default {SOLVERS['exact'].max_iter}); with --criterion enorm the defaults are "
+                   f"{ENORM_SOLVERS['cd'].max_iter} sweeps and {ENORM_SOLVERS['exact'].max_iter} iterations.")
 @click.option("--tol", type=_Tolerance(), default=None,
-              help=f"Stop when a sweep changes Σ|Δu| by less (cd, default {_short(SOLVERS['cd'].tol)}; enorm "
-                   f"{_short(ENORM_SOLVERS['cd'].tol)}) or when the gradient's largest entry falls below this "
-                   f"fraction of its value at no rescaling (exact, default {_short(SOLVERS['exact'].tol)}; enorm "
-                   f"{_short(ENORM_SOLVERS['exact'].tol)}).")
+              help=f"Stop when a sweep changes Σ|Δu| by less (cd, default {_short(SOLVERS['cd'].tol)}) or when the "
+                   f"gradient's largest entry falls below this fraction of its value at no rescaling (exact, "
+                   f"default {_short(SOLVERS['exact'].tol)}); with --criterion enorm the defaults are cd "
+                   f"{_short(ENORM_SOLVERS['cd'].tol)} and exact {_short(ENORM_SOLVERS['exact'].tol)}.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND, show_default=True,
               help="What computes diag(G): numpy, or onnxruntime (auto: onnxruntime with --device cuda, numpy on "
                    "the CPU, where it measured faster and leaner).")

@@ -260,6 +260,9 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         if criterion == enorm.NAME:
             builder, problem = None, _norms(graph, analysis, groups, clock)
             report.describe_statistics_skipped(criterion)
+            if backend != options.DEFAULT_BACKEND or device != options.DEFAULT_DEVICE:
+                report.warnings.append(f"--backend {backend} and --device {device} have no effect with the enorm "
+                                       f"criterion: no diag(G) is computed")
         else:
             builder, problem, runtime = _statistics(graph, analysis, groups, backend, device, clock)
             report.describe_statistics(runtime)

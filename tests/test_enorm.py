@@ -382,6 +382,13 @@ def test_command_line_criterion_enorm_end_to_end(tmp_path):
     assert result.exit_code == 0 and "coordinate-descent (pathcond)" in result.stdout
 
 
+def test_statistics_options_are_said_to_have_no_effect():
+    _, report = rescale(mlp([6, 8, 3], seed=2), criterion="enorm", backend="onnxruntime")
+    assert any("no effect with the enorm criterion" in w for w in report.warnings)
+    _, report = rescale(mlp([6, 8, 3], seed=2), criterion="enorm")
+    assert not report.warnings
+
+
 def test_bad_criterion_is_one_error_line_and_writes_nothing(tmp_path):
     out = tmp_path / "out.onnx"
     result = _cli(ROOT / "models" / "mlp.onnx", out, "--criterion", "l2")

@@ -150,18 +150,14 @@ def build(graph: Graph, analysis: Analysis, groups: Groups,
     model's weights stay there), gathered into cells."""
     uses = stored_parameters(analysis)
     builder = ProblemBuilder(groups, uses)
-    theta_max, theta_min = 0.0, math.inf
     for k, use in enumerate(uses):
-        squares = _squares(graph, use)
-        positive = squares[squares > 0]
-        if positive.size:
-            theta_max, theta_min = max(theta_max, float(positive.max())), min(theta_min, float(positive.min()))
-        del positive
-        builder.add(Statistic(use, g=squares))
+        builder.add(Statistic(use, g=_squares(graph, use)))
         if progress is not None:
             progress(k + 1, len(uses))
     cells = builder.finish()
-    return ENormProblem(cells, math.sqrt(theta_max), math.sqrt(theta_min) if math.isfinite(theta_min) else 0.0)
+    # the builder keeps the largest and smallest positive entry it was given: here θ²
+    high, low = builder.g_max_before, builder.g_min_before
+    return ENormProblem(cells, math.sqrt(high), math.sqrt(low) if math.isfinite(low) else 0.0)
 
 
 def closed_form_step(incoming: np.ndarray, outgoing: np.ndarray) -> np.ndarray:

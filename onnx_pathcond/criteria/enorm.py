@@ -42,6 +42,7 @@ import numpy as np
 from ..graph import Graph
 from ..pathnet.records import Statistic
 from ..records import CriterionSummary
+# the layer split and the per-layer sums of PathCond's coordinate descent serve ENorm's as they are
 from ..solve import SolveResult, _layer_sums, _layers
 from ..symmetry import Analysis, Groups
 from .pathcond import Problem, ProblemBuilder
@@ -72,8 +73,6 @@ class ENormProblem:
     def objective(self, u: np.ndarray) -> float:
         """E(u) = Σ θ²·exp(u[in] − u[out])."""
         return self.cells.total(-np.asarray(u, dtype=np.float64))
-
-    total = objective
 
     def evaluate(self, u: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
         """E(u), its gradient and its Hessian diagonal divided by p, in one pass.

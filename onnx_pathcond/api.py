@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from . import options, rewrite, solve, stats, verify
+from .criteria import enorm
 from .criteria.pathcond import ProblemBuilder
 from .errors import ModelError, VerificationError
 from .graph import Graph, node_label, parse_input_shapes
@@ -146,8 +147,17 @@ def _statistics(graph: Graph, analysis, groups, backend: str, device: str, clock
         return builder, builder.finish(), runtime
 
 
-def _solve(problem, settings: options.SolverSettings, clock: _Clock):
-    method = solve.exact_minimiser if settings.solver == "exact" else solve.coordinate_descent
+def _norms(graph: Graph, analysis, groups, clock: _Clock):
+    """ENorm's problem: the squares of the parameter values (no path statistics needed)."""
+    with clock("norms"):
+        return enorm.build(graph, analysis, groups, progress=lambda done, total: clock.say("norms", done, total))
+
+
+def _solve(problem, settings: options.SolverSettings, criterion: str, clock: _Clock):
+    if settings.solver == "exact":
+        method = solve.exact_minimiser  # minimises any convex problem with the Problem interface
+    else:
+        method = enorm.coordinate_descent if criterion == enorm.NAME else solve.coordinate_descent
     with clock("solve"):
         return method(problem, max_iter=settings.max_iter, tol=settings.tol,
                       progress=lambda k, _: clock.say("solve", k, settings.max_iter))
@@ -201,18 +211,22 @@ def _commit(pending: PendingSave, clock: _Clock) -> None:
 # ---------------------------------------------------------------------------- the pipeline
 def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[int, ...]], Sequence[str]]] = None,
             solver: str = options.DEFAULT_SOLVER, max_iter: Optional[int] = None, tol: Optional[float] = None,
+            criterion: str = options.DEFAULT_CRITERION,
             verify_output: bool = True, rtol: Optional[float] = None, seed: int = options.DEFAULT_SEED,
             dry_run: bool = False, backend: str = options.DEFAULT_BACKEND, device: str = options.DEFAULT_DEVICE,
             output: Optional[Union[str, os.PathLike]] = None,
             progress: Optional[Callable[..., None]] = None,
             return_model: bool = True) -> Tuple[Optional[onnx.ModelProto], Report]:
-    """Rescale a ReLU network with PathCond; returns the new model and a report.
+    """Rescale a ReLU network with PathCond (or ENorm); returns the new model and a report.
 
     `model` is a path or a ModelProto (a ModelProto is copied, never modified). The result
     computes the same function; with `verify_output` that is checked on random inputs and a
     mismatch above `rtol` raises `VerificationError`. `solver` is "cd" (the authors'
     coordinate descent) or "exact"; `max_iter` and `tol` left None take that solver's own
     defaults (`options.SOLVERS`: cd 10 sweeps and 1e-2, exact 1000 iterations and 1e-6).
+    `criterion` is "pathcond" (default) or "enorm": Equi-normalization, which minimises the
+    sum of the squared parameters, needs no diag(G) (the statistics step is skipped) and has
+    its own solver defaults (`options.ENORM_SOLVERS`).
     `input_shapes` fixes dynamic input dimensions ({"x": (1, 3, 224, 224)} or
     ["x:1x3x224x224"]). `progress(step, done=None, total=None)` is called when a step starts
     and as it advances. With `dry_run`, only the analysis runs and the model is returned
@@ -227,7 +241,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     they are written, and None is returned in place of the model: the run never holds all
     the weights at once.
     """
-    settings = options.solver_settings(solver, max_iter, tol)
+    settings = options.solver_settings(solver, max_iter, tol, criterion)
     options.check_tolerance("rtol", rtol)
     options.check_backend(backend, device)
     if dry_run:
@@ -243,9 +257,16 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         return source.proto, report
 
     if groups.count:
-        builder, problem, runtime = _statistics(graph, analysis, groups, backend, device, clock)
-        report.describe_statistics(runtime)
-        result = _solve(problem, settings, clock)
+        if criterion == enorm.NAME:
+            builder, problem = None, _norms(graph, analysis, groups, clock)
+            report.describe_statistics_skipped(criterion)
+            if backend != options.DEFAULT_BACKEND or device != options.DEFAULT_DEVICE:
+                report.warnings.append(f"--backend {backend} and --device {device} have no effect with the enorm "
+                                       f"criterion: no diag(G) is computed")
+        else:
+            builder, problem, runtime = _statistics(graph, analysis, groups, backend, device, clock)
+            report.describe_statistics(runtime)
+        result = _solve(problem, settings, criterion, clock)
         with clock("solve", announce=False):  # half-precision weights must stay within their dtype's range
             result.u, kept = rewrite.keep_in_range(graph, analysis.uses, groups, result.u)
             if kept:

@@ -85,16 +85,19 @@ class ExporterFindings(Record):
 
 @dataclass
 class CriterionSummary(Record):
-    name: str
-    entries: int  # entries of diag(G)
+    name: str  # "pathcond" or "enorm"
+    entries: int  # entries of diag(G) (pathcond) or non-zero parameter elements (enorm) in the criterion
     F_before: float
     F_after: float
-    am_gm_before: float
-    am_gm_after: float
-    max_before: float
+    am_gm_before: Optional[float]  # of diag(G); None for enorm, which does not compute it
+    am_gm_after: Optional[float]
+    max_before: float  # largest / smallest positive diag(G) entry (pathcond) or non-zero |θ| (enorm)
     min_before: float
     max_after: float
     min_after: float
+    # what F is
+    objective: str = "p·log Σ g·exp(Bu) − Σ Bu over the p entries of diag(G): p·log(AM/GM) of the rescaled " \
+                     "diag(G), up to a constant"
 
 
 @dataclass

@@ -102,6 +102,7 @@ class Report:
     barrier_ops: Dict[str, int] = field(default_factory=dict)
     exporter: Optional[ExporterFindings] = None
     statistics: Optional[RuntimeInfo] = None
+    statistics_skipped: Optional[str] = None  # why the statistics step did not run (the enorm criterion)
     criterion: Optional[CriterionSummary] = None
     solver: Optional[SolverSummary] = None
     rewritten: List[RewrittenTensor] = field(default_factory=list)
@@ -117,7 +118,9 @@ class Report:
             "input": self.input, "output": self.output, "model": record(self.model, {}),
             "groups": record(self.groups, {}), "layers": [row.as_dict() for row in self.layers],
             "frozen": [row.as_dict() for row in self.frozen], "barrier_ops": dict(self.barrier_ops),
-            "exporter": record(self.exporter, {}), "statistics": record(self.statistics, {}),
+            "exporter": record(self.exporter, {}),
+            "statistics": record(self.statistics,
+                                 {"skipped": self.statistics_skipped} if self.statistics_skipped else {}),
             "criterion": record(self.criterion, {}), "solver": record(self.solver, {}),
             "rewritten": [r.as_dict() for r in self.rewritten], "verification": record(self.verification, None),
             "warnings": list(self.warnings), "timings": dict(self.timings)})
@@ -166,18 +169,25 @@ class Report:
         if runtime.notice:
             self.warnings.append(runtime.notice)
 
+    def describe_statistics_skipped(self, criterion: str) -> None:
+        """The criterion needs no diag(G) (ENorm reads the parameter values only)."""
+        self.statistics_skipped = f"not needed: the {criterion} criterion uses the parameter values only"
+
     def describe_solution(self, graph: Graph, an: Analysis, groups: Groups, problem, builder, result,
                           max_iter: int, tol: float, kept_in_range: int = 0) -> None:
         """The criterion before and after, the solver's run, and λ per layer."""
         u = result.u
         lam = np.exp(u / 2.0) if u.size else np.ones(1)
-        max_after, min_after = problem.extremes(u)
-        self.criterion = CriterionSummary(
-            name="pathcond", entries=problem.p, F_before=result.objective_before, F_after=result.objective_after,
-            am_gm_before=float(np.exp(problem.log_am_gm(np.zeros(problem.H)))),
-            am_gm_after=float(np.exp(problem.log_am_gm(u))),
-            max_before=builder.g_max_before if problem.p else 0.0, min_before=builder.g_min_before if problem.p else 0.0,
-            max_after=max_after, min_after=min_after)
+        if hasattr(problem, "summary"):  # a criterion that describes itself (enorm)
+            self.criterion = problem.summary(u, result.objective_before, result.objective_after)
+        else:
+            max_after, min_after = problem.extremes(u)
+            self.criterion = CriterionSummary(
+                name="pathcond", entries=problem.p, F_before=result.objective_before, F_after=result.objective_after,
+                am_gm_before=float(np.exp(problem.log_am_gm(np.zeros(problem.H)))),
+                am_gm_after=float(np.exp(problem.log_am_gm(u))),
+                max_before=builder.g_max_before if problem.p else 0.0,
+                min_before=builder.g_min_before if problem.p else 0.0, max_after=max_after, min_after=min_after)
         exact = result.method != "coordinate-descent"
         self.solver = SolverSummary(
             method=result.method, sweeps=result.sweeps, unit="iterations" if exact else "sweeps",
@@ -241,8 +251,14 @@ class Report:
             lines.append(f"  diag(G) on {st.backend} ({where}; {st.precision})")
             if st.cpu_fallback_ops and verbose:
                 lines.append("    on CPU   " + ", ".join(f"{op} x{n}" for op, n in st.cpu_fallback_ops.items()))
+        elif self.statistics_skipped:
+            lines.append(f"  diag(G)    {self.statistics_skipped}")
         c = self.criterion
-        if c is not None:
+        if c is not None and c.name == "enorm":
+            lines.append(f"  criterion  enorm: F = sum of squared parameters {c.F_before:.6g} -> {c.F_after:.6g}"
+                         f"   |theta| max/min {c.max_before:.3g}/{c.min_before:.3g} -> {c.max_after:.3g}/"
+                         f"{c.min_after:.3g}   ({c.entries:,} non-zero)")
+        elif c is not None:
             lines.append(f"  diag(G)    AM/GM {c.am_gm_before:.4g} -> {c.am_gm_after:.4g}"
                          f"   max/min {c.max_before:.3g}/{c.min_before:.3g} -> {c.max_after:.3g}/{c.min_after:.3g}"
                          f"   ({c.entries:,} entries)")
@@ -250,8 +266,9 @@ class Report:
         if s is not None and s.method == SKIPPED:
             lines.append(f"  solver     {SKIPPED}")
         elif s is not None:
-            lines.append(f"  solver     {s.method}: {s.sweeps} {s.unit}, last {s.change_name} {s.last_change:.3g}, "
-                         f"F {s.F_before:.6g} -> {s.F_after:.6g}, max |u| {s.max_abs_u:.3g} "
+            which = f" ({c.name})" if c is not None else ""
+            lines.append(f"  solver     {s.method}{which}: {s.sweeps} {s.unit}, last {s.change_name} "
+                         f"{s.last_change:.3g}, F {s.F_before:.6g} -> {s.F_after:.6g}, max |u| {s.max_abs_u:.3g} "
                          f"(lambda in [{s.lambda_min:.3g}, {s.lambda_max:.3g}])")
         if verbose:
             for row in self.layers:

@@ -58,9 +58,9 @@ _TORCH_DTYPES = {TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.flo
 _PRECISION_OF = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
                  torch.bfloat16: "bfloat16"}
 
-_KEEP_NAMES_HINT = ("export with onnx_pathcond.torch.rescale_module, or with torch.onnx.export(..., dynamo=False, "
-                    "training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False, "
-                    "keep_initializers_as_inputs=True) on the module in eval mode")
+_KEEP_NAMES_HINT = ("use onnx_pathcond.torch.rescale_module, or export with onnx_pathcond.torch.export_module (or "
+                    "torch.onnx.export(..., dynamo=False, training=torch.onnx.TrainingMode.PRESERVE, "
+                    "do_constant_folding=False) on the module in eval mode)")
 
 
 class ExportError(ModelError):
@@ -89,8 +89,8 @@ class ModuleRescaling:
 
     `loaded`: the names (as in `module.named_parameters()` / `named_buffers()`, tied names
     included) of the tensors written back; `max_abs_log_factor[name]`: the largest |log(new /
-    old)| over that tensor's non-zero elements (a neuron scaled by λ moves its weights by λ or
-    1/λ, so this is the largest |log λ| that reached the tensor); `exporter`: which ONNX
+    old)| over that tensor's non-zero elements (a weight into a neuron scaled by λ moves by λ,
+    one out of it by 1/λ, one between neurons scaled by λ and μ by λ/μ); `exporter`: which ONNX
     exporter produced the file the tool worked on; `check`: the PyTorch check (None when
     `check=False`); `report`: the tool's own report (`report.summary()`, `report.to_dict()`)."""
 
@@ -235,7 +235,6 @@ def _quiet_exporter():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
             with contextlib.redirect_stdout(io.StringIO()):
                 yield
     finally:
@@ -436,6 +435,7 @@ def rescale_module(module: torch.nn.Module, example_input, *, exporter: str = DE
             export_module(module, args, path, exporter=exporter)
             exported = onnx.load(path, load_external_data=False)
             rescaled, report = api.rescale(path, **options)
+            report.input = f"{type(module).__name__} (torch module, {exporter} export)"  # not the temporary file
             plan, written = _plan_rewritten(report, exported, rescaled, folder, tensors, module, used_batchnorm)
         rewritten = _with_tied_names(written, tensors)
 
@@ -464,7 +464,7 @@ def _plan_rewritten(report: Report, exported: onnx.ModelProto, rescaled: onnx.Mo
     plan, loaded = [], []
     for record in report.rewritten:
         targets = _targets(record.name, tensors, aliases)
-        if not targets or record.name not in new:
+        if not targets or record.name not in new or record.name not in original:
             raise ModelError(f"the tool rescaled '{record.name}' ({record.role} of {record.op_type} '{record.consumer}'), "
                              f"which is not a parameter or buffer of the module (a tensor the forward makes, or a name "
                              f"the exporter gave): it cannot be loaded back; nothing was changed")
@@ -518,6 +518,8 @@ def load_rescaled(module: torch.nn.Module, model: Union[str, os.PathLike, onnx.M
       when it has the shape of a parameter or buffer (or of its transpose) without holding its
       values (or their transpose): it may have been rescaled, and its values cannot be mapped
       back. Other initializers are constants of the graph and are left alone.
+    A BatchNorm module that the forward never calls has no weight in the file either: it counts as
+    folded (`rescale_module` only checks the BatchNorm modules its forward ran).
     """
     if isinstance(model, onnx.ModelProto):
         proto, base_dir, where = model, None, "the model"

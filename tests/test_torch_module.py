@@ -203,9 +203,12 @@ def test_batchnorm_and_dropout_module_keeps_each_submodule_mode():
     found_modes = modes(module)
     x = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
     assert not torch.equal(outputs(module, x, True, seed=0)[0], outputs(module, x, True, seed=1)[0])  # dropout acts
+    torch.manual_seed(11)
+    stream = torch.random.get_rng_state()
 
     result = pt.rescale_module(module, x)
 
+    assert torch.equal(torch.random.get_rng_state(), stream)  # the caller's random stream is untouched
     assert modes(module) == found_modes
     assert torch.equal(module.bn.running_mean, original.bn.running_mean)
     assert torch.equal(module.bn.num_batches_tracked, original.bn.num_batches_tracked)

@@ -4,13 +4,11 @@ the module taken before, run in eval and in train mode with the same random stre
 submodule's."""
 
 import copy
-import io
 import os
 import subprocess
 import sys
 import warnings
 
-import numpy as np
 import onnx
 import pytest
 

@@ -235,7 +235,7 @@ class Report:
         if g is not None:
             frozen_bits = [f"{n} {cat.replace('_', ' ')}"
                            for cat, n in sorted(g.frozen_by_category.items(), key=lambda kv: -kv[1])]
-            lines.append(f"  groups     {g.rescalable} rescalable in {len(self.layers)} layer{"s" if len(self.layers) != 1 else ""}, {g.frozen} frozen"
+            lines.append(f"  groups     {g.rescalable} rescalable in {len(self.layers)} layer{'s' if len(self.layers) != 1 else ''}, {g.frozen} frozen"
                          + (f" ({', '.join(frozen_bits)})" if frozen_bits else ""))
         if self.barrier_ops:
             lines.append("  barriers   " + ", ".join(f"{op} x{n}" for op, n in sorted(self.barrier_ops.items())))

@@ -43,6 +43,10 @@ DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-5, "float16": 1e-2, "bfloat16": 5
 RTOL_CEILING = 0.1
 NOISE_FACTOR = 10.0  # a correct result differs from the input by a few times the input's own noise
 DEFAULT_SEED = 0
+# Whether a BatchNormalization's input channel may carry a scale in the BN's running
+# statistics (mean, variance): exact in inference, and in training mode up to ε (README,
+# "BatchNorm statistics"). Off, those channels are frozen and BN stays exact in training too.
+BN_STATISTICS = False
 
 
 def solver_settings(solver: str = DEFAULT_SOLVER, max_iter: Optional[int] = None,

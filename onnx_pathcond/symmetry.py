@@ -266,14 +266,16 @@ def reconcile_stored_tensors(an: Analysis) -> None:
                 an.freeze(u.rows, why, "shared_weight")
                 an.freeze(u.cols, why, "shared_weight")
             continue
+        declared = {(id(u.node), u.input_name) for u in uses}
+        strangers = [node for node, via in _readers(an.graph, name) if (id(node), via) not in declared]
+        if len(uses) == 1 and not strangers:
+            continue  # nothing to reconcile: its values need not be read
         value = an.graph.stored_value(uses[0].ref)
         nonzero = ~uses[0].unchanged(value)
         if not nonzero.any():
             if len(uses) > 1:
                 an.shared[name] = (len(uses), nonzero)
             continue
-        declared = {(id(u.node), u.input_name) for u in uses}
-        strangers = [node for node, via in _readers(an.graph, name) if (id(node), via) not in declared]
         if strangers:
             why = (f"parameter '{name}' is also read by {strangers[0].op_type} '{node_label(strangers[0])}'"
                    f", so its values cannot change")

@@ -40,7 +40,7 @@ import click  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .errors import InputError, PathCondError  # noqa: E402
-from .options import (BACKENDS, CRITERIA, DEFAULT_BACKEND, DEFAULT_CRITERION, DEFAULT_DEVICE,  # noqa: E402
+from .options import (BACKENDS, BN_STATISTICS, CRITERIA, DEFAULT_BACKEND, DEFAULT_CRITERION, DEFAULT_DEVICE,  # noqa: E402
                       DEFAULT_RTOL, DEFAULT_SEED, DEFAULT_SOLVER, DEVICES, ENORM_SOLVERS, NOISE_FACTOR, RTOL_CEILING,
                       SOLVERS)
 from .progress import Progress  # noqa: E402
@@ -239,6 +239,9 @@ class _Tolerance(click.ParamType):
                    f"model's own rounding noise when that is larger, at most {RTOL_CEILING:g}).")
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
               help="Seed of the random verification inputs.")
+@click.option("--bn-statistics", is_flag=True, default=BN_STATISTICS,
+              help="Also rescale the channels that feed a BatchNormalization, their scale carried by its running "
+                   "mean and variance: exact in inference, in training mode only up to the BN's epsilon (see README).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
               help="Write the full report as JSON to this file.")
 @click.option("--dry-run", is_flag=True, help="Only analyse: print the groups and barriers, write nothing.")
@@ -247,7 +250,7 @@ class _Tolerance(click.ParamType):
 @click.option("-v", "--verbose", is_flag=True, help="Print every layer and every frozen range.")
 @click.version_option(__version__, "--version")
 def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol, backend, device, verify, rtol, seed,
-         report_path, dry_run, overwrite, quiet, verbose):
+         bn_statistics, report_path, dry_run, overwrite, quiet, verbose):
     """Rescale the ReLU network in IN with PathCond (or ENorm) and write the equivalent model to OUT.
 
     The output has the same graph, names, shapes and dtypes; only weight values change, so the
@@ -278,7 +281,8 @@ def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol
                                         solver=solver, max_iter=max_iter,
                                         tol=tol, verify_output=verify, rtol=rtol, seed=seed, dry_run=dry_run,
                                         backend=backend, device=device, progress=progress,
-                                        output=None if dry_run else output_path, return_model=False)
+                                        output=None if dry_run else output_path, return_model=False,
+                                        bn_statistics=bn_statistics)
         finally:
             progress.close()
         if not dry_run:

@@ -79,6 +79,17 @@ class FrozenRange(Record):
 
 
 @dataclass
+class BatchNormStatistics(Record):
+    """What --bn-statistics did, or would do when it is off."""
+
+    enabled: bool
+    frozen_before_bn: int  # frozen groups whose first reason is that they feed a BatchNormalization
+    would_free: int  # option off: how many more groups the option would make rescalable
+    carried_nodes: int = 0  # option on: BatchNormalizations whose running statistics carry a scale
+    carried_groups: int = 0  # option on: rescalable groups among those BatchNorms' inputs
+
+
+@dataclass
 class ExporterFindings(Record):
     folded_batchnorm: Dict[str, List[str]]  # evidence by kind; empty when none
 
@@ -120,6 +131,9 @@ class SolverSummary(Record):
     # groups kept at scale 1 because their rescaling would take half-precision weights out of
     # their dtype's range
     kept_in_range: int = 0
+    # groups kept at scale 1 because their rescaling would make a BatchNorm's running variance
+    # negative (with --bn-statistics)
+    kept_for_variance: int = 0
 
 
 @dataclass

@@ -13,7 +13,7 @@ from .exporters import folded_batchnorm, folded_batchnorm_warning
 from .graph import Graph
 from .nodes import node_label
 from .pathnet.records import RuntimeInfo
-from .records import (CriterionSummary, ExporterFindings, FrozenRange, GroupCounts, LayerGroups, ModelSummary, RewrittenTensor, SolverSummary, VerificationSummary)
+from .records import (BatchNormStatistics, CriterionSummary, ExporterFindings, FrozenRange, GroupCounts, LayerGroups, ModelSummary, RewrittenTensor, SolverSummary, VerificationSummary)
 from .symmetry import Analysis, Groups
 from .verify import Verification
 
@@ -101,6 +101,7 @@ class Report:
     frozen: List[FrozenRange] = field(default_factory=list)
     barrier_ops: Dict[str, int] = field(default_factory=dict)
     exporter: Optional[ExporterFindings] = None
+    bn_statistics: Optional[BatchNormStatistics] = None
     statistics: Optional[RuntimeInfo] = None
     statistics_skipped: Optional[str] = None  # why the statistics step did not run (the enorm criterion)
     criterion: Optional[CriterionSummary] = None
@@ -118,7 +119,7 @@ class Report:
             "input": self.input, "output": self.output, "model": record(self.model, {}),
             "groups": record(self.groups, {}), "layers": [row.as_dict() for row in self.layers],
             "frozen": [row.as_dict() for row in self.frozen], "barrier_ops": dict(self.barrier_ops),
-            "exporter": record(self.exporter, {}),
+            "exporter": record(self.exporter, {}), "bn_statistics": record(self.bn_statistics, {}),
             "statistics": record(self.statistics,
                                  {"skipped": self.statistics_skipped} if self.statistics_skipped else {}),
             "criterion": record(self.criterion, {}), "solver": record(self.solver, {}),
@@ -162,6 +163,28 @@ class Report:
             first = self.frozen[0].reason if self.frozen else "no neuron found"
             self.warnings.append(f"no rescalable group: the output has the same weights as the input (frozen groups: "
                                  f"{why or 'none'}; e.g. {first})")
+
+    def describe_bn_statistics(self, an: Analysis, groups: Groups, would_free: int) -> None:
+        """Off: how many frozen groups feed a BatchNorm and how many more groups --bn-statistics
+        would free. On: how many BatchNorms' running statistics carry their input's scale."""
+        frozen_before_bn = self.groups.frozen_by_category.get("before_bn", 0) if self.groups is not None else 0
+        carried_nodes = carried_groups = 0
+        if an.bn_statistics:  # the running variance's use exists only where the statistics carry a scale
+            per_node = [groups.of_position[use.rows[use.rows >= 0]] for use in an.uses if use.role == "bn_var"]
+            per_node = [ids[ids >= 0] for ids in per_node]
+            carried_nodes = sum(1 for ids in per_node if ids.size)
+            carried_groups = int(np.unique(np.concatenate(per_node)).size) if per_node else 0
+        self.bn_statistics = BatchNormStatistics(enabled=an.bn_statistics, frozen_before_bn=frozen_before_bn,
+                                                 would_free=would_free, carried_nodes=carried_nodes,
+                                                 carried_groups=carried_groups)
+
+    def describe_kept_variances(self, kept: int) -> None:
+        """Groups the variance guard kept at scale 1 (rewrite.keep_variances_valid)."""
+        if self.solver is not None:
+            self.solver.kept_for_variance = kept
+        if kept:
+            self.warnings.append(f"{kept} group(s) kept at scale 1: their rescaling would have made a BatchNorm's "
+                                 f"running variance negative (λ² below ε/(var + ε), as for a channel that never fired)")
 
     def describe_statistics(self, runtime: RuntimeInfo) -> None:
         """What computed diag(G); its notice (e.g. CUDA asked for but not used) is a warning."""
@@ -237,6 +260,13 @@ class Report:
                            for cat, n in sorted(g.frozen_by_category.items(), key=lambda kv: -kv[1])]
             lines.append(f"  groups     {g.rescalable} rescalable in {len(self.layers)} layer{'s' if len(self.layers) != 1 else ''}, {g.frozen} frozen"
                          + (f" ({', '.join(frozen_bits)})" if frozen_bits else ""))
+        b = self.bn_statistics
+        if b is not None and b.enabled and b.carried_nodes:
+            lines.append(f"  bn stats   {b.carried_nodes} BatchNormalization input(s) carry their scale in the running "
+                         f"statistics ({b.carried_groups} groups)")
+        elif b is not None and not b.enabled and b.frozen_before_bn:
+            lines.append(f"  bn stats   {b.frozen_before_bn} of the frozen groups feed BatchNormalization: "
+                         f"--bn-statistics would make {b.would_free} more groups rescalable")
         if self.barrier_ops:
             lines.append("  barriers   " + ", ".join(f"{op} x{n}" for op, n in sorted(self.barrier_ops.items())))
         shown = self.frozen if verbose else self.frozen[:6]

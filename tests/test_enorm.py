@@ -400,6 +400,17 @@ def test_bad_criterion_is_one_error_line_and_writes_nothing(tmp_path):
         rescale(str(ROOT / "models" / "mlp.onnx"), criterion="l2")
 
 
+def test_bn_statistics_is_refused_with_enorm(tmp_path):
+    # ENorm balances stored weights; a BatchNorm input's scale lives in running statistics
+    # instead, so the combination has no meaning and is refused before anything is read.
+    out = tmp_path / "out.onnx"
+    result = _cli(ROOT / "models" / "mlp.onnx", out, "--criterion", "enorm", "--bn-statistics")
+    assert result.exit_code == 2 and "--bn-statistics" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not out.exists()
+    with pytest.raises(onnx_pathcond.InputError, match="pathcond criterion only"):
+        rescale(str(ROOT / "models" / "mlp.onnx"), criterion="enorm", bn_statistics=True)
+
+
 def test_help_lists_the_criteria_and_enorms_defaults():
     text = " ".join(_cli("--help").stdout.split())
     assert "--criterion [pathcond|enorm]" in text and "[default: pathcond]" in text

@@ -192,6 +192,30 @@ def test_zoo_module_is_rescaled_in_place(family, batch):
     assert "loaded back by name" in result.summary()
 
 
+def test_bn_statistics_loads_running_statistics_and_checks_train_mode_up_to_epsilon():
+    # With bn_statistics the running mean and variance are rescaled and loaded back too; eval
+    # mode stays exact, train mode moves by the ε effect (README, "BatchNorm statistics"),
+    # which the check accepts up to its documented bound and no further.
+    module, shape = zoo.build("resnet")
+    original = copy.deepcopy(module)
+    x = torch.randn((8,) + tuple(shape[1:]), generator=torch.Generator().manual_seed(1))
+    result = pt.rescale_module(module, x, bn_statistics=True)
+    moved = set(changed_names(original, module))
+    assert any(name.endswith("running_var") for name in moved) and any(name.endswith("running_mean") for name in moved)
+    assert result.check.train_rtol == onnx_pathcond.options.BN_STATISTICS_TRAIN_RTOL
+    eval_before, eval_after = outputs(original, x, False)[0], outputs(module, x, False)[0]
+    assert (eval_before - eval_after).abs().max().item() <= RTOL * eval_before.abs().max().item()
+    train_before, train_after = outputs(original, x, True)[0], outputs(module, x, True)[0]
+    train_difference = (train_before - train_after).abs().max().item() / train_before.abs().max().item()
+    assert RTOL < train_difference <= result.check.train_rtol  # really moved by ε, within the bound
+    assert result.check.max_rel["train"] == pytest.approx(train_difference, rel=1e-3)
+
+    strict = copy.deepcopy(original)
+    with pytest.raises(VerificationError, match="in train mode .*ε/λ²"):
+        pt.rescale_module(strict, x, bn_statistics=True, check_rtol=RTOL)
+    assert_same_state(strict, state(original))
+
+
 def test_batchnorm_and_dropout_module_keeps_each_submodule_mode():
     torch.manual_seed(0)
     module = MixedModes().train()

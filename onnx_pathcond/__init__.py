@@ -20,6 +20,10 @@ __all__ = ["rescale", "load_model", "save_model", "external_tensors", "analyse_m
 
 
 def __getattr__(name):
+    if name == "torch":  # the optional PyTorch submodule: torch is imported only when it is asked for
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
     if name in _EXPORTS:
         import importlib
 

@@ -17,12 +17,13 @@ import numpy as np
 import onnx
 
 from . import options, rewrite, solve, stats, verify
+from .criteria import enorm
 from .criteria.pathcond import ProblemBuilder
 from .errors import ModelError, VerificationError
 from .graph import Graph, node_label, parse_input_shapes
 from .modelfile import ModelFile, PendingSave, check_output_path
 from .report import Report
-from .symmetry import analyse, build_groups
+from .symmetry import analyse, build_groups, groups_freed_by_bn_statistics
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
@@ -119,22 +120,25 @@ def _check_not_empty(graph: Graph, analysis) -> None:
                              f"{list(use.view_shape)}: a dimension of size 0 (an empty tensor) is not supported")
 
 
-def analyse_model(model: Union[onnx.ModelProto, ModelFile], input_shapes=None):
+def analyse_model(model: Union[onnx.ModelProto, ModelFile], input_shapes=None,
+                  bn_statistics: bool = options.BN_STATISTICS):
     """Graph view, symmetry analysis and groups (what --dry-run shows)."""
     if isinstance(input_shapes, (list, tuple)):
         input_shapes = parse_input_shapes(input_shapes)
     graph = Graph(model, input_shapes)
-    analysis = analyse(graph)
+    analysis = analyse(graph, bn_statistics=bn_statistics)
     groups = build_groups(analysis)
     return graph, analysis, groups
 
 
-def _analyse(source: ModelFile, input_shapes, clock: _Clock):
+def _analyse(source: ModelFile, input_shapes, bn_statistics: bool, clock: _Clock):
+    """The analysis, and how many more groups --bn-statistics would free when it is off."""
     with clock("analyse"):
-        graph, analysis, groups = analyse_model(source, input_shapes)
+        graph, analysis, groups = analyse_model(source, input_shapes, bn_statistics)
         _check_not_empty(graph, analysis)
         _check_finite(graph, analysis)
-    return graph, analysis, groups
+        would_free = groups_freed_by_bn_statistics(graph, analysis, groups)
+    return graph, analysis, groups, would_free
 
 
 def _statistics(graph: Graph, analysis, groups, backend: str, device: str, clock: _Clock):
@@ -146,8 +150,17 @@ def _statistics(graph: Graph, analysis, groups, backend: str, device: str, clock
         return builder, builder.finish(), runtime
 
 
-def _solve(problem, settings: options.SolverSettings, clock: _Clock):
-    method = solve.exact_minimiser if settings.solver == "exact" else solve.coordinate_descent
+def _norms(graph: Graph, analysis, groups, clock: _Clock):
+    """ENorm's problem: the squares of the parameter values (no path statistics needed)."""
+    with clock("norms"):
+        return enorm.build(graph, analysis, groups, progress=lambda done, total: clock.say("norms", done, total))
+
+
+def _solve(problem, settings: options.SolverSettings, criterion: str, clock: _Clock):
+    if settings.solver == "exact":
+        method = solve.exact_minimiser  # minimises any convex problem with the Problem interface
+    else:
+        method = enorm.coordinate_descent if criterion == enorm.NAME else solve.coordinate_descent
     with clock("solve"):
         return method(problem, max_iter=settings.max_iter, tol=settings.tol,
                       progress=lambda k, _: clock.say("solve", k, settings.max_iter))
@@ -201,18 +214,23 @@ def _commit(pending: PendingSave, clock: _Clock) -> None:
 # ---------------------------------------------------------------------------- the pipeline
 def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[int, ...]], Sequence[str]]] = None,
             solver: str = options.DEFAULT_SOLVER, max_iter: Optional[int] = None, tol: Optional[float] = None,
+            criterion: str = options.DEFAULT_CRITERION,
             verify_output: bool = True, rtol: Optional[float] = None, seed: int = options.DEFAULT_SEED,
             dry_run: bool = False, backend: str = options.DEFAULT_BACKEND, device: str = options.DEFAULT_DEVICE,
             output: Optional[Union[str, os.PathLike]] = None,
             progress: Optional[Callable[..., None]] = None,
-            return_model: bool = True) -> Tuple[Optional[onnx.ModelProto], Report]:
-    """Rescale a ReLU network with PathCond; returns the new model and a report.
+            return_model: bool = True,
+            bn_statistics: bool = options.BN_STATISTICS) -> Tuple[Optional[onnx.ModelProto], Report]:
+    """Rescale a ReLU network with PathCond (or ENorm); returns the new model and a report.
 
     `model` is a path or a ModelProto (a ModelProto is copied, never modified). The result
     computes the same function; with `verify_output` that is checked on random inputs and a
     mismatch above `rtol` raises `VerificationError`. `solver` is "cd" (the authors'
     coordinate descent) or "exact"; `max_iter` and `tol` left None take that solver's own
     defaults (`options.SOLVERS`: cd 10 sweeps and 1e-2, exact 1000 iterations and 1e-6).
+    `criterion` is "pathcond" (default) or "enorm": Equi-normalization, which minimises the
+    sum of the squared parameters, needs no diag(G) (the statistics step is skipped) and has
+    its own solver defaults (`options.ENORM_SOLVERS`).
     `input_shapes` fixes dynamic input dimensions ({"x": (1, 3, 224, 224)} or
     ["x:1x3x224x224"]). `progress(step, done=None, total=None)` is called when a step starts
     and as it advances. With `dry_run`, only the analysis runs and the model is returned
@@ -225,9 +243,12 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     command line does) and a path as `model`, the large weights stay in the input file and
     are read when a step needs them, the rescaled ones are computed one tensor at a time as
     they are written, and None is returned in place of the model: the run never holds all
-    the weights at once.
+    the weights at once. With `bn_statistics`, a BatchNormalization's input channel is
+    rescaled too, its scale carried by the BN's running mean and variance: exact in
+    inference, and in training mode up to the BN's ε (README, "BatchNorm statistics").
     """
-    settings = options.solver_settings(solver, max_iter, tol)
+    settings = options.solver_settings(solver, max_iter, tol, criterion)
+    options.check_bn_statistics(bn_statistics, criterion)
     options.check_tolerance("rtol", rtol)
     options.check_backend(backend, device)
     if dry_run:
@@ -236,22 +257,34 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     clock = _Clock(progress)
 
     source = _load(model, stream, output, clock)
-    graph, analysis, groups = _analyse(source, input_shapes, clock)
+    graph, analysis, groups, would_free = _analyse(source, input_shapes, bn_statistics, clock)
     report = Report(input=source.path, timings=clock.timings)
     report.describe_analysis(graph, analysis, groups, external_tensors=len(source.external))
+    report.describe_bn_statistics(analysis, groups, would_free)
     if dry_run:
         return source.proto, report
 
     if groups.count:
-        builder, problem, runtime = _statistics(graph, analysis, groups, backend, device, clock)
-        report.describe_statistics(runtime)
-        result = _solve(problem, settings, clock)
+        if criterion == enorm.NAME:
+            builder, problem = None, _norms(graph, analysis, groups, clock)
+            report.describe_statistics_skipped(criterion)
+            if backend != options.DEFAULT_BACKEND or device != options.DEFAULT_DEVICE:
+                report.warnings.append(f"--backend {backend} and --device {device} have no effect with the enorm "
+                                       f"criterion: no diag(G) is computed")
+        else:
+            builder, problem, runtime = _statistics(graph, analysis, groups, backend, device, clock)
+            report.describe_statistics(runtime)
+        result = _solve(problem, settings, criterion, clock)
         with clock("solve", announce=False):  # half-precision weights must stay within their dtype's range
+            # (and, with bn_statistics, running variances must stay >= 0: first, since that
+            # only sets groups back to scale 1, which the range check then sees)
+            result.u, kept_variance = rewrite.keep_variances_valid(graph, analysis.uses, groups, result.u)
             result.u, kept = rewrite.keep_in_range(graph, analysis.uses, groups, result.u)
-            if kept:
+            if kept or kept_variance:
                 result.objective_after = problem.objective(result.u)
         report.describe_solution(graph, analysis, groups, problem, builder, result, settings.max_iter, settings.tol,
                                  kept)
+        report.describe_kept_variances(kept_variance)
         del problem, builder  # the statistics are summarised: free them before the weights are copied
         items = rewrite.plan(analysis.uses, groups, result.u)
     else:  # nothing can change: the statistics (the run's longest step) would only be thrown away

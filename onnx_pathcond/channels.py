@@ -69,7 +69,7 @@ class ParamUse:
     """
 
     node: onnx.NodeProto
-    role: str  # "weight", "bias", "bn_scale", "bn_bias", "multiplier"
+    role: str  # "weight", "bias", "bn_scale", "bn_bias", "bn_mean", "bn_var", "multiplier"
     input_name: str
     ref: Optional[StoredRef]
     view_shape: Tuple[int, ...]
@@ -79,6 +79,29 @@ class ParamUse:
     # True for a computed all-zero bias (dynamo writes Expand(0) for a conv without bias):
     # it is on no path and needs no rewriting.
     ignored: bool = False
+    # How the stored values follow the scales, where they are not simply the path parameter
+    # (BatchNormalization with `bn_statistics`, ops/batchnorm.py): the rewrite turns a stored
+    # v into (v + offset)·(λ_rows / λ_cols)^power − offset, and leaves λ_cols out where
+    # `stores_cols` is False (another tensor of the node carries that side). By default
+    # v·λ_rows/λ_cols, the path parameter itself.
+    power: int = 1
+    offset: float = 0.0
+    stores_cols: bool = True
+
+    @property
+    def stored_cols(self) -> np.ndarray:
+        """The outgoing positions whose scales the stored values take (`cols`, or none)."""
+        return self.cols if self.stores_cols else np.full((1,) * self.cols.ndim, NO_POSITION, dtype=np.int64)
+
+    @property
+    def rewrite_form(self) -> Tuple[int, float, bool]:
+        """What the rewrite does with the scales: uses of one stored tensor must agree on it."""
+        return self.power, self.offset, self.stores_cols
+
+    def unchanged(self, value: np.ndarray) -> np.ndarray:
+        """Where a stored value stays what it is whatever the scales: zeros, unless an offset
+        is added before the scale (a zero running variance does change)."""
+        return value + self.offset == 0 if self.offset else value == 0
 
 
 @dataclass
@@ -101,8 +124,11 @@ class PositionBlock:
 class Analysis:
     """What the op rules write into while the graph is walked in topological order."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, bn_statistics: bool = False):
         self.graph = graph
+        # Whether a BatchNormalization's input channel may carry a scale in its running
+        # statistics (options.BN_STATISTICS; ops/batchnorm.py decides what that means).
+        self.bn_statistics = bn_statistics
         self.layouts: Dict[str, Optional[Layout]] = {}
         self.n_positions = 0
         self.blocks: List[PositionBlock] = []
@@ -148,7 +174,10 @@ class Analysis:
         if lay is not None:
             self.freeze(lay.positions, reason, category)
 
-    def add_use(self, node: onnx.NodeProto, role: str, input_name: str, view_shape, rows, cols) -> ParamUse:
+    def add_use(self, node: onnx.NodeProto, role: str, input_name: str, view_shape, rows, cols,
+                **stored_form) -> ParamUse:
+        """Declare a parameter the node reads; `stored_form` (power, offset, stores_cols) says
+        how its stored values follow the scales when they are not the parameter itself."""
         ref = self.graph.stored_ref(input_name)
         view_shape = tuple(int(d) for d in view_shape)
         rows = np.asarray(NO_POSITION if rows is None else rows, dtype=np.int64)
@@ -157,7 +186,7 @@ class Analysis:
             rows = rows.reshape((1,) * (len(view_shape) - rows.ndim) + rows.shape)
         if cols.ndim < len(view_shape):
             cols = cols.reshape((1,) * (len(view_shape) - cols.ndim) + cols.shape)
-        use = ParamUse(node, role, input_name, ref, view_shape, rows, cols, index=len(self.uses))
+        use = ParamUse(node, role, input_name, ref, view_shape, rows, cols, index=len(self.uses), **stored_form)
         if ref is None:
             self._computed_parameter(use)
         self.uses.append(use)
@@ -187,7 +216,7 @@ class Analysis:
                 if i and self.graph.is_activation(i):
                     self.freeze_layout(i, why, "fixed_weight")
         else:
-            if not np.any(value):
+            if not np.any(value) and not use.offset:  # with an offset, zero is not left unchanged
                 use.ignored = True
                 return
         self.freeze(use.rows, why, "fixed_weight")

@@ -40,8 +40,9 @@ import click  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .errors import InputError, PathCondError  # noqa: E402
-from .options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_RTOL, DEFAULT_SEED, DEFAULT_SOLVER,  # noqa: E402
-                      DEVICES, NOISE_FACTOR, RTOL_CEILING, SOLVERS)
+from .options import (BACKENDS, BN_STATISTICS, CRITERIA, DEFAULT_BACKEND, DEFAULT_CRITERION, DEFAULT_DEVICE,  # noqa: E402
+                      DEFAULT_RTOL, DEFAULT_SEED, DEFAULT_SOLVER, DEVICES, ENORM_SOLVERS, NOISE_FACTOR, RTOL_CEILING,
+                      SOLVERS)
 from .progress import Progress  # noqa: E402
 
 EXIT_CODES_HELP = """\b
@@ -208,16 +209,22 @@ class _Tolerance(click.ParamType):
 @click.argument("output_path", metavar="OUT", required=False, type=click.Path(path_type=str))
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0xD1x...",
               help="Fix the shape of a graph input with dynamic dimensions (repeatable).")
+@click.option("--criterion", type=click.Choice(CRITERIA), default=DEFAULT_CRITERION, show_default=True,
+              help="What the rescaling minimises. pathcond: the PathCond criterion on diag(G). enorm: "
+                   "Equi-normalization, the sum of the squared parameters (needs no diag(G); its coordinate "
+                   "descent runs to convergence by default).")
 @click.option("--solver", type=click.Choice(list(SOLVERS)), default=DEFAULT_SOLVER, show_default=True,
               help=f"cd: the authors' cyclic coordinate descent ({SOLVERS['cd'].max_iter} sweeps). exact: the "
                    f"minimiser of the criterion (can rescale weights by 1e3 or more; see README).")
 @click.option("--max-iter", type=click.IntRange(min=0), default=None,
               help=f"Sweeps of coordinate descent (default {SOLVERS['cd'].max_iter}) or iterations of the exact "
-                   f"solver (default {SOLVERS['exact'].max_iter}).")
+                   f"solver (default {SOLVERS['exact'].max_iter}); with --criterion enorm the defaults are "
+                   f"{ENORM_SOLVERS['cd'].max_iter} sweeps and {ENORM_SOLVERS['exact'].max_iter} iterations.")
 @click.option("--tol", type=_Tolerance(), default=None,
               help=f"Stop when a sweep changes Σ|Δu| by less (cd, default {_short(SOLVERS['cd'].tol)}) or when the "
                    f"gradient's largest entry falls below this fraction of its value at no rescaling (exact, "
-                   f"default {_short(SOLVERS['exact'].tol)}).")
+                   f"default {_short(SOLVERS['exact'].tol)}); with --criterion enorm the defaults are cd "
+                   f"{_short(ENORM_SOLVERS['cd'].tol)} and exact {_short(ENORM_SOLVERS['exact'].tol)}.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND, show_default=True,
               help="What computes diag(G): numpy, or onnxruntime (auto: onnxruntime with --device cuda, numpy on "
                    "the CPU, where it measured faster and leaner).")
@@ -232,6 +239,9 @@ class _Tolerance(click.ParamType):
                    f"model's own rounding noise when that is larger, at most {RTOL_CEILING:g}).")
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
               help="Seed of the random verification inputs.")
+@click.option("--bn-statistics", is_flag=True, default=BN_STATISTICS,
+              help="Also rescale the channels that feed a BatchNormalization, their scale carried by its running "
+                   "mean and variance: exact in inference, in training mode only up to the BN's epsilon (see README).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
               help="Write the full report as JSON to this file.")
 @click.option("--dry-run", is_flag=True, help="Only analyse: print the groups and barriers, write nothing.")
@@ -239,9 +249,9 @@ class _Tolerance(click.ParamType):
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors and warnings.")
 @click.option("-v", "--verbose", is_flag=True, help="Print every layer and every frozen range.")
 @click.version_option(__version__, "--version")
-def main(input_path, output_path, input_shapes, solver, max_iter, tol, backend, device, verify, rtol, seed,
-         report_path, dry_run, overwrite, quiet, verbose):
-    """Rescale the ReLU network in IN with PathCond and write the equivalent model to OUT.
+def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol, backend, device, verify, rtol, seed,
+         bn_statistics, report_path, dry_run, overwrite, quiet, verbose):
+    """Rescale the ReLU network in IN with PathCond (or ENorm) and write the equivalent model to OUT.
 
     The output has the same graph, names, shapes and dtypes; only weight values change, so the
     rescaled weights load back into the original framework by name.
@@ -267,10 +277,12 @@ def main(input_path, output_path, input_shapes, solver, max_iter, tol, backend, 
             api.check_output_path(output_path, input_path if os.path.exists(input_path) else None, overwrite)
         progress = Progress(verbose=verbose)
         try:
-            model, report = api.rescale(input_path, input_shapes=list(input_shapes), solver=solver, max_iter=max_iter,
+            model, report = api.rescale(input_path, input_shapes=list(input_shapes), criterion=criterion,
+                                        solver=solver, max_iter=max_iter,
                                         tol=tol, verify_output=verify, rtol=rtol, seed=seed, dry_run=dry_run,
                                         backend=backend, device=device, progress=progress,
-                                        output=None if dry_run else output_path, return_model=False)
+                                        output=None if dry_run else output_path, return_model=False,
+                                        bn_statistics=bn_statistics)
         finally:
             progress.close()
         if not dry_run:

@@ -15,8 +15,12 @@ from typing import Dict, List
 from .graph import Graph
 from .nodes import node_label
 
-KEEP_BN_HINT = ("to keep BatchNorm, export with torch.onnx.export(..., dynamo=True, optimize=False) or with the "
-                "legacy exporter and training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False")
+# The legacy exporter's unfolded form (PRESERVE, no constant folding) stores equal tensors once,
+# so a fresh model's BatchNorm γ are one shared tensor and nothing behind them can be rescaled:
+# `export_module` is the export that keeps both names and values apart.
+KEEP_BN_HINT = ("to keep BatchNorm, export with onnx_pathcond.torch.export_module(module, x, path) (or rescale the "
+                "module in place with onnx_pathcond.torch.rescale_module), or with "
+                "torch.onnx.export(..., dynamo=True, optimize=False)")
 
 
 def folded_batchnorm(graph: Graph) -> Dict[str, List[str]]:

@@ -79,22 +79,36 @@ class FrozenRange(Record):
 
 
 @dataclass
+class BatchNormStatistics(Record):
+    """What --bn-statistics did, or would do when it is off."""
+
+    enabled: bool
+    frozen_before_bn: int  # frozen groups whose first reason is that they feed a BatchNormalization
+    would_free: int  # option off: how many more groups the option would make rescalable
+    carried_nodes: int = 0  # option on: BatchNormalizations whose running statistics carry a scale
+    carried_groups: int = 0  # option on: rescalable groups among those BatchNorms' inputs
+
+
+@dataclass
 class ExporterFindings(Record):
     folded_batchnorm: Dict[str, List[str]]  # evidence by kind; empty when none
 
 
 @dataclass
 class CriterionSummary(Record):
-    name: str
-    entries: int  # entries of diag(G)
+    name: str  # "pathcond" or "enorm"
+    entries: int  # entries of diag(G) (pathcond) or non-zero parameter elements (enorm) in the criterion
     F_before: float
     F_after: float
-    am_gm_before: float
-    am_gm_after: float
-    max_before: float
+    am_gm_before: Optional[float]  # of diag(G); None for enorm, which does not compute it
+    am_gm_after: Optional[float]
+    max_before: float  # largest / smallest positive diag(G) entry (pathcond) or non-zero |θ| (enorm)
     min_before: float
     max_after: float
     min_after: float
+    # what F is
+    objective: str = "p·log Σ g·exp(Bu) − Σ Bu over the p entries of diag(G): p·log(AM/GM) of the rescaled " \
+                     "diag(G), up to a constant"
 
 
 @dataclass
@@ -117,6 +131,9 @@ class SolverSummary(Record):
     # groups kept at scale 1 because their rescaling would take half-precision weights out of
     # their dtype's range
     kept_in_range: int = 0
+    # groups kept at scale 1 because their rescaling would make a BatchNorm's running variance
+    # negative (with --bn-statistics)
+    kept_for_variance: int = 0
 
 
 @dataclass

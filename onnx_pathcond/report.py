@@ -13,7 +13,7 @@ from .exporters import folded_batchnorm, folded_batchnorm_warning
 from .graph import Graph
 from .nodes import node_label
 from .pathnet.records import RuntimeInfo
-from .records import (CriterionSummary, ExporterFindings, FrozenRange, GroupCounts, LayerGroups, ModelSummary, RewrittenTensor, SolverSummary, VerificationSummary)
+from .records import (BatchNormStatistics, CriterionSummary, ExporterFindings, FrozenRange, GroupCounts, LayerGroups, ModelSummary, RewrittenTensor, SolverSummary, VerificationSummary)
 from .symmetry import Analysis, Groups
 from .verify import Verification
 
@@ -101,7 +101,9 @@ class Report:
     frozen: List[FrozenRange] = field(default_factory=list)
     barrier_ops: Dict[str, int] = field(default_factory=dict)
     exporter: Optional[ExporterFindings] = None
+    bn_statistics: Optional[BatchNormStatistics] = None
     statistics: Optional[RuntimeInfo] = None
+    statistics_skipped: Optional[str] = None  # why the statistics step did not run (the enorm criterion)
     criterion: Optional[CriterionSummary] = None
     solver: Optional[SolverSummary] = None
     rewritten: List[RewrittenTensor] = field(default_factory=list)
@@ -117,7 +119,9 @@ class Report:
             "input": self.input, "output": self.output, "model": record(self.model, {}),
             "groups": record(self.groups, {}), "layers": [row.as_dict() for row in self.layers],
             "frozen": [row.as_dict() for row in self.frozen], "barrier_ops": dict(self.barrier_ops),
-            "exporter": record(self.exporter, {}), "statistics": record(self.statistics, {}),
+            "exporter": record(self.exporter, {}), "bn_statistics": record(self.bn_statistics, {}),
+            "statistics": record(self.statistics,
+                                 {"skipped": self.statistics_skipped} if self.statistics_skipped else {}),
             "criterion": record(self.criterion, {}), "solver": record(self.solver, {}),
             "rewritten": [r.as_dict() for r in self.rewritten], "verification": record(self.verification, None),
             "warnings": list(self.warnings), "timings": dict(self.timings)})
@@ -160,24 +164,53 @@ class Report:
             self.warnings.append(f"no rescalable group: the output has the same weights as the input (frozen groups: "
                                  f"{why or 'none'}; e.g. {first})")
 
+    def describe_bn_statistics(self, an: Analysis, groups: Groups, would_free: int) -> None:
+        """Off: how many frozen groups feed a BatchNorm and how many more groups --bn-statistics
+        would free. On: how many BatchNorms' running statistics carry their input's scale."""
+        frozen_before_bn = self.groups.frozen_by_category.get("before_bn", 0) if self.groups is not None else 0
+        carried_nodes = carried_groups = 0
+        if an.bn_statistics:  # the running variance's use exists only where the statistics carry a scale
+            per_node = [groups.of_position[use.rows[use.rows >= 0]] for use in an.uses if use.role == "bn_var"]
+            per_node = [ids[ids >= 0] for ids in per_node]
+            carried_nodes = sum(1 for ids in per_node if ids.size)
+            carried_groups = int(np.unique(np.concatenate(per_node)).size) if per_node else 0
+        self.bn_statistics = BatchNormStatistics(enabled=an.bn_statistics, frozen_before_bn=frozen_before_bn,
+                                                 would_free=would_free, carried_nodes=carried_nodes,
+                                                 carried_groups=carried_groups)
+
+    def describe_kept_variances(self, kept: int) -> None:
+        """Groups the variance guard kept at scale 1 (rewrite.keep_variances_valid)."""
+        if self.solver is not None:
+            self.solver.kept_for_variance = kept
+        if kept:
+            self.warnings.append(f"{kept} group(s) kept at scale 1: their rescaling would have made a BatchNorm's "
+                                 f"running variance negative (λ² below ε/(var + ε), as for a channel that never fired)")
+
     def describe_statistics(self, runtime: RuntimeInfo) -> None:
         """What computed diag(G); its notice (e.g. CUDA asked for but not used) is a warning."""
         self.statistics = runtime
         if runtime.notice:
             self.warnings.append(runtime.notice)
 
+    def describe_statistics_skipped(self, criterion: str) -> None:
+        """The criterion needs no diag(G) (ENorm reads the parameter values only)."""
+        self.statistics_skipped = f"not needed: the {criterion} criterion uses the parameter values only"
+
     def describe_solution(self, graph: Graph, an: Analysis, groups: Groups, problem, builder, result,
                           max_iter: int, tol: float, kept_in_range: int = 0) -> None:
         """The criterion before and after, the solver's run, and λ per layer."""
         u = result.u
         lam = np.exp(u / 2.0) if u.size else np.ones(1)
-        max_after, min_after = problem.extremes(u)
-        self.criterion = CriterionSummary(
-            name="pathcond", entries=problem.p, F_before=result.objective_before, F_after=result.objective_after,
-            am_gm_before=float(np.exp(problem.log_am_gm(np.zeros(problem.H)))),
-            am_gm_after=float(np.exp(problem.log_am_gm(u))),
-            max_before=builder.g_max_before if problem.p else 0.0, min_before=builder.g_min_before if problem.p else 0.0,
-            max_after=max_after, min_after=min_after)
+        if hasattr(problem, "summary"):  # a criterion that describes itself (enorm)
+            self.criterion = problem.summary(u, result.objective_before, result.objective_after)
+        else:
+            max_after, min_after = problem.extremes(u)
+            self.criterion = CriterionSummary(
+                name="pathcond", entries=problem.p, F_before=result.objective_before, F_after=result.objective_after,
+                am_gm_before=float(np.exp(problem.log_am_gm(np.zeros(problem.H)))),
+                am_gm_after=float(np.exp(problem.log_am_gm(u))),
+                max_before=builder.g_max_before if problem.p else 0.0,
+                min_before=builder.g_min_before if problem.p else 0.0, max_after=max_after, min_after=min_after)
         exact = result.method != "coordinate-descent"
         self.solver = SolverSummary(
             method=result.method, sweeps=result.sweeps, unit="iterations" if exact else "sweeps",
@@ -225,8 +258,15 @@ class Report:
         if g is not None:
             frozen_bits = [f"{n} {cat.replace('_', ' ')}"
                            for cat, n in sorted(g.frozen_by_category.items(), key=lambda kv: -kv[1])]
-            lines.append(f"  groups     {g.rescalable} rescalable in {len(self.layers)} layers, {g.frozen} frozen"
+            lines.append(f"  groups     {g.rescalable} rescalable in {len(self.layers)} layer{'s' if len(self.layers) != 1 else ''}, {g.frozen} frozen"
                          + (f" ({', '.join(frozen_bits)})" if frozen_bits else ""))
+        b = self.bn_statistics
+        if b is not None and b.enabled and b.carried_nodes:
+            lines.append(f"  bn stats   {b.carried_nodes} BatchNormalization input(s) carry their scale in the running "
+                         f"statistics ({b.carried_groups} groups)")
+        elif b is not None and not b.enabled and b.frozen_before_bn:
+            lines.append(f"  bn stats   {b.frozen_before_bn} of the frozen groups feed BatchNormalization: "
+                         f"--bn-statistics would make {b.would_free} more groups rescalable")
         if self.barrier_ops:
             lines.append("  barriers   " + ", ".join(f"{op} x{n}" for op, n in sorted(self.barrier_ops.items())))
         shown = self.frozen if verbose else self.frozen[:6]
@@ -241,8 +281,14 @@ class Report:
             lines.append(f"  diag(G) on {st.backend} ({where}; {st.precision})")
             if st.cpu_fallback_ops and verbose:
                 lines.append("    on CPU   " + ", ".join(f"{op} x{n}" for op, n in st.cpu_fallback_ops.items()))
+        elif self.statistics_skipped:
+            lines.append(f"  diag(G)    {self.statistics_skipped}")
         c = self.criterion
-        if c is not None:
+        if c is not None and c.name == "enorm":
+            lines.append(f"  criterion  enorm: F = sum of squared parameters {c.F_before:.6g} -> {c.F_after:.6g}"
+                         f"   |theta| max/min {c.max_before:.3g}/{c.min_before:.3g} -> {c.max_after:.3g}/"
+                         f"{c.min_after:.3g}   ({c.entries:,} non-zero)")
+        elif c is not None:
             lines.append(f"  diag(G)    AM/GM {c.am_gm_before:.4g} -> {c.am_gm_after:.4g}"
                          f"   max/min {c.max_before:.3g}/{c.min_before:.3g} -> {c.max_after:.3g}/{c.min_after:.3g}"
                          f"   ({c.entries:,} entries)")
@@ -250,8 +296,9 @@ class Report:
         if s is not None and s.method == SKIPPED:
             lines.append(f"  solver     {SKIPPED}")
         elif s is not None:
-            lines.append(f"  solver     {s.method}: {s.sweeps} {s.unit}, last {s.change_name} {s.last_change:.3g}, "
-                         f"F {s.F_before:.6g} -> {s.F_after:.6g}, max |u| {s.max_abs_u:.3g} "
+            which = f" ({c.name})" if c is not None else ""
+            lines.append(f"  solver     {s.method}{which}: {s.sweeps} {s.unit}, last {s.change_name} "
+                         f"{s.last_change:.3g}, F {s.F_before:.6g} -> {s.F_after:.6g}, max |u| {s.max_abs_u:.3g} "
                          f"(lambda in [{s.lambda_min:.3g}, {s.lambda_max:.3g}])")
         if verbose:
             for row in self.layers:

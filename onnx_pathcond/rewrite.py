@@ -3,7 +3,9 @@
 Only the *values* of initializers and Constant-node tensors change; names, shapes, dtypes,
 node order, opsets and metadata stay as they were. Each element is multiplied, in float64,
 by exp((u[in] − u[out]) / 2) (λ of the group it is incoming to, over λ of the group it is
-outgoing from) and cast back to the tensor's own dtype.
+outgoing from) and cast back to the tensor's own dtype. A tensor that holds its parameter in
+another form (a BatchNorm's running statistics with --bn-statistics, `ParamUse.power` and
+`offset`) takes that factor to its power, added to its offset: (v + offset)·f^power − offset.
 
 `plan` says which tensors change and by what; `apply` writes the new values into the
 ModelProto; `apply_streamed` instead hands a writer one function per large tensor that
@@ -33,10 +35,12 @@ _CHUNK = 1 << 20
 class TensorRescale:
     """One stored tensor to rescale by `incoming × outgoing`, two factors in its stored layout
     broadcastable to it (λ of the group each element is incoming to, and 1/λ of the group it
-    is outgoing from). They stay two: their product is as large as the tensor."""
+    is outgoing from). They stay two: their product is as large as the tensor. With an
+    `offset`, it is value + offset that they multiply (then the offset is taken off again)."""
     use: ParamUse  # the first use that reaches it (named in the report)
     incoming: np.ndarray
     outgoing: np.ndarray
+    offset: float = 0.0
 
     @property
     def name(self) -> str:
@@ -45,7 +49,9 @@ class TensorRescale:
 
 def element_factors(use: ParamUse, groups: Groups, u: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """λ of the incoming group and 1/λ of the outgoing group of every element of a
-    parameter, in its consumer's layout (each broadcastable to it; 1 where no group)."""
+    parameter, in its consumer's layout (each broadcastable to it; 1 where no group), as its
+    stored values take them: to `use.power`, and without the outgoing side where another
+    tensor carries it (`use.stores_cols`)."""
     u_ext = np.append(u, 0.0)
     H = groups.count
 
@@ -54,7 +60,8 @@ def element_factors(use: ParamUse, groups: Groups, u: np.ndarray) -> Tuple[np.nd
             if groups.of_position.size else np.full(positions.shape, -1)
         return u_ext[np.where(ids >= 0, ids, H)]
 
-    return np.exp(log_scale(use.rows) / 2.0), np.exp(-log_scale(use.cols) / 2.0)
+    half = use.power / 2.0
+    return np.exp(log_scale(use.rows) * half), np.exp(-log_scale(use.stored_cols) * half)
 
 
 def plan(uses: List[ParamUse], groups: Groups, u: np.ndarray) -> List[TensorRescale]:
@@ -67,7 +74,7 @@ def plan(uses: List[ParamUse], groups: Groups, u: np.ndarray) -> List[TensorResc
         if np.all(incoming == 1.0) and np.all(outgoing == 1.0):
             continue
         todo[use.ref.name] = TensorRescale(use, use.ref.to_stored(np.broadcast_to(incoming, use.view_shape)),
-                                           use.ref.to_stored(np.broadcast_to(outgoing, use.view_shape)))
+                                           use.ref.to_stored(np.broadcast_to(outgoing, use.view_shape)), use.offset)
     return list(todo.values())
 
 
@@ -108,22 +115,24 @@ def _groups_out_of_range(graph: Graph, use: ParamUse, groups: Groups, u: np.ndar
     tiny, huge = _NARROW[value.dtype.name]
     smallest = 2.0 ** -24 if value.dtype.name == "float16" else 2.0 ** -133  # the smallest subnormal
     incoming, outgoing = element_factors(use, groups, u)
-    if incoming.min() * outgoing.min() >= 1.0 and \
-            incoming.max() * outgoing.max() * float(np.abs(value.astype(np.float32)).max()) <= huge:
+    wide = value.astype(np.float32)
+    if incoming.min() * outgoing.min() >= 1.0 and (not use.offset or float(wide.min()) >= 0) and \
+            incoming.max() * outgoing.max() * (float(np.abs(wide).max()) + use.offset) <= huge:
         return np.zeros(0, np.int64)  # nothing shrinks and nothing grows past the largest value
     shape = use.view_shape
     if not shape:
         value, shape = value.reshape(1), (1,)
     rows, cols = np.broadcast_to(use.rows, use.view_shape).reshape(shape), \
-        np.broadcast_to(use.cols, use.view_shape).reshape(shape)
+        np.broadcast_to(use.stored_cols, use.view_shape).reshape(shape)
     incoming, outgoing = np.broadcast_to(incoming, use.view_shape).reshape(shape), \
         np.broadcast_to(outgoing, use.view_shape).reshape(shape)
     step = max(1, _CHUNK // max(1, int(np.prod(shape[1:], dtype=np.int64))))
     found = []
     for start in range(0, shape[0], step):  # float64 temporaries of one chunk at a time
         part = slice(start, start + step)
-        old = np.abs(value[part].astype(np.float64))
-        new = old * incoming[part] * outgoing[part]
+        old = value[part].astype(np.float64)
+        new = np.abs(_moved(old, incoming[part] * outgoing[part], use.offset))
+        old = np.abs(old)
         out = (new > huge) | ((old >= tiny) & (new < tiny)) | ((old > 0) & (new < smallest / 2))
         if out.any():
             found.extend([rows[part][out], cols[part][out]])
@@ -134,6 +143,47 @@ def _groups_out_of_range(graph: Graph, use: ParamUse, groups: Groups, u: np.ndar
     return np.unique(ids[ids >= 0])
 
 
+def keep_variances_valid(graph: Graph, uses: List[ParamUse], groups: Groups,
+                         u: np.ndarray) -> Tuple[np.ndarray, int]:
+    """u with the groups whose rescaling would make a running variance negative set back to 0
+    (scale 1), and how many groups that was.
+
+    With --bn-statistics a BatchNorm's running variance becomes λ²·(var + ε) − ε (the uses
+    stored with an `offset`): below 0 when λ² < ε/(var + ε), as for a channel that never
+    fired (var = 0) and any λ < 1. Inference would still be exact (only var + ε is used), but
+    a framework that resumes training from a negative running variance would not be. Such a
+    variance depends only on the scale of its own group, so one pass finds them all.
+    """
+    variances = [use for use in uses if use.offset and use.ref is not None and not use.ignored]
+    if not variances or not u.size:
+        return u, 0
+    u = np.array(u, dtype=np.float64)
+    bad = []
+    for use in variances:  # per-channel vectors: small
+        value = use.ref.to_view(graph.stored_value(use.ref)).astype(np.float64)
+        incoming, outgoing = element_factors(use, groups, u)
+        new = _moved(value, np.broadcast_to(incoming * outgoing, value.shape), use.offset)
+        negative = (new < 0) & (value >= 0)
+        if negative.any():
+            positions = np.broadcast_to(use.rows, use.view_shape)[negative]
+            ids = groups.of_position[positions[positions >= 0]]
+            bad.append(ids[ids >= 0])
+    if not bad:
+        return u, 0
+    bad = np.unique(np.concatenate(bad))
+    u[bad] = 0.0
+    return u, int(bad.size)
+
+
+def _moved(values: np.ndarray, factor: np.ndarray, offset: float) -> np.ndarray:
+    """(values + offset)·factor − offset in float64, written so that a factor of 1 gives
+    the values back exactly."""
+    moved = values * factor
+    if offset:
+        moved += offset * (factor - 1.0)
+    return moved
+
+
 @dataclass
 class Rescaled:
     values: np.ndarray  # in the original dtype
@@ -142,9 +192,10 @@ class Rescaled:
     max_factor: float
 
 
-def rescaled(original: np.ndarray, incoming: np.ndarray, outgoing: np.ndarray) -> Rescaled:
-    """original × incoming × outgoing in float64, cast back to original's dtype, a chunk of
-    rows at a time (no temporary as large as the tensor)."""
+def rescaled(original: np.ndarray, incoming: np.ndarray, outgoing: np.ndarray, offset: float = 0.0) -> Rescaled:
+    """original × incoming × outgoing in float64 ((original + offset) × ... − offset with an
+    offset), cast back to original's dtype, a chunk of rows at a time (no temporary as large
+    as the tensor)."""
     original = np.asarray(original)
     shape = original.shape
     scalar = original.ndim == 0
@@ -160,8 +211,7 @@ def rescaled(original: np.ndarray, incoming: np.ndarray, outgoing: np.ndarray) -
         factor = incoming[part] * outgoing[part]
         if not factor.size:
             continue
-        values = original[part].astype(np.float64)
-        values *= factor
+        values = _moved(original[part].astype(np.float64), factor, offset)
         new[part] = values  # cast back to the tensor's dtype
         high = max(high, float(np.abs(values).max()))
         low_f, high_f = min(low_f, float(factor.min())), max(high_f, float(factor.max()))
@@ -248,7 +298,7 @@ def _apply_one(graph: Graph, item: TensorRescale) -> RewrittenTensor:
         if tensor is None:  # value_float(s): rewrite the list attribute
             node = graph.constant_nodes[ref.name]
             original = graph.stored_value(ref)
-            new = rescaled(original, item.incoming, item.outgoing)
+            new = rescaled(original, item.incoming, item.outgoing, item.offset)
             a = node.attribute[0]
             if a.name == "value_float":
                 a.f = float(new.values)
@@ -257,7 +307,7 @@ def _apply_one(graph: Graph, item: TensorRescale) -> RewrittenTensor:
                 a.floats.extend(new.values.ravel().tolist())
             return _summary(item, new)
     original = graph.stored_value(ref) if ref.kind == "initializer" else stored_array(tensor)
-    new = rescaled(original, item.incoming, item.outgoing)
+    new = rescaled(original, item.incoming, item.outgoing, item.offset)
     _write_values(tensor, new.values)
     return _summary(item, new)
 
@@ -276,7 +326,7 @@ def apply_streamed(graph: Graph, items: List[TensorRescale]) -> Rewrite:
 
         def produce(item=item) -> np.ndarray:
             start = time.perf_counter()
-            new = rescaled(graph.stored_value(item.use.ref), item.incoming, item.outgoing)
+            new = rescaled(graph.stored_value(item.use.ref), item.incoming, item.outgoing, item.offset)
             result.rewritten.append(_summary(item, new))
             result.seconds += time.perf_counter() - start
             return new.values

@@ -19,7 +19,7 @@ from .nodes import node_label
 from .ops import rule_for
 
 __all__ = ["NO_POSITION", "Analysis", "Freeze", "Groups", "Layout", "ParamUse", "PositionBlock", "analyse",
-           "build_groups", "connected_components"]
+           "build_groups", "connected_components", "groups_freed_by_bn_statistics"]
 
 
 def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -99,9 +99,10 @@ def build_groups(an: Analysis) -> Groups:
     )
 
 
-def analyse(graph: Graph) -> Analysis:
-    """Walk the graph once, applying each node's rule."""
-    an = Analysis(graph)
+def analyse(graph: Graph, bn_statistics: bool = False) -> Analysis:
+    """Walk the graph once, applying each node's rule. With `bn_statistics`, a
+    BatchNormalization's input channel may carry a scale in its running statistics."""
+    an = Analysis(graph, bn_statistics=bn_statistics)
     unknown = _UnknownShapes(graph)
     for node in graph.nodes:
         outputs_active = any(graph.is_activation(o) for o in node.output if o)
@@ -127,6 +128,16 @@ def analyse(graph: Graph) -> Analysis:
     freeze_weights_visible_at_run_time(an)
     reconcile_stored_tensors(an)
     return an
+
+
+def groups_freed_by_bn_statistics(graph: Graph, an: Analysis, groups: Groups) -> int:
+    """How many more groups would be rescalable if the running statistics of BatchNorms
+    carried their inputs' scales (the analysis run again with `bn_statistics`: ties and
+    freezes elsewhere decide, so counting the frozen channels would not say it). 0 when the
+    analysis already had the option, or froze nothing before a BatchNorm."""
+    if an.bn_statistics or not any(f.category == "before_bn" for f in an.freezes):
+        return 0
+    return build_groups(analyse(graph, bn_statistics=True)).count - groups.count
 
 
 def _gather_spread_channels(node, an: Analysis) -> None:
@@ -239,21 +250,32 @@ def reconcile_stored_tensors(an: Analysis) -> None:
     reader. A tensor also read by a node that is not one of its parameter uses (a barrier,
     a constant subgraph) cannot change at all: its channels are frozen. Zero elements are
     free either way (any scale leaves them zero): exporters often merge equal tensors, such
-    as the all-zero biases of many BatchNorms, into one initializer.
+    as the all-zero biases of many BatchNorms, into one initializer. Uses that rewrite the
+    tensor in different ways (a BatchNorm's γ and another's running variance, with
+    `bn_statistics`) cannot share it: their channels are frozen.
     """
     by_store: Dict[str, List[ParamUse]] = {}
     for use in an.uses:
         if use.ref is not None and not use.ignored:
             by_store.setdefault(use.ref.name, []).append(use)
     for name, uses in by_store.items():
+        if len({u.rewrite_form for u in uses}) > 1:  # e.g. ones that are a γ and a running variance
+            why = (f"parameter '{name}' is read as {' and as '.join(sorted({u.role for u in uses}))}, "
+                   f"which a rescaling changes in different ways")
+            for u in uses:
+                an.freeze(u.rows, why, "shared_weight")
+                an.freeze(u.cols, why, "shared_weight")
+            continue
+        declared = {(id(u.node), u.input_name) for u in uses}
+        strangers = [node for node, via in _readers(an.graph, name) if (id(node), via) not in declared]
+        if len(uses) == 1 and not strangers:
+            continue  # nothing to reconcile: its values need not be read
         value = an.graph.stored_value(uses[0].ref)
-        nonzero = value != 0
+        nonzero = ~uses[0].unchanged(value)
         if not nonzero.any():
             if len(uses) > 1:
                 an.shared[name] = (len(uses), nonzero)
             continue
-        declared = {(id(u.node), u.input_name) for u in uses}
-        strangers = [node for node, via in _readers(an.graph, name) if (id(node), via) not in declared]
         if strangers:
             why = (f"parameter '{name}' is also read by {strangers[0].op_type} '{node_label(strangers[0])}'"
                    f", so its values cannot change")

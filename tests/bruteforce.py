@@ -501,6 +501,30 @@ class _Builder:
         else:
             raise _Unsupported
 
+    # Einsum of an activation and a constant: a sum of products x[u]·w[e], one edge per term
+    def _op_Einsum(self, node, a):
+        names = list(node.input)
+        if len(names) != 2 or sum(self.is_act(n) for n in names) != 1 or not all(names):
+            raise _Unsupported  # two activations multiply each other: not linear
+        side = 0 if self.is_act(names[0]) else 1
+        X, w_name = self.ids[names[side]], names[1 - side]
+        W, P = self._need_const(w_name), self.cprov(w_name)
+        equation = "".join(_s(a["equation"]).split())
+        Y = self.new_units(node.output[0])
+        # Each term of the einsum's sum reads one element u of x and one element e of w: run it
+        # on one-hot operands, and every output element it reaches gets an edge u -> v of value w[e].
+        one_x, one_w = np.zeros(X.shape), np.zeros(W.shape)
+        for u in np.ndindex(*X.shape):
+            one_x[u] = 1.0
+            for e in np.ndindex(*W.shape):
+                one_w[e] = 1.0
+                reached = np.einsum(equation, *((one_x, one_w) if side == 0 else (one_w, one_x)))
+                for v in zip(*np.nonzero(reached)):
+                    for _ in range(int(round(reached[v]))):
+                        self.add(X[u], Y[v], W[e], self.label(w_name, P[e]))
+                one_w[e] = 0.0
+            one_x[u] = 0.0
+
     # elementwise Add / Sum / Sub / Mul with broadcasting
     def _elementwise(self, node, a, signs):
         out = node.output[0]

@@ -2,14 +2,25 @@
 
 Its γ and β are incoming parameters of the group after the BN: scaling both by λ scales the
 output by λ whatever mean and variance the BN normalises with, so the rescaled model is
-equivalent in inference *and* when trained with BN in training mode. The channel between the
-producer and the BN is not a neuron of its own (a scale there is exact only in inference).
+equivalent in inference *and* when trained with BN in training mode.
+
+The channel between the producer and the BN is frozen by default: a scale λ there is exact
+in inference only if the running statistics follow it. With `bn_statistics` (the
+--bn-statistics option) they do: mean ↦ λ·mean and var ↦ λ²·(var + ε) − ε, so that √(var + ε)
+becomes λ·√(var + ε) and the BN's output does not move. In training mode the BN normalises
+with the batch's own statistics instead, (λx − λμ)/√(λ²σ² + ε) against (x − μ)/√(σ² + ε): the
+same up to ε, which acts as ε/λ² (docs/design.md §1.5).
 
 In the path network the BN is its affine form a = γ/√(var+ε), b = β − a·mean: the forward
 mass is a²·x + b², and the statistics of the entries a_c and b_c are reported under γ and β.
+With `bn_statistics`, a_c is also outgoing from the input channel: γ carries its incoming
+scale and the running variance its outgoing one, so the use of γ has both sides (like a
+depthwise weight) and the statistic of a_c stays one entry, reported under γ.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
@@ -36,13 +47,38 @@ class BatchNormRule(OpRule):
         if shape is None or len(shape) < 2:
             an.cut(node, f"BatchNormalization '{node_label(node)}' has an input of unknown shape")
             return
-        an.freeze_layout(x, f"feeds BatchNormalization '{node_label(node)}' (its γ and β carry the scale)",
-                         "before_bn")
         channels = shape[1]
+        in_pos = self._input_carried_by_statistics(node, an, channels)
         out_pos = an.new_positions(node, y, channels)
         an.set_layout(y, Layout(1, out_pos))
-        an.add_use(node, "bn_scale", node.input[1], (channels,), rows=out_pos, cols=None)
+        an.add_use(node, "bn_scale", node.input[1], (channels,), rows=out_pos, cols=in_pos,
+                   stores_cols=in_pos is None)
         an.add_use(node, "bn_bias", node.input[2], (channels,), rows=out_pos, cols=None)
+        if in_pos is not None:  # the running statistics take the input channel's scale
+            an.add_use(node, "bn_mean", node.input[3], (channels,), rows=in_pos, cols=None)
+            an.add_use(node, "bn_var", node.input[4], (channels,), rows=in_pos, cols=None, power=2,
+                       offset=float(attr(node, "epsilon", 1e-5)))
+
+    @staticmethod
+    def _input_carried_by_statistics(node, an, channels: int) -> Optional[np.ndarray]:
+        """The positions of the input channels when the running statistics carry their scale,
+        or None: then they are frozen, with the reason."""
+        x, label = node.input[0], node_label(node)
+        layout = an.layout(x)
+        if layout is None:
+            return None  # nothing before the BN can move (a graph input, a barrier's output)
+        why = None
+        if not an.bn_statistics:
+            why = f"feeds BatchNormalization '{label}' (its γ and β carry the scale)"
+        elif not isinstance(layout, Layout) or layout.axis != 1 or layout.channels != channels:
+            why = f"feeds BatchNormalization '{label}' along another axis than its channels"
+        elif any(an.graph.stored_ref(name) is None for name in node.input[3:5]):
+            why = (f"feeds BatchNormalization '{label}', whose running statistics are computed from other "
+                   f"constants and cannot carry the scale")
+        if why is not None:
+            an.freeze_layout(x, why, "before_bn")
+            return None
+        return layout.pos
 
     def path(self, node, ctx):
         """y = a²·x + b² per channel, with a = γ/√(var+ε) and b = β − a·mean: the statistics

@@ -310,6 +310,26 @@ class NumpyExecutor:
         factors = (adjs.T, xs.T) if out_first else (xs.T, adjs.T)
         return [into], [(prim.weight.use, None, factors)]
 
+    # AxisDense: the product of Dense on x with the contracted axis moved last, then a transpose
+    def _forward_AxisDense(self, prim: P.AxisDense, x):
+        w = self._stored(prim.weight.use)
+        z = squared_product(w, np.moveaxis(x, prim.axis, -1), w_left=False, transposed=prim.weight_transposed)
+        if prim.weight.gain != 1.0:
+            z *= prim.weight.gain
+        return [np.ascontiguousarray(z.transpose(prim.perm))]
+
+    def _backward_AxisDense(self, prim: P.AxisDense, inputs, adj):
+        w = self._stored(prim.weight.use)
+        adj = adj.transpose(np.argsort(prim.perm))  # back to the product's order: [..., out]
+        if prim.weight.gain != 1.0:
+            adj = adj * prim.weight.gain
+        into = np.moveaxis(squared_product(w, adj, w_left=False, transposed=not prim.weight_transposed), -1, prim.axis)
+        # g[i, o] = Σ over the other positions of x[.., i] · adj[.., o]: as factors, as for Dense
+        x = np.moveaxis(inputs[0], prim.axis, -1)
+        xs, adjs = x.reshape(-1, x.shape[-1]), adj.reshape(-1, adj.shape[-1])
+        factors = (adjs.T, xs.T) if prim.weight_transposed else (xs.T, adjs.T)
+        return [np.ascontiguousarray(into)], [(prim.weight.use, None, factors)]
+
     # Conv
     def _forward_Conv(self, prim: P.Conv, x):
         w2 = self._factor(prim.weight)

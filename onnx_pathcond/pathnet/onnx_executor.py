@@ -301,6 +301,39 @@ class OnnxExecutor:
     def _dense_out(self, prim: P.Dense) -> int:
         return self._dense_sizes(prim)[1]
 
+    # AxisDense: a MatMul on x with the contracted axis moved last, then a Transpose
+    @staticmethod
+    def _moved_last(rank: int, axis: int) -> List[int]:
+        return [a for a in range(rank) if a != axis] + [axis]
+
+    def _permuted(self, name: str, perm) -> str:
+        perm = list(perm)
+        return name if perm == sorted(perm) else self.transpose(name, perm)
+
+    def _axis_dense_weight(self, prim: P.AxisDense, transposed: bool) -> str:
+        """W of the product ([in, out]), or Wᵀ with `transposed`: one Transpose at most."""
+        w2 = self._factor(P.Weight(prim.weight.use))  # the gain goes on the activations' side
+        return self.transpose(w2, [1, 0]) if prim.weight_transposed != transposed else w2
+
+    def _forward_AxisDense(self, prim: P.AxisDense, x):
+        xm = self._permuted(x, self._moved_last(len(self._shape(prim.x)), prim.axis))
+        z = self.op("MatMul", [xm, self._axis_dense_weight(prim, False)])
+        y = self._permuted(self.scaled(z, prim.weight.gain), prim.perm)
+        return [self._made(y, self._shape(prim.y))]
+
+    def _backward_AxisDense(self, prim: P.AxisDense, inputs, adj):
+        moved = self._moved_last(len(self._shape(prim.x)), prim.axis)
+        adj = self.scaled(self._permuted(adj, np.argsort(prim.perm).tolist()), prim.weight.gain)
+        into = self.op("MatMul", [adj, self._axis_dense_weight(prim, True)])
+        into = self._permuted(into, np.argsort(moved).tolist())
+        # g's factors, one row per position of the other axes (as for Dense)
+        n_in, n_out = self._shape(prim.x)[prim.axis], self._shape(prim.y)[prim.perm.index(len(prim.perm) - 1)]
+        xs = self.reshape(self._permuted(inputs[0], moved), [-1, n_in])
+        adjs = self.reshape(adj, [-1, n_out])
+        xs_t, adjs_t = self.transpose(xs, [1, 0]), self.transpose(adjs, [1, 0])
+        factors = (adjs_t, xs_t) if prim.weight_transposed else (xs_t, adjs_t)
+        return [self._made(into, self._shape(prim.x))], [(prim.weight.use, None, factors)]
+
     # Conv
     def _conv_weight(self, prim):
         """The squared weight as [G, first axis / G, rest] and its shape."""

@@ -122,6 +122,21 @@ class Dense(OneToOne):
 
 
 @dataclass(frozen=True, eq=False)
+class AxisDense(OneToOne):
+    """A matrix product along any axis of x: y = gain · transpose(moveaxis(x, axis, -1) @ W, perm),
+    W the squared 2-D weight ([in, out], or [out, in] stored when `weight_transposed`). The
+    product puts the new axis last, after x's other axes in their order; `perm` then orders
+    them as y has them (an `Einsum` such as "nchw,oc->nohw" or "bi,oi->ob")."""
+
+    weight: Weight
+    axis: int
+    perm: Tuple[int, ...]
+    weight_transposed: bool = False
+    cheap = False
+    reads_inputs_backward = True
+
+
+@dataclass(frozen=True, eq=False)
 class Conv(OneToOne):
     """N-d convolution [N, C, *S] → [N, O, *out] with the squared weight [O, C/groups, *kernel]."""
 

@@ -26,7 +26,6 @@ and `runs.json` (every run, every epoch).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -49,7 +48,8 @@ from torch import nn  # noqa: E402
 
 BATCH_SIZE = 128
 DIVERGENCE_FACTOR = 10.0  # a training loss above this many times the initial loss is a divergence
-TARGETS = (0.99, 1.0)  # training accuracies whose first epoch is reported
+TARGETS = (0.99, 1.0)
+EXAMPLE_BATCH = 64  # inputs the round trip exports with and checks on (train-mode BatchNorm needs a batch)  # training accuracies whose first epoch is reported
 
 
 # ---------------------------------------------------------------------------- data
@@ -143,27 +143,25 @@ class NetSpec:
     description: str
     data: str
     build: Callable[[], nn.Module]
-    lrs: Tuple[float, ...]  # the learning rates of the full grid
 
 
-MLP_LRS = (0.01, 0.03, 0.1)
+LRS = (0.05, 0.1, 0.2, 0.4)  # the full grid's learning rates
 NETS: Dict[str, NetSpec] = {
-    "mlp_k3": NetSpec("MLP 64-500×3-10, digits", "digits", lambda: mlp([64] + [500] * 3 + [10]), MLP_LRS),
-    "mlp_k5": NetSpec("MLP 64-500×5-10, digits", "digits", lambda: mlp([64] + [500] * 5 + [10]), MLP_LRS),
-    "mlp_k8": NetSpec("MLP 64-500×8-10, digits", "digits", lambda: mlp([64] + [500] * 8 + [10]), MLP_LRS),
-    "mlp_unbalanced": NetSpec("MLP 64-1024-32-1024-10, digits", "digits", lambda: mlp([64, 1024, 32, 1024, 10]),
-                              MLP_LRS),
-    "moons_mlp": NetSpec("MLP 2-32-64-128-64-32-2, two moons", "moons", lambda: mlp([2, 32, 64, 128, 64, 32, 2]),
-                         MLP_LRS),
-    "cnn": NetSpec("CNN conv16-conv32-pool-conv32-pool-fc64-fc10, digits 8×8", "digits_image", lambda: cnn(False),
-                   MLP_LRS),
-    "cnn_bn": NetSpec("the same CNN with BatchNorm after each conv", "digits_image", lambda: cnn(True), MLP_LRS),
+    "mlp_k3": NetSpec("MLP 64-500×3-10, digits", "digits", lambda: mlp([64] + [500] * 3 + [10])),
+    "mlp_k5": NetSpec("MLP 64-500×5-10, digits", "digits", lambda: mlp([64] + [500] * 5 + [10])),
+    "mlp_k8": NetSpec("MLP 64-500×8-10, digits", "digits", lambda: mlp([64] + [500] * 8 + [10])),
+    "mlp_unbalanced": NetSpec("MLP 64-1024-32-1024-10, digits", "digits", lambda: mlp([64, 1024, 32, 1024, 10])),
+    "moons_mlp": NetSpec("MLP 2-32-64-128-64-32-2, two moons", "moons", lambda: mlp([2, 32, 64, 128, 64, 32, 2])),
+    "cnn": NetSpec("CNN conv16-conv32-pool-conv32-pool-fc64-fc10, digits 8×8", "digits_image", lambda: cnn(False)),
+    "cnn_bn": NetSpec("the same CNN with BatchNorm after each conv", "digits_image", lambda: cnn(True)),
     "resnet": NetSpec("residual net, 3 BasicBlocks (16, 32↓, 32) with BatchNorm, digits 8×8", "digits_image",
-                      resnet, MLP_LRS),
+                      resnet),
 }
 
 
 INITS = ("he", "torch")
+INIT_LABELS = {"he": "He initialisation (normal, zero biases)",
+               "torch": "PyTorch's default initialisation (as the modules are built)"}
 
 
 def build_net(name: str, seed: int, init: str = "he") -> nn.Module:
@@ -190,77 +188,19 @@ def build_net(name: str, seed: int, init: str = "he") -> nn.Module:
 # name -> keyword arguments of the rescaling step; None trains the net as built
 METHODS: Dict[str, Optional[dict]] = {
     "none": None,
-    "pathcond": dict(solver="cd", criterion="pathcond"),
-    "pathcond_exact": dict(solver="exact", criterion="pathcond"),
-    "enorm": dict(solver="cd", criterion="enorm"),
+    "pathcond": dict(criterion="pathcond", solver="cd"),
+    "pathcond_exact": dict(criterion="pathcond", solver="exact"),
+    "enorm": dict(criterion="enorm", solver="cd"),
 }
 METHOD_LABELS = {"none": "none", "pathcond": "PathCond", "pathcond_exact": "PathCond exact", "enorm": "ENorm"}
 
 
-def _rescale_module_through_onnx(module: nn.Module, example: torch.Tensor, *, solver: str = "cd",
-                                 criterion: str = "pathcond"):
-    """Export `module` to ONNX (legacy exporter in eval mode, BatchNorm kept, no constant
-    folding), rescale it with `onnx_pathcond.rescale`, and load the rescaled tensors back into
-    `module` by name. Returns the report. Raises when a rewritten tensor has no parameter of
-    that name or when the module's outputs on `example` changed.
-
-    `keep_initializers_as_inputs=True` stops the exporter from storing equal tensors once: in
-    a fresh net every BatchNorm has γ = 1, and one shared γ would freeze every channel behind a
-    BatchNorm. The initializers are then removed from the graph inputs, so the tool sees them
-    as constants."""
-    import warnings
-
-    import onnx
-    from onnx import numpy_helper
-
-    import onnx_pathcond
-
-    was_training = module.training
-    module.eval()
-    with torch.no_grad():
-        before = module(example)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter's notice
-        torch.onnx.export(module, (example,), buffer, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
-                          do_constant_folding=False, keep_initializers_as_inputs=True,
-                          input_names=["x"], output_names=["y"])
-    proto = onnx.load_from_string(buffer.getvalue())
-    stored = {t.name for t in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in stored]
-    del proto.graph.input[:]
-    proto.graph.input.extend(inputs)
-    options = dict(solver=solver)
-    if criterion != "pathcond":  # the default criterion is not passed: older versions have no such option
-        options["criterion"] = criterion
-    try:
-        rescaled, report = onnx_pathcond.rescale(proto, **options)
-    except TypeError as error:
-        raise RuntimeError(f"this onnx_pathcond cannot rescale with criterion '{criterion}': {error}") from None
-    state = module.state_dict()
-    missing = [r.name for r in report.rewritten if r.name not in state]
-    if missing:
-        raise RuntimeError(f"rescaled tensors without a parameter of that name: {', '.join(missing)}")
-    with torch.no_grad():
-        for tensor in rescaled.graph.initializer:
-            if tensor.name in state:
-                state[tensor.name].copy_(torch.from_numpy(numpy_helper.to_array(tensor).copy()))
-        after = module(example)
-    if not torch.allclose(before, after, rtol=1e-4, atol=1e-4 * float(before.abs().max())):
-        raise RuntimeError("the rescaled module's outputs differ from the original's")
-    module.train(was_training)
-    return report
-
-
 def rescale_module(module: nn.Module, example: torch.Tensor, **options):
-    """The round trip: onnx_pathcond.torch.rescale_module when this checkout has it, the
-    stand-in above otherwise."""
-    try:
-        from onnx_pathcond.torch import rescale_module as round_trip
-    except ImportError:
-        return _rescale_module_through_onnx(module, example, **options)
-    if options.get("criterion") == "pathcond":  # the default, not passed (see above)
-        options = {k: v for k, v in options.items() if k != "criterion"}
+    """The round trip, `onnx_pathcond.torch.rescale_module`: export to ONNX, rescale, load the
+    rescaled tensors back by name, check the module's outputs on `example` in eval and train
+    mode. Returns the tool's report."""
+    from onnx_pathcond.torch import rescale_module as round_trip
+
     return round_trip(module, example, **options).report
 
 
@@ -286,7 +226,7 @@ def apply_method(net: nn.Module, method: str, data: Dataset) -> Rescaling:
     original = _outputs(net, data.x_train)
     t0 = time.perf_counter()
     try:
-        report = rescale_module(net, data.x_train[:1], **options)
+        report = rescale_module(net, data.x_train[:EXAMPLE_BATCH], **options)
     except Exception as error:  # noqa: BLE001  (reported as a failed method, the grid goes on)
         return Rescaling(seconds=time.perf_counter() - t0, error=f"{type(error).__name__}: {error}")
     seconds = time.perf_counter() - t0
@@ -382,7 +322,7 @@ def _target_key(target: float) -> str:
 
 
 # ---------------------------------------------------------------------------- the grid
-def run_grid(nets: Sequence[str], methods: Sequence[str], lrs: Optional[Sequence[float]], seeds: Sequence[int],
+def run_grid(nets: Sequence[str], methods: Sequence[str], lrs: Sequence[float], seeds: Sequence[int],
              epochs: int, batch_size: int = BATCH_SIZE, init: str = "he",
              log: Callable[[str], None] = print) -> List[Run]:
     """Every net × learning rate × method × seed. A net is built and rescaled once per
@@ -399,7 +339,7 @@ def run_grid(nets: Sequence[str], methods: Sequence[str], lrs: Optional[Sequence
                 start = {k: v.clone() for k, v in net.state_dict().items()}
                 if rescaling.error:
                     log(f"{net_name} {method} seed {seed}: rescaling failed: {rescaling.error}")
-                for lr in (lrs or spec.lrs):
+                for lr in lrs:
                     run = Run(net_name, method, lr, seed, rescaling=rescaling)
                     if not rescaling.error:
                         net.load_state_dict(start)
@@ -452,7 +392,7 @@ def best_lr(runs: List[Run]) -> Optional[Run]:
     return None if key(lr) == (math.inf, math.inf) else lr
 
 
-def markdown(runs: List[Run], epochs: int, batch_size: int, command: str) -> str:
+def markdown(runs: List[Run], epochs: int, batch_size: int, init: str, command: str) -> str:
     groups = _group(runs)
     nets = list(dict.fromkeys(r.net for r in runs))
     methods = list(dict.fromkeys(r.method for r in runs))
@@ -460,7 +400,7 @@ def markdown(runs: List[Run], epochs: int, batch_size: int, command: str) -> str
     lines = [
         "# Training with and without rescaling",
         "",
-        f"Written by `{command}`. Protocol in `benchmarks/training/README.md`: He initialisation, the "
+        f"Written by `{command}`. Protocol in `benchmarks/training/README.md`: {INIT_LABELS[init]}, the "
         f"method applied once before training, plain SGD ({f'minibatch {batch_size}' if batch_size else 'full batch'}), epoch cap {epochs}, "
         f"seeds {', '.join(map(str, seeds))}. Epochs to 99 % and to 100 % training accuracy: median over "
         "seeds (a seed that never got there counts as the slowest; `—`: the median seed never got there), "
@@ -570,10 +510,10 @@ def _rounded(value, digits=4):
     return value
 
 
-def write_outputs(runs: List[Run], out: Path, epochs: int, batch_size: int, command: str) -> List[Path]:
+def write_outputs(runs: List[Run], out: Path, epochs: int, batch_size: int, init: str, command: str) -> List[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "training.md", out / "runs.json"]
-    written[0].write_text(markdown(runs, epochs, batch_size, command))
+    written[0].write_text(markdown(runs, epochs, batch_size, init, command))
     written[1].write_text(json.dumps([_rounded(asdict(r)) for r in runs], indent=0))
     if plot(runs, out / "training_loss.png"):
         written.append(out / "training_loss.png")
@@ -588,7 +528,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nets", nargs="+", choices=list(NETS), default=list(NETS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--lrs", nargs="+", type=float, help="learning rates (default: each net's own)")
+    parser.add_argument("--lrs", nargs="+", type=float, default=list(LRS),
+                        help=f"learning rates (default {' '.join(map(str, LRS))})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=200, help="epoch cap (default 200)")
     parser.add_argument("--quick", action="store_true",
@@ -606,7 +547,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = "python benchmarks/training/bench_training.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     runs = run_grid(args.nets, args.methods, args.lrs, args.seeds, args.epochs, args.batch_size, args.init)
-    for path in write_outputs(runs, args.out, args.epochs, args.batch_size, command.strip()):
+    for path in write_outputs(runs, args.out, args.epochs, args.batch_size, args.init, command.strip()):
         print(f"wrote {path}")
     print(f"{len(runs)} runs in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -521,7 +521,7 @@ def write_outputs(runs: List[Run], out: Path, epochs: int, batch_size: int, init
 
 
 # ---------------------------------------------------------------------------- command line
-QUICK = dict(seeds=[0], epochs=2, lrs=[0.05])
+QUICK = dict(seeds=[0], epochs=1, lrs=[0.05])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,153 @@
+"""benchmarks/training/bench_training.py: the --quick grid end to end (every net and method), and
+the pieces its figures rest on, checked independently: the rescaled nets compute what the
+originals do (in eval and train mode, on data the rescaling never saw) while their weights did
+move, and the epochs reported are those at which the recorded accuracy first reached the target."""
+
+import copy
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+pytest.importorskip("onnx_pathcond.torch")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "training", "bench_training.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_training", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The --quick grid, run as a user would run it."""
+    out = tmp_path_factory.mktemp("quick")
+    done = subprocess.run([sys.executable, SCRIPT, "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return out, json.loads((out / "runs.json").read_text()), (out / "training.md").read_text()
+
+
+def test_quick_grid_runs_every_net_and_method(bench, quick):
+    out, runs, _ = quick
+    cells = {(r["net"], r["method"]) for r in runs}
+    assert cells == {(n, m) for n in bench.NETS for m in bench.METHODS}
+    assert len(runs) == len(cells)  # one seed, one learning rate
+    for run in runs:
+        rescaling = run["rescaling"]
+        assert rescaling["error"] is None, (run["net"], run["method"], rescaling["error"])
+        assert 2 <= len(run["loss"]) == len(run["accuracy"]) <= bench.QUICK["epochs"] + 1
+        assert all(math.isfinite(v) and v > 0 for v in run["loss"])
+        assert all(0 <= a <= 1 for a in run["accuracy"])
+        assert run["diverged"] is None and 0 < run["test_accuracy"] <= 1
+
+
+def test_quick_grid_rescaled_nets_start_from_the_same_function(quick):
+    """Epoch 0 is the net before any step: every method of a net starts at the loss and
+    accuracy of the net as built, while each rescaling did move the weights."""
+    _, runs, _ = quick
+    for net in {r["net"] for r in runs}:
+        by_method = {r["method"]: r for r in runs if r["net"] == net}
+        start = by_method["none"]
+        for method, run in by_method.items():
+            assert run["loss"][0] == pytest.approx(start["loss"][0], rel=1e-5), (net, method)
+            assert run["accuracy"][0] == start["accuracy"][0], (net, method)
+            if method != "none":
+                assert run["rescaling"]["start_difference"] < 1e-5, (net, method)
+                assert run["rescaling"]["max_abs_u"] > 0.1, (net, method)  # something was rescaled
+        for method in ("pathcond", "pathcond_exact"):  # PathCond lowers AM/GM of diag(G)
+            r = by_method[method]["rescaling"]
+            assert r["am_gm_after"] < r["am_gm_before"], (net, method)
+
+
+def test_quick_grid_writes_a_table_row_per_method_and_a_plot(bench, quick):
+    out, runs, table = quick
+    for net in bench.NETS:
+        section = table.split(f"## {net}:")[1].split("\n## ")[0]
+        rows = [line for line in section.splitlines() if line.startswith(f"| {bench.QUICK['lrs'][0]:g} |")]
+        assert [row.split("|")[2].strip() for row in rows] == [bench.METHOD_LABELS[m] for m in bench.METHODS]
+        assert all("rescaling failed" not in row for row in rows)
+    best = table.split("## At each method's best learning rate")[1].split("\n## ")[0]
+    assert all(f"| {net} |" in best for net in bench.NETS)
+    png = out / "training_loss.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not png.exists()
+        return
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+@pytest.mark.parametrize("net_name", ["mlp_unbalanced", "cnn_bn", "resnet"])
+def test_rescaled_net_computes_the_same_function(bench, net_name):
+    """The benchmark's rescaling step against a copy of the net taken before it, on the test
+    set (never seen by the rescaling), in eval mode and in train mode (BatchNorm on batch
+    statistics), for each method; and the weights really moved (so the comparison can fail)."""
+    torch.set_num_threads(1)
+    data = bench.load_data(bench.NETS[net_name].data)
+    for method in ("pathcond", "pathcond_exact", "enorm"):
+        net = bench.build_net(net_name, seed=3)
+        original = copy.deepcopy(net)
+        rescaling = bench.apply_method(net, method, data)
+        assert rescaling.error is None, rescaling.error
+        moved = max(float((a - b).detach().abs().max() / b.detach().abs().max())
+                    for a, b in zip(net.parameters(), original.parameters()) if b.abs().max() > 0)
+        assert moved > 0.05, (net_name, method)
+        for training in (False, True):
+            net.train(training)
+            original.train(training)
+            with torch.no_grad():
+                expected, got = original(data.x_test).double(), net(data.x_test).double()
+            assert float((got - expected).abs().max() / expected.abs().max()) < 1e-5, (net_name, method, training)
+
+
+def test_he_initialisation(bench):
+    """Weights drawn with variance 2 / fan-in, zero biases, the same for the same seed."""
+    net = bench.build_net("mlp_k3", seed=0)
+    again = bench.build_net("mlp_k3", seed=0)
+    other = bench.build_net("mlp_k3", seed=1)
+    for layer, same, different in zip(net, again, other):
+        if isinstance(layer, torch.nn.Linear):
+            fan_in = layer.weight.shape[1]
+            assert float(layer.weight.var()) == pytest.approx(2 / fan_in, rel=0.1)
+            assert float(layer.bias.abs().max()) == 0
+            assert torch.equal(layer.weight, same.weight) and not torch.equal(layer.weight, different.weight)
+
+
+def test_epochs_to_target_and_divergence(bench):
+    """The first epoch at or above each target, read from the recorded accuracies; a learning
+    rate far too large is caught as a divergence, and the run stops there."""
+    torch.set_num_threads(1)
+    data = bench.load_data("moons")
+    run = bench.train(bench.build_net("moons_mlp", 0), data, bench.Run("moons_mlp", "none", 0.2, 0), epochs=60)
+    assert run.diverged is None
+    for target, key in ((0.99, "99"), (1.0, "100")):
+        first = next((epoch for epoch, a in enumerate(run.accuracy) if epoch and a >= target), None)
+        assert run.reached[key] == first
+    assert run.reached["99"] is not None  # two moons is easy: 99 % within 60 epochs
+    if run.reached["100"] is not None:  # the run stops at 100 %
+        assert len(run.accuracy) == run.reached["100"] + 1
+    blown = bench.train(bench.build_net("mlp_k5", 0), bench.load_data("digits"), bench.Run("mlp_k5", "none", 50.0, 0),
+                        epochs=20)
+    assert blown.diverged is not None and len(blown.loss) == blown.diverged + 1
+    assert blown.test_accuracy is None and blown.reached == {"99": None, "100": None}
+
+
+def test_median_epochs(bench):
+    assert bench._median_epoch([3, 5, 4]) == 4
+    assert bench._median_epoch([3, None, 4]) == 4  # a seed that never got there is the slowest
+    assert bench._median_epoch([3, None, None]) is None
+    assert bench._median_epoch([2, 4]) == 3

@@ -1,7 +1,7 @@
 """Does rescaling a ReLU network before training help SGD? Epochs to 99 % and 100 % training accuracy.
 
     python benchmarks/training/bench_training.py                 # the full grid (see README.md here)
-    python benchmarks/training/bench_training.py --quick         # every net and method, 2 epochs, 1 seed
+    python benchmarks/training/bench_training.py --quick         # every net and method, 1 epoch, 1 seed
     python benchmarks/training/bench_training.py --nets mlp_k8 --lrs 0.1 --seeds 0 1 2 --out /tmp/r
 
 Protocol (the paper's: rescale once at initialisation, then train with plain SGD):
@@ -9,8 +9,8 @@ Protocol (the paper's: rescale once at initialisation, then train with plain SGD
 * data that ships with scikit-learn: the 8×8 digits (1797 images, a fixed stratified 80/20
   split, each pixel standardised with the training set's mean and deviation) and two moons
   (1000 points, noise 0.1, the same split and standardisation);
-* each net is built with He initialisation (normal, fan-in, ReLU gain; zero biases; BatchNorm
-  γ = 1, β = 0) from the run's seed;
+* each net is initialised from the run's seed: He (normal, variance 2/fan-in, zero biases,
+  BatchNorm γ = 1, β = 0), or with `--init torch` PyTorch's own defaults (the authors' code);
 * the method rescales that net through the ONNX round trip (export, `onnx_pathcond.rescale`,
   weights loaded back by name; the rescaled net's outputs are checked equal to the original's);
   `none` trains the net as built, so the methods of one seed start from the same function;

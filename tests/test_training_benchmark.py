@@ -48,21 +48,23 @@ def test_quick_grid_runs_every_net_and_method(bench, quick):
     for run in runs:
         rescaling = run["rescaling"]
         assert rescaling["error"] is None, (run["net"], run["method"], rescaling["error"])
-        assert 2 <= len(run["loss"]) == len(run["accuracy"]) <= bench.QUICK["epochs"] + 1
-        assert all(math.isfinite(v) and v > 0 for v in run["loss"])
+        assert 2 <= len(run["loss"]) == len(run["eval_loss"]) == len(run["accuracy"]) <= bench.QUICK["epochs"] + 1
+        assert all(math.isfinite(v) and v > 0 for v in run["loss"] + run["eval_loss"])
         assert all(0 <= a <= 1 for a in run["accuracy"])
         assert run["diverged"] is None and 0 < run["test_accuracy"] <= 1
 
 
 def test_quick_grid_rescaled_nets_start_from_the_same_function(quick):
-    """Epoch 0 is the net before any step: every method of a net starts at the loss and
-    accuracy of the net as built, while each rescaling did move the weights."""
+    """Epoch 0 is the net before any step: every method of a net starts at the loss (train
+    mode and eval mode) and accuracy of the net as built, while each rescaling did move the
+    weights."""
     _, runs, _ = quick
     for net in {r["net"] for r in runs}:
         by_method = {r["method"]: r for r in runs if r["net"] == net}
         start = by_method["none"]
         for method, run in by_method.items():
             assert run["loss"][0] == pytest.approx(start["loss"][0], rel=1e-5), (net, method)
+            assert run["eval_loss"][0] == pytest.approx(start["eval_loss"][0], rel=1e-5), (net, method)
             assert run["accuracy"][0] == start["accuracy"][0], (net, method)
             if method != "none":
                 assert run["rescaling"]["start_difference"] < 1e-5, (net, method)
@@ -143,6 +145,7 @@ def test_epochs_to_target_and_divergence(bench):
     blown = bench.train(bench.build_net("mlp_k5", 0), bench.load_data("digits"), bench.Run("mlp_k5", "none", 50.0, 0),
                         epochs=20)
     assert blown.diverged is not None and len(blown.loss) == blown.diverged + 1
+    assert not blown.loss[-1] <= bench.DIVERGENCE_FACTOR * blown.loss[0]  # inf, or past the limit
     assert blown.test_accuracy is None and blown.reached == {"99": None, "100": None}
 
 

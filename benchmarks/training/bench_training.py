@@ -15,9 +15,9 @@ Protocol (the paper's: rescale once at initialisation, then train with plain SGD
   weights loaded back by name; the rescaled net's outputs are checked equal to the original's);
   `none` trains the net as built, so the methods of one seed start from the same function;
 * SGD without momentum or weight decay, minibatches of 128 shuffled each epoch by the seed,
-  cross-entropy; after every epoch the loss and accuracy on the whole training set (eval mode);
+  cross-entropy; after every epoch the accuracy on the whole training set (eval mode);
 * a run stops at 100 % training accuracy, at the epoch cap, or when it diverges: a non-finite
-  loss, or a training loss above 10 times the initial one.
+  minibatch loss, or an epoch's mean minibatch loss above 10 times the initial loss.
 
 Outputs in --out: `training.md` (tables), `training_loss.png` (when matplotlib is installed)
 and `runs.json` (every run, every epoch).
@@ -26,6 +26,7 @@ and `runs.json` (every run, every epoch).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -261,8 +262,11 @@ class Run:
     method: str
     lr: float
     seed: int
-    loss: List[float] = field(default_factory=list)  # training loss, epoch 0 = before training
-    accuracy: List[float] = field(default_factory=list)  # training accuracy, the same epochs
+    # training loss in train mode, what SGD minimises: epoch 0 the whole training set before any
+    # step, then the mean of each epoch's minibatch losses
+    loss: List[float] = field(default_factory=list)
+    eval_loss: List[float] = field(default_factory=list)  # whole training set, eval mode, after each epoch
+    accuracy: List[float] = field(default_factory=list)  # training accuracy, eval mode, the same epochs
     reached: Dict[str, Optional[int]] = field(default_factory=dict)  # "99", "100" -> first epoch
     diverged: Optional[int] = None  # epoch at which the run diverged
     test_accuracy: Optional[float] = None  # at the last epoch run
@@ -280,28 +284,45 @@ def _evaluate(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[float, 
     return loss, accuracy
 
 
+def _train_mode_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The loss in train mode (BatchNorm on batch statistics), on a copy of the net so that its
+    running statistics do not move."""
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(copy.deepcopy(net).train()(x), y))
+
+
 def train(net: nn.Module, data: Dataset, run: Run, epochs: int, batch_size: int = BATCH_SIZE) -> Run:
-    """Plain SGD on `net` until 100 % training accuracy, `epochs` epochs, or a divergence."""
+    """Plain SGD on `net` until 100 % training accuracy, `epochs` epochs, or a divergence.
+
+    Divergence is read on the train-mode loss (a minibatch loss that is not finite, or an
+    epoch's mean above DIVERGENCE_FACTOR times the initial loss), not on the eval-mode one: in
+    the first epochs a BatchNorm's running statistics lag behind its weights, and the eval-mode
+    loss of a net that trains well can spike a hundredfold for an epoch."""
     t0 = time.perf_counter()
     optimiser = torch.optim.SGD(net.parameters(), lr=run.lr)
     order = torch.Generator().manual_seed(run.seed)
-    loss, accuracy = _evaluate(net, data.x_train, data.y_train)
-    run.loss, run.accuracy = [loss], [accuracy]
+    run.loss = [_train_mode_loss(net, data.x_train, data.y_train)]
+    eval_loss, accuracy = _evaluate(net, data.x_train, data.y_train)
+    run.eval_loss, run.accuracy = [eval_loss], [accuracy]
     run.reached = {_target_key(t): None for t in TARGETS}
-    limit = DIVERGENCE_FACTOR * loss
+    limit = DIVERGENCE_FACTOR * run.loss[0]
     net.train()
     for epoch in range(1, epochs + 1):
-        finite = True
+        total, seen = 0.0, 0
         for batch in torch.randperm(len(data.y_train), generator=order).split(batch_size):
             optimiser.zero_grad()
             batch_loss = nn.functional.cross_entropy(net(data.x_train[batch]), data.y_train[batch])
             if not torch.isfinite(batch_loss):
-                finite = False
+                total, seen = math.inf, 1
                 break
             batch_loss.backward()
             optimiser.step()
-        loss, accuracy = _evaluate(net, data.x_train, data.y_train) if finite else (math.inf, 0.0)
+            total += float(batch_loss) * len(batch)
+            seen += len(batch)
+        loss = total / seen
+        eval_loss, accuracy = _evaluate(net, data.x_train, data.y_train) if math.isfinite(loss) else (math.inf, 0.0)
         run.loss.append(loss)
+        run.eval_loss.append(eval_loss)
         run.accuracy.append(accuracy)
         if not math.isfinite(loss) or loss > limit:
             run.diverged = epoch
@@ -492,7 +513,7 @@ def plot(runs: List[Run], path: Path) -> bool:
             if i == len(nets) - 1:
                 ax.set_xlabel("epoch", fontsize=7)
             if j == 0:
-                ax.set_ylabel("training loss", fontsize=7)
+                ax.set_ylabel("training loss (epoch mean)", fontsize=7)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -37,7 +37,7 @@ def quick(tmp_path_factory):
     done = subprocess.run([sys.executable, SCRIPT, "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return out, json.loads((out / "runs.json").read_text()), (out / "training.md").read_text()
+    return out, json.loads((out / "runs.json").read_text())["runs"], (out / "training.md").read_text()
 
 
 def test_quick_grid_runs_every_net_and_method(bench, quick):
@@ -154,3 +154,10 @@ def test_median_epochs(bench):
     assert bench._median_epoch([3, None, 4]) == 4  # a seed that never got there is the slowest
     assert bench._median_epoch([3, None, None]) is None
     assert bench._median_epoch([2, 4]) == 3
+
+
+def test_from_json_writes_the_same_table(bench, quick, tmp_path):
+    """--from-json rebuilds the table from runs.json alone, identical to the one of the run."""
+    out, _, table = quick
+    assert bench.main(["--from-json", str(out / "runs.json"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "training.md").read_text() == table

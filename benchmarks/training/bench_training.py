@@ -494,6 +494,8 @@ def plot(runs: List[Run], path: Path) -> bool:
     lrs = sorted({r.lr for r in runs})
     methods = list(dict.fromkeys(r.method for r in runs))
     colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    # a diverging run's loss goes up to this ceiling, where a cross marks it
+    ceiling = 2 * DIVERGENCE_FACTOR * max(r.loss[0] for r in runs if r.loss)
     fig, axes = plt.subplots(len(nets), len(lrs), figsize=(3.2 * len(lrs), 2.4 * len(nets)), squeeze=False)
     for i, net in enumerate(nets):
         for j, lr in enumerate(lrs):
@@ -501,12 +503,11 @@ def plot(runs: List[Run], path: Path) -> bool:
             for run in runs:
                 if run.net != net or run.lr != lr or not run.loss:
                     continue
-                finite = [v if math.isfinite(v) else np.nan for v in run.loss]
+                finite = [min(v, ceiling) if math.isfinite(v) else ceiling for v in run.loss]
                 label = METHOD_LABELS[run.method] if run.seed == min(r.seed for r in runs) else None
                 ax.plot(range(len(finite)), finite, color=colours[run.method], lw=1, alpha=0.8, label=label)
                 if run.diverged:
-                    last = max((k for k, v in enumerate(finite) if not np.isnan(v)), default=0)
-                    ax.plot([last], [finite[last]], "x", color=colours[run.method])
+                    ax.plot([len(finite) - 1], [finite[-1]], "x", color=colours[run.method])
             ax.set_yscale("log")
             ax.set_title(f"{net}, lr {lr:g}", fontsize=8)
             ax.tick_params(labelsize=7)
@@ -521,24 +522,27 @@ def plot(runs: List[Run], path: Path) -> bool:
     return True
 
 
-def _rounded(value, digits=4):
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}") if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
-
-
-def write_outputs(runs: List[Run], out: Path, epochs: int, batch_size: int, init: str, command: str) -> List[Path]:
+def write_outputs(runs: List[Run], out: Path, settings: dict) -> List[Path]:
+    """training.md, runs.json (`settings`: epochs, batch_size, init, command, and the runs) and
+    the plot, into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "training.md", out / "runs.json"]
-    written[0].write_text(markdown(runs, epochs, batch_size, init, command))
-    written[1].write_text(json.dumps([_rounded(asdict(r)) for r in runs], indent=0))
+    written[0].write_text(markdown(runs, settings["epochs"], settings["batch_size"], settings["init"],
+                                   settings["command"]))
+    written[1].write_text(json.dumps({"settings": settings, "runs": [asdict(r) for r in runs]}))
     if plot(runs, out / "training_loss.png"):
         written.append(out / "training_loss.png")
     return written
+
+
+def read_runs(path: Path) -> Tuple[List[Run], dict]:
+    """The runs and settings that `write_outputs` saved in a runs.json."""
+    saved = json.loads(Path(path).read_text())  # an infinite loss is saved as Infinity, which json reads back
+    runs = []
+    for record in saved["runs"]:
+        rescaling = Rescaling(**record["rescaling"]) if record["rescaling"] else None
+        runs.append(Run(**dict(record, rescaling=rescaling)))
+    return runs, saved["settings"]
 
 
 # ---------------------------------------------------------------------------- command line
@@ -561,16 +565,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--init", choices=INITS, default="he",
                         help="he (default): He normal, zero biases; torch: PyTorch's default initialisation")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--from-json", type=Path, metavar="RUNS_JSON",
+                        help="train nothing: write the table and the plot again from a runs.json (into --out if "
+                             "given, else next to it)")
     args = parser.parse_args(argv)
+    if args.from_json:
+        runs, settings = read_runs(args.from_json)
+        out = args.out if "--out" in (sys.argv[1:] if argv is None else argv) else args.from_json.parent
+        for path in write_outputs(runs, out, settings):
+            print(f"wrote {path}")
+        return 0
     if args.quick:
         args.seeds, args.epochs, args.lrs = QUICK["seeds"], QUICK["epochs"], QUICK["lrs"]
     torch.set_num_threads(args.threads)
     command = "python benchmarks/training/bench_training.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     runs = run_grid(args.nets, args.methods, args.lrs, args.seeds, args.epochs, args.batch_size, args.init)
-    for path in write_outputs(runs, args.out, args.epochs, args.batch_size, args.init, command.strip()):
+    seconds = time.perf_counter() - t0
+    settings = dict(epochs=args.epochs, batch_size=args.batch_size, init=args.init, command=command.strip(),
+                    seconds=round(seconds))
+    for path in write_outputs(runs, args.out, settings):
         print(f"wrote {path}")
-    print(f"{len(runs)} runs in {time.perf_counter() - t0:.0f} s")
+    print(f"{len(runs)} runs in {seconds:.0f} s")
     return 0
 
 

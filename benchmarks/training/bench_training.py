@@ -517,7 +517,7 @@ def plot(runs: List[Run], path: Path) -> bool:
                 ax.set_ylabel("training loss (epoch mean)", fontsize=7)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
     return True
 

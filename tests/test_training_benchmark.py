@@ -1,4 +1,4 @@
-"""benchmarks/training/bench_training.py: the --quick grid end to end (every net and method), and
+"""benchmarks/training/bench_training.py: the --quick grid end to end (every method), and
 the pieces its figures rest on, checked independently: the rescaled nets compute what the
 originals do (in eval and train mode, on data the rescaling never saw) while their weights did
 move, and the epochs reported are those at which the recorded accuracy first reached the target."""
@@ -40,10 +40,10 @@ def quick(tmp_path_factory):
     return out, json.loads((out / "runs.json").read_text())["runs"], (out / "training.md").read_text()
 
 
-def test_quick_grid_runs_every_net_and_method(bench, quick):
+def test_quick_grid_runs_every_method(bench, quick):
     out, runs, _ = quick
     cells = {(r["net"], r["method"]) for r in runs}
-    assert cells == {(n, m) for n in bench.NETS for m in bench.METHODS}
+    assert cells == {(n, m) for n in bench.QUICK["nets"] for m in bench.METHODS}
     assert len(runs) == len(cells)  # one seed, one learning rate
     for run in runs:
         rescaling = run["rescaling"]
@@ -76,13 +76,13 @@ def test_quick_grid_rescaled_nets_start_from_the_same_function(quick):
 
 def test_quick_grid_writes_a_table_row_per_method_and_a_plot(bench, quick):
     out, runs, table = quick
-    for net in bench.NETS:
+    for net in bench.QUICK["nets"]:
         section = table.split(f"## {net}:")[1].split("\n## ")[0]
         rows = [line for line in section.splitlines() if line.startswith(f"| {bench.QUICK['lrs'][0]:g} |")]
         assert [row.split("|")[2].strip() for row in rows] == [bench.METHOD_LABELS[m] for m in bench.METHODS]
         assert all("rescaling failed" not in row for row in rows)
     best = table.split("## At each method's best learning rate")[1].split("\n## ")[0]
-    assert all(f"| {net} |" in best for net in bench.NETS)
+    assert all(f"| {net} |" in best for net in bench.QUICK["nets"])
     png = out / "training_loss.png"
     try:
         import matplotlib  # noqa: F401

@@ -1,7 +1,7 @@
 """Does rescaling a ReLU network before training help SGD? Epochs to 99 % and 100 % training accuracy.
 
     python benchmarks/training/bench_training.py                 # the full grid (see README.md here)
-    python benchmarks/training/bench_training.py --quick         # every net and method, 1 epoch, 1 seed
+    python benchmarks/training/bench_training.py --quick         # every method on 5 nets, 1 epoch, 1 seed
     python benchmarks/training/bench_training.py --nets mlp_k8 --lrs 0.1 --seeds 0 1 2 --out /tmp/r
 
 Protocol (the paper's: rescale once at initialisation, then train with plain SGD):
@@ -317,7 +317,7 @@ def train(net: nn.Module, data: Dataset, run: Run, epochs: int, batch_size: int 
                 break
             batch_loss.backward()
             optimiser.step()
-            total += float(batch_loss) * len(batch)
+            total += batch_loss.item() * len(batch)
             seen += len(batch)
         loss = total / seen
         eval_loss, accuracy = _evaluate(net, data.x_train, data.y_train) if math.isfinite(loss) else (math.inf, 0.0)
@@ -352,7 +352,9 @@ def run_grid(nets: Sequence[str], methods: Sequence[str], lrs: Sequence[float], 
     datasets: Dict[str, Dataset] = {}
     for net_name in nets:
         spec = NETS[net_name]
-        data = datasets.setdefault(spec.data, load_data(spec.data))
+        if spec.data not in datasets:
+            datasets[spec.data] = load_data(spec.data)
+        data = datasets[spec.data]
         for seed in seeds:
             for method in methods:
                 net = build_net(net_name, seed, init)
@@ -546,7 +548,8 @@ def read_runs(path: Path) -> Tuple[List[Run], dict]:
 
 
 # ---------------------------------------------------------------------------- command line
-QUICK = dict(seeds=[0], epochs=1, lrs=[0.05])
+# one net of each kind (dense, unbalanced, two moons, convolutions with BatchNorm, residual)
+QUICK = dict(nets=["mlp_k3", "mlp_unbalanced", "moons_mlp", "cnn_bn", "resnet"], seeds=[0], epochs=1, lrs=[0.05])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -558,7 +561,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=200, help="epoch cap (default 200)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"a smoke run: every net and method, {QUICK['epochs']} epochs, seed 0, lr {QUICK['lrs'][0]}")
+                        help=f"a smoke run: every method on {', '.join(QUICK['nets'])}, {QUICK['epochs']} epoch, "
+                             f"seed 0, lr {QUICK['lrs'][0]}")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="output folder (default results/ here)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help=f"SGD minibatch (default {BATCH_SIZE}; 0: the whole training set)")
@@ -576,7 +580,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"wrote {path}")
         return 0
     if args.quick:
-        args.seeds, args.epochs, args.lrs = QUICK["seeds"], QUICK["epochs"], QUICK["lrs"]
+        args.nets, args.seeds, args.epochs, args.lrs = QUICK["nets"], QUICK["seeds"], QUICK["epochs"], QUICK["lrs"]
     torch.set_num_threads(args.threads)
     command = "python benchmarks/training/bench_training.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()

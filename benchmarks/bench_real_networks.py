@@ -14,7 +14,8 @@ what `--dry-run` prints) and, for files below `--full-below` MB, the full rescal
 verification. It prints one row per file: nodes, rescalable groups, frozen groups by reason
 class, the barrier ops, and whether the check passed ("-" when only the analysis ran).
 
-Exports (`--export`): static batch 1, 3×224×224 input, eval mode; each network twice:
+Exports (`--export`): static batch 1, 3×224×224 input, eval mode, random weights (BatchNorm
+statistics too, as a trained network has them); each network twice:
 `<name>.legacy.onnx` (TorchScript exporter, opset 17, BatchNorm folded into the convolutions)
 and `<name>.dynamo_bn.onnx` (dynamo exporter, `optimize=False`: BatchNorm kept, `chunk` written
 as SplitToSequence/SequenceAt). `--exporters` picks others: `dynamo` (`optimize=True`).
@@ -37,6 +38,24 @@ CATEGORIES = ("barrier", "before_bn", "graph_output", "shared_weight", "fixed_we
 
 
 # ------------------------------------------------------------------------------------ export
+def _trained_like_batchnorm(module) -> None:
+    """BatchNorm statistics and affine parameters of a trained network, seeded. Freshly built,
+    every BatchNorm has γ = var = 1 and β = mean = 0: the legacy exporter then stores γ and the
+    variance as one tensor, which a trained network never does."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+                n = m.num_features
+                m.running_mean.copy_((torch.rand(n, generator=g) - 0.5) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_((torch.rand(n, generator=g) - 0.5) * 0.2)
+
+
 def _export(names, folder: Path, exporters) -> None:
     import contextlib
     import io
@@ -68,6 +87,7 @@ def _export(names, folder: Path, exporters) -> None:
             continue
         torch.manual_seed(0)
         module = builders[name]().eval()
+        _trained_like_batchnorm(module)
         for exporter in exporters:
             path = folder / f"{name}.{exporter}.onnx"
             if path.exists():

@@ -116,9 +116,11 @@ def _measure_one(path: str, full: bool) -> dict:
     """Runs in the child process: the tool on one file, as a dict."""
     import onnx
 
+    import onnx_pathcond
     from onnx_pathcond import rescale
 
-    row = {"file": os.path.basename(path), "size_mb": round(os.path.getsize(path) / 1e6, 1)}
+    row = {"file": os.path.basename(path), "size_mb": round(os.path.getsize(path) / 1e6, 1),
+           "tool": os.path.dirname(os.path.abspath(onnx_pathcond.__file__))}
     row["nodes"] = len(onnx.load(path, load_external_data=False).graph.node)
     t0 = time.perf_counter()
     if full:
@@ -142,10 +144,14 @@ def _measure_one(path: str, full: bool) -> dict:
 
 
 def _run_child(path: Path, full: bool, timeout: float) -> dict:
-    code = (f"import json, sys; sys.path[:0] = [{str(Path(__file__).resolve().parent)!r}]; "
-            f"import bench_real_networks as b; print('ROW' + json.dumps(b._measure_one({str(path)!r}, {full})))")
+    here = Path(__file__).resolve().parent
+    code = (f"import json; import bench_real_networks as b; "
+            f"print('ROW' + json.dumps(b._measure_one({str(path.resolve())!r}, {full})))")
     try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+        # run from this folder: `python -c` puts the working directory first on sys.path, and
+        # the repository root there would shadow the onnx_pathcond that PYTHONPATH names
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                              cwd=here)
     except subprocess.TimeoutExpired:
         return {"file": path.name, "error": f"timed out after {timeout:.0f} s"}
     rows = [line[3:] for line in done.stdout.splitlines() if line.startswith("ROW")]
@@ -199,6 +205,8 @@ def main(argv=None) -> int:
         print(f"  {path.name}: " + (row["error"] if "error" in row else
                                       f"{row['rescalable']} rescalable, {row['frozen']} frozen, {row['seconds']} s"),
               flush=True)
+    tools = sorted({r["tool"] for r in rows if "tool" in r})
+    print(f"onnx_pathcond from: {', '.join(tools)}")
     print(_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")

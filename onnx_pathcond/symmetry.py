@@ -160,7 +160,8 @@ class _UnknownShapes:
 
     def _unknown(self, name: str) -> bool:
         g = self.graph
-        return bool(name) and g.is_activation(name) and g.is_float(name) and g.shape(name) is None
+        return bool(name) and g.is_activation(name) and g.is_float(name) and g.shape(name) is None \
+            and not g.is_sequence(name)  # a sequence has no tensor shape: the rules that read one say what they need
 
     def origin(self, name: str) -> str:
         """The first node upstream of `name` whose inputs have shapes and whose outputs do not."""

@@ -112,8 +112,8 @@ def _export(names, folder: Path, exporters) -> None:
 
 
 # ------------------------------------------------------------------------------------ analyse
-def _measure_one(path: str, full: bool) -> dict:
-    """Runs in the child process: the tool on one file, as a dict."""
+def _measure_one(path: str, full: bool, options: dict = None) -> dict:
+    """Runs in the child process: the tool on one file, with `options` of `rescale`, as a dict."""
     import onnx
 
     import onnx_pathcond
@@ -123,10 +123,7 @@ def _measure_one(path: str, full: bool) -> dict:
            "tool": os.path.dirname(os.path.abspath(onnx_pathcond.__file__))}
     row["nodes"] = len(onnx.load(path, load_external_data=False).graph.node)
     t0 = time.perf_counter()
-    if full:
-        _, report = rescale(path)
-    else:
-        _, report = rescale(path, dry_run=True)
+    _, report = rescale(path, dry_run=not full, **(options or {}))
     row["seconds"] = round(time.perf_counter() - t0, 1)
     d = report.to_dict()
     groups = d["groups"]
@@ -143,10 +140,10 @@ def _measure_one(path: str, full: bool) -> dict:
     return row
 
 
-def _run_child(path: Path, full: bool, timeout: float) -> dict:
+def _run_child(path: Path, full: bool, timeout: float, options: dict) -> dict:
     here = Path(__file__).resolve().parent
     code = (f"import json; import bench_real_networks as b; "
-            f"print('ROW' + json.dumps(b._measure_one({str(path.resolve())!r}, {full})))")
+            f"print('ROW' + json.dumps(b._measure_one({str(path.resolve())!r}, {full}, {options!r})))")
     try:
         # run from this folder: `python -c` puts the working directory first on sys.path, and
         # the repository root there would shadow the onnx_pathcond that PYTHONPATH names
@@ -188,7 +185,10 @@ def main(argv=None) -> int:
                     help="rescale and check files below this many MB (default 60); larger ones: analysis only")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per file (default 900)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--bn-statistics", action="store_true",
+                    help="rescale with bn_statistics=True (a checkout that has the option)")
     args = ap.parse_args(argv)
+    options = {"bn_statistics": True} if args.bn_statistics else {}
     folder = Path(args.folder)
     if args.export:
         _export(args.models, folder, args.exporters)
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     rows = []
     for path in files:
         full = path.stat().st_size / 1e6 < args.full_below
-        row = _run_child(path, full, args.timeout)
+        row = _run_child(path, full, args.timeout, options)
         rows.append(row)
         print(f"  {path.name}: " + (row["error"] if "error" in row else
                                       f"{row['rescalable']} rescalable, {row['frozen']} frozen, {row['seconds']} s"),

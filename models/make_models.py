@@ -279,6 +279,14 @@ def torch_ref(module):
     return fn
 
 
+def expected_with_bn_statistics(rescalable: int, frozen: dict) -> dict:
+    """The counts with `bn_statistics=True`: every group frozen because it feeds a BatchNorm is a
+    neuron then (its scale carried by the running statistics); the others stay as they are. A
+    frozen group already holds every channel tied to it, so the freed ones add up."""
+    freed = frozen.get("before_bn", 0)
+    return {"rescalable": rescalable + freed, "frozen": {k: v for k, v in sorted(frozen.items()) if k != "before_bn"}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(HERE), help="output folder (default: models/)")
@@ -320,7 +328,8 @@ def main(argv=None) -> int:
             # what the tool should find, from the architecture (zoo.py), for the BatchNorm
             # layers this file kept; "default" is without options (room for option-dependent sets)
             rescalable, frozen = module.expected_groups(fold_batchnorm=info["bn_folded"])
-            entry["expected"] = {"default": {"rescalable": rescalable, "frozen": dict(sorted(frozen.items()))}}
+            entry["expected"] = {"default": {"rescalable": rescalable, "frozen": dict(sorted(frozen.items()))},
+                                 "bn_statistics": expected_with_bn_statistics(rescalable, frozen)}
         if module is not None:
             roundtrip_check(path, family, module, info)
         entries.append(entry)

@@ -23,3 +23,11 @@ def test_analysis_finds_the_counts_the_manifest_expects(entry):
     assert report.groups["rescalable"] == expected["rescalable"]
     assert report.groups["frozen_by_category"] == expected["frozen"]
     assert not report.barrier_ops
+
+
+@pytest.mark.parametrize("entry", WITH_EXPECTED, ids=[e["file"] for e in WITH_EXPECTED])
+def test_with_bn_statistics_the_analysis_finds_the_counts_the_manifest_expects(entry):
+    expected = entry["expected"]["bn_statistics"]  # every channel feeding a BatchNorm freed
+    _, report = rescale("models/" + entry["file"], dry_run=True, bn_statistics=True)
+    assert report.groups["rescalable"] == expected["rescalable"]
+    assert report.groups["frozen_by_category"] == expected["frozen"]

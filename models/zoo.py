@@ -273,6 +273,133 @@ class SmallMobileNet(nn.Module):
         return self.fc(x)
 
 
+def _conv_bn(cin, cout, kernel=1, stride=1, groups=1, relu=True):
+    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return layers + [nn.ReLU()] if relu else layers
+
+
+def channel_shuffle(x, groups):
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
+class ShuffleDown(nn.Module):
+    """ShuffleNet v2 stride-2 unit: two branches read the input (dw3x3-BN, 1x1-BN-ReLU and
+    1x1-BN-ReLU, dw3x3-BN, 1x1-BN-ReLU), concatenated, channels shuffled."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        half = cout // 2
+        self.branch1 = nn.Sequential(*_conv_bn(cin, cin, 3, 2, groups=cin, relu=False), *_conv_bn(cin, half))
+        self.branch2 = nn.Sequential(*_conv_bn(cin, half), *_conv_bn(half, half, 3, 2, groups=half, relu=False),
+                                     *_conv_bn(half, half))
+
+    def forward(self, x):
+        return channel_shuffle(torch.cat((self.branch1(x), self.branch2(x)), dim=1), 2)
+
+
+class ShuffleSplit(nn.Module):
+    """ShuffleNet v2 stride-1 unit: ``chunk`` the channels in two halves, one through the branch
+    (1x1-BN-ReLU, dw3x3-BN, 1x1-BN-ReLU), concatenated with the other, channels shuffled."""
+
+    def __init__(self, channels):
+        super().__init__()
+        half = channels // 2
+        self.branch2 = nn.Sequential(*_conv_bn(half, half), *_conv_bn(half, half, 3, groups=half, relu=False),
+                                     *_conv_bn(half, half))
+
+    def forward(self, x):
+        left, right = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat((left, self.branch2(right)), dim=1), 2)
+
+
+class SmallShuffleNet(nn.Module):
+    """Stem conv3x3 (3->16, stride 2)-BN-ReLU, a stride-2 unit (16->32), two stride-1 units (32),
+    conv1x1 (32->64)-BN-ReLU, global average pool, fc 64->10."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(3, 16, 3, 2))
+        self.stage = nn.Sequential(ShuffleDown(16, 32), ShuffleSplit(32), ShuffleSplit(32))
+        self.head = nn.Sequential(*_conv_bn(32, 64))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = self.head(self.stage(self.stem(x)))
+        return self.fc(x.mean([2, 3]))
+
+    def expected_groups(self, fold_batchnorm):
+        """(rescalable groups, {reason class: frozen groups}), from the architecture: every
+        convolution is followed by its BatchNorm. Kept, the BatchNorm's channels are the
+        neurons (the shuffle only permutes them) and the convolution's feed it; folded, the
+        convolution's channels are the neurons. The classifier's outputs are the graph output."""
+        convs = sum(m.out_channels for m in self.modules() if isinstance(m, nn.Conv2d))
+        bns = sum(m.num_features for m in self.modules() if isinstance(m, nn.BatchNorm2d))
+        frozen = {"graph_output": self.fc.out_features}
+        if fold_batchnorm:
+            return convs, frozen
+        frozen["before_bn"] = convs
+        return bns, frozen
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block: BN-ReLU-conv3x3-BN-ReLU-conv3x3 added to the input (or to a
+    1x1 projection of the first BN-ReLU when the shape changes)."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+class SmallPreActResNet(nn.Module):
+    """Stem conv3x3 (3->16), pre-activation blocks 16->16 and 16->32 (stride 2, projection),
+    final BN-ReLU, global average pool, fc 32->10. Every BatchNorm but the blocks' second one
+    reads a residual stream (a sum), not a convolution."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.layer1 = PreActBlock(16, 16)
+        self.layer2 = PreActBlock(16, 32, stride=2)
+        self.bn = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.conv1(x)))
+        x = F.relu(self.bn(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def expected_groups(self, fold_batchnorm):
+        """(rescalable groups, {reason class: frozen groups}), from the architecture.
+
+        Residual streams: the stem's channels and layer1's conv2 (tied by the identity
+        shortcut) feed layer1.bn1 and layer2.bn1; layer2's conv2 and projection (tied by the
+        sum) feed the final BN. They feed BatchNorms: frozen (`before_bn`). Each BN-ReLU is
+        followed by convolutions: its channels are neurons. A block's conv1 feeds its bn2:
+        frozen, and bn2's channels are neurons -- unless the exporter folds bn2 into conv1
+        (the only BatchNorms that directly follow a convolution read by nothing else: the stem
+        conv is also the identity shortcut), which leaves conv1's channels as the neurons.
+        """
+        blocks = (self.layer1, self.layer2)
+        streams = self.conv1.out_channels + self.layer2.conv2.out_channels
+        neurons_after_conv1 = sum((b.conv1.out_channels if fold_batchnorm else b.bn2.num_features) for b in blocks)
+        rescalable = sum(b.bn1.num_features for b in blocks) + neurons_after_conv1 + self.bn.num_features
+        frozen = {"graph_output": self.fc.out_features, "before_bn": streams}
+        if not fold_batchnorm:
+            frozen["before_bn"] += sum(b.conv1.out_channels for b in blocks)
+        return rescalable, frozen
+
+
 # ----------------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------------
@@ -290,6 +417,8 @@ _REGISTRY: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...], bool]] = {
     "densenet": (SmallDenseNet, (1, 3, 32, 32), True),
     "mobilenet": (lambda: SmallMobileNet(nn.ReLU), (1, 3, 32, 32), True),
     "mobilenet_relu6": (lambda: SmallMobileNet(nn.ReLU6), (1, 3, 32, 32), True),
+    "shufflenet": (SmallShuffleNet, (1, 3, 32, 32), True),
+    "preact_resnet": (SmallPreActResNet, (1, 3, 32, 32), True),
 }
 
 FAMILIES: Tuple[str, ...] = tuple(_REGISTRY)

@@ -241,7 +241,7 @@ class _Tolerance(click.ParamType):
               help="Seed of the random verification inputs.")
 @click.option("--bn-statistics", is_flag=True, default=BN_STATISTICS,
               help="Also rescale the channels that feed a BatchNormalization, their scale carried by its running "
-                   "mean and variance: exact in inference, in training mode only up to the BN's epsilon (see README).")
+                   "mean and variance: exact in inference, in training mode only up to the BN's epsilon (see README). With the pathcond criterion only.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
               help="Write the full report as JSON to this file.")
 @click.option("--dry-run", is_flag=True, help="Only analyse: print the groups and barriers, write nothing.")

@@ -34,6 +34,30 @@ MAX_INPUT_ELEMENTS = 2 ** 31
 # Nodes that only move a weight around; a weight behind them can still be rewritten in place.
 _WEIGHT_TRANSPARENT_OPS = ("Identity", "Transpose", "Cast")
 
+# ONNX ops whose outputs are sequences of tensors, not tensors (they have no tensor shape).
+_SEQUENCE_OPS = ("SplitToSequence", "SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase",
+                 "SequenceMap")
+
+
+def split_to_sequence_pieces(length: int, split: Optional[np.ndarray]) -> Optional[List[Tuple[int, int]]]:
+    """The [start, stop) ranges along the axis of the tensors SplitToSequence makes from an axis
+    of `length` elements: pieces of one element when `split` is None, chunks of `split` (the
+    last one shorter) for a scalar, the given lengths for a 1-D `split`. None for a `split`
+    the op refuses (lengths that do not add up, a chunk size below 1)."""
+    if split is None:
+        sizes = [1] * length
+    elif np.ndim(split) == 0:
+        chunk = int(split)
+        if chunk < 1:
+            return None
+        sizes = [min(chunk, length - start) for start in range(0, length, chunk)]
+    else:
+        sizes = [int(v) for v in np.ravel(split)]
+        if sum(sizes) != length or any(v < 0 for v in sizes):
+            return None
+    stops = np.cumsum(sizes).tolist()
+    return [(stop - size, stop) for size, stop in zip(sizes, stops)]
+
 
 
 @dataclass(frozen=True)
@@ -149,6 +173,10 @@ class Graph:
         self.graph_inputs: List[str] = [v.name for v in g.input if v.name not in self.initializers]
         self.graph_outputs: List[str] = [v.name for v in g.output]
         self.elem_type: Dict[str, int] = {}
+        # Values that are sequences of tensors: outputs of the sequence ops, and any value
+        # inference types as a sequence.
+        self.sequences = {o for n in self.nodes if n.op_type in _SEQUENCE_OPS and n.domain in ("", "ai.onnx")
+                          for o in n.output if o}
         self._constant_cache: Dict[str, np.ndarray] = {}
         self.input_shapes = self._resolve_input_shapes(input_shapes or {})
         self.shapes: Dict[str, Optional[Tuple[int, ...]]] = {}
@@ -300,6 +328,7 @@ class Graph:
             self.activations = self._find_activations()
             learnt = self._fold_small_constants(folded)
             learnt = self._runtime_pool_shapes(runtime) or learnt
+            learnt = self._sequence_item_shapes(runtime) or learnt
             if not learnt:
                 break
 
@@ -324,12 +353,55 @@ class Graph:
                 learnt = True
         return learnt
 
+    def _sequence_item_shapes(self, runtime: Dict[str, Tuple[int, ...]]) -> bool:
+        """Record the shapes of SequenceAt outputs that inference leaves open (a sequence
+        holds one element type: pieces of different lengths lose that axis), where the
+        sequence comes from a SplitToSequence with a constant split and the position is a
+        constant; True if any is new."""
+        learnt = False
+        for n in self.nodes:
+            if n.op_type != "SequenceAt" or n.domain not in ("", "ai.onnx") or n.output[0] in runtime \
+                    or self.shapes.get(n.output[0]) is not None:
+                continue
+            source = self.producer.get(n.input[0])
+            if source is None or source.op_type != "SplitToSequence" or source.domain not in ("", "ai.onnx"):
+                continue
+            x = self.shapes.get(source.input[0])
+            has_split = len(source.input) > 1 and bool(source.input[1])
+            names = [n.input[1]] + ([source.input[1]] if has_split else [])
+            if x is None or not all(name not in self.activations and self.is_constant(name) for name in names):
+                continue
+            try:
+                position = int(np.asarray(self.constant_value(n.input[1])).reshape(()))
+                split = np.asarray(self.constant_value(source.input[1])) if has_split else None
+            except Exception:
+                continue
+            axis = attr(source, "axis", 0)
+            if not -len(x) <= axis < len(x):
+                continue
+            axis %= len(x)
+            pieces = split_to_sequence_pieces(x[axis], split)
+            if pieces is None or not -len(pieces) <= position < len(pieces):
+                continue
+            start, stop = pieces[position]
+            shape = list(x)
+            if has_split or attr(source, "keepdims", 1):
+                shape[axis] = stop - start
+            else:
+                del shape[axis]
+            runtime[n.output[0]] = tuple(shape)
+            self.elem_type.setdefault(n.output[0], self.elem_type.get(source.input[0], TensorProto.FLOAT))
+            learnt = True
+        return learnt
+
     def _collect_shapes(self, inferred: onnx.ModelProto, keep_known: bool = False) -> None:
         """Static shapes and element types of the value infos of `inferred`; with `keep_known`,
         only for tensors with no shape yet."""
         for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
             if keep_known and vi.name in self.shapes:
                 continue
+            if vi.type.HasField("sequence_type"):
+                self.sequences.add(vi.name)
             if not vi.type.HasField("tensor_type"):
                 continue
             tt = vi.type.tensor_type
@@ -487,6 +559,10 @@ class Graph:
     def initializer_value(self, name: str) -> np.ndarray:
         """An initializer's value, read from its file when it was left there."""
         return self.file.initializer_value(self.initializers[name])
+
+    def is_sequence(self, name: str) -> bool:
+        """Whether the value is a sequence of tensors (it has no tensor shape)."""
+        return name in self.sequences
 
     def is_float(self, name: str) -> bool:
         return self.elem_type.get(name, TensorProto.FLOAT) in FLOAT_TYPES

@@ -160,7 +160,8 @@ class _UnknownShapes:
 
     def _unknown(self, name: str) -> bool:
         g = self.graph
-        return bool(name) and g.is_activation(name) and g.is_float(name) and g.shape(name) is None
+        return bool(name) and g.is_activation(name) and g.is_float(name) and g.shape(name) is None \
+            and not g.is_sequence(name)  # a sequence has no tensor shape: the rules that read one say what they need
 
     def origin(self, name: str) -> str:
         """The first node upstream of `name` whose inputs have shapes and whose outputs do not."""
@@ -242,6 +243,12 @@ def _readers(graph: Graph, name: str):
     return found
 
 
+def _freeze_uses(an: Analysis, uses: List[ParamUse], why: str) -> None:
+    for u in uses:
+        an.freeze(u.rows, why, "shared_weight")
+        an.freeze(u.cols, why, "shared_weight")
+
+
 def reconcile_stored_tensors(an: Analysis) -> None:
     """A stored tensor gets one scale per element, whichever node reads it.
 
@@ -262,9 +269,7 @@ def reconcile_stored_tensors(an: Analysis) -> None:
         if len({u.rewrite_form for u in uses}) > 1:  # e.g. ones that are a γ and a running variance
             why = (f"parameter '{name}' is read as {' and as '.join(sorted({u.role for u in uses}))}, "
                    f"which a rescaling changes in different ways")
-            for u in uses:
-                an.freeze(u.rows, why, "shared_weight")
-                an.freeze(u.cols, why, "shared_weight")
+            _freeze_uses(an, uses, why)
             continue
         declared = {(id(u.node), u.input_name) for u in uses}
         strangers = [node for node, via in _readers(an.graph, name) if (id(node), via) not in declared]
@@ -279,9 +284,7 @@ def reconcile_stored_tensors(an: Analysis) -> None:
         if strangers:
             why = (f"parameter '{name}' is also read by {strangers[0].op_type} '{node_label(strangers[0])}'"
                    f", so its values cannot change")
-            for u in uses:
-                an.freeze(u.rows, why, "shared_weight")
-                an.freeze(u.cols, why, "shared_weight")
+            _freeze_uses(an, uses, why)
             continue
         if len(uses) == 1:
             continue

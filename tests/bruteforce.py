@@ -110,6 +110,8 @@ class UnitGraph:
 # --------------------------------------------------------------------------------------------
 
 _SHAPE_OPS = {"Shape", "Size"}  # their outputs are static (constant) whatever the input values
+# ops whose outputs are sequences of tensors (not requested from the runtime: no tensor value)
+_SEQUENCE_OPS = {"SplitToSequence", "SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase"}
 
 
 def _make_session(model: onnx.ModelProto):
@@ -151,6 +153,8 @@ def _run_everything(model, in_shapes, seed=0):
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
     for node in m.graph.node:
+        if node.op_type in _SEQUENCE_OPS:
+            continue
         for o in node.output:
             if o and o not in have:
                 m.graph.output.append(helper.make_empty_tensor_value_info(o))
@@ -223,6 +227,7 @@ class _Builder:
         self.params: dict = {}  # names that label at least one edge -> stored shape
         self.ends: set = set()
         self.barriers: list = []
+        self.seqs: dict = {}  # sequence tensor -> list of unit-id arrays, one per element tensor
 
         for init in model.graph.initializer:
             arr = numpy_helper.to_array(init)
@@ -333,8 +338,10 @@ class _Builder:
         for i in node.input:
             if i and self.is_act(i):
                 self.ends.update(int(u) for u in self.ids[i].ravel())
+            for piece in self.seqs.get(i, []) if i else []:  # a sequence: every element of every tensor
+                self.ends.update(int(u) for u in piece.ravel())
         for o in node.output:
-            if o:
+            if o and o in self.values:  # (a sequence output has no units: nothing downstream follows it)
                 ids = self.new_units(o)
                 for u in ids.ravel():
                     self.add(START, u, 1.0, kind="barrier")
@@ -373,6 +380,8 @@ class _Builder:
         for o in g.output:
             if self.is_act(o.name):
                 self.ends.update(int(u) for u in self.ids[o.name].ravel())
+            for piece in self.seqs.get(o.name, []):
+                self.ends.update(int(u) for u in piece.ravel())
         for u in sorted(self.ends):
             self.add(u, END, 1.0, kind="end")
         out_edges: dict = {}
@@ -785,6 +794,42 @@ class _Builder:
             start += size
             if o:
                 self.copy_edges(X[tuple(sl)], o)
+
+    def _op_SplitToSequence(self, node, a):
+        # A sequence of tensors cut from X along `axis`: the pieces are X's own units (the
+        # sequence adds no edge); SequenceAt copies one piece. No split: pieces of one element,
+        # the axis kept or dropped by keepdims; a scalar split: chunks of that size, the last
+        # one shorter; a 1-D split: those lengths.
+        X = self._need_act(node.input[0])
+        axis = int(a.get("axis", 0))
+        if not -X.ndim <= axis < X.ndim:
+            raise _Unsupported
+        axis %= X.ndim
+        n = X.shape[axis]
+        keep = True
+        if len(node.input) > 1 and node.input[1]:
+            split = np.asarray(self._need_const(node.input[1]))
+            if split.ndim == 0:
+                chunk = int(split)
+                sizes = [min(chunk, n - start) for start in range(0, n, chunk)]
+            else:
+                sizes = [int(v) for v in split]
+        else:
+            sizes = [1] * n
+            keep = bool(a.get("keepdims", 1))
+        pieces, start = [], 0
+        for size in sizes:
+            piece = np.take(X, np.arange(start, start + size), axis=axis)
+            pieces.append(piece if keep else np.squeeze(piece, axis=axis))
+            start += size
+        self.seqs[node.output[0]] = pieces
+
+    def _op_SequenceAt(self, node, a):
+        pieces = self.seqs.get(node.input[0])
+        position = self._need_ints(node.input[1])
+        if pieces is None or not -len(pieces) <= position[0] < len(pieces):
+            raise _Unsupported
+        self.copy_edges(pieces[position[0]], node.output[0])
 
     def _op_Slice(self, node, a):
         X = self._need_act(node.input[0])

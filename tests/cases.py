@@ -93,6 +93,35 @@ def _clip_relu():
     return net.model(net.gemm(y, 16, 2))
 
 
+def _split_to_sequence(kind):
+    """A split written as SplitToSequence + SequenceAt (PyTorch's dynamo exporter without its
+    optimiser): unequal channel pieces into a ShuffleNet-style unit (one piece through a
+    branch, concatenated with the other, then a channel shuffle); pieces of one row each
+    without the split axis (keepdims=0), two of them concatenated; chunks of 2 channels (the
+    last one shorter, the first unused)."""
+    def build():
+        net = Net([1, 2, 3, 3], seed=17, opset=17)
+        a = net.relu(net.conv(net.x, 2, 4 if kind != "chunks" else 5, 1))
+        if kind == "shuffle":
+            seq = net.node("SplitToSequence", [a, net.const_i64([1, 3])], axis=1)
+            left = net.node("SequenceAt", [seq, net.const_i64(0)])
+            right = net.relu(net.conv(net.node("SequenceAt", [seq, net.const_i64(-1)]), 3, 3, 1))
+            c = net.node("Concat", [left, right], axis=1)
+            c = net.node("Reshape", [c, net.const_i64([1, 2, 2, 3, 3])])
+            c = net.node("Transpose", [c], perm=[0, 2, 1, 3, 4])
+            c = net.node("Reshape", [c, net.const_i64([1, 4, 3, 3])])
+            return net.model(net.conv(c, 4, 2, 1))
+        if kind == "rows":
+            seq = net.node("SplitToSequence", [a], axis=2, keepdims=0)
+            rows = [net.node("SequenceAt", [seq, net.const_i64(k)]) for k in (0, 2)]
+            y = net.node("Concat", rows, axis=2)  # [1, 4, 6]
+            return net.model(net.conv(y, 4, 2, 1, nd=1))
+        seq = net.node("SplitToSequence", [a, net.const_i64(2)], axis=1)  # pieces of 2, 2, 1 channels
+        y = net.node("Concat", [net.node("SequenceAt", [seq, net.const_i64(k)]) for k in (2, 1)], axis=1)
+        return net.model(net.conv(net.relu(net.conv(y, 3, 3, 1)), 3, 2, 1))
+    return build
+
+
 CASES = {
     "mlp_with_biases": lambda: mlp([3, 4, 3, 2], seed=0),
     "mlp_matmul_add": lambda: mlp([3, 4, 2], seed=1, kind="matmul"),
@@ -116,6 +145,9 @@ CASES = {
     "sigmoid_barrier": _barrier,
     "pruned_mlp": lambda: mlp([4, 5, 3], seed=5, prune=0.4),
     "clip_min_zero": _clip_relu,
+    "split_to_sequence_shuffle": _split_to_sequence("shuffle"),
+    "split_to_sequence_rows": _split_to_sequence("rows"),
+    "split_to_sequence_chunks": _split_to_sequence("chunks"),
 }
 
 

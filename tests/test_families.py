@@ -63,6 +63,14 @@ def expected_groups(family):
             sizes[1] += block.dw.out_channels + block.pw.out_channels
     elif family == "mobilenet_relu6":
         pass  # every activation is a ReLU6 (Clip): nothing can move
+    elif family == "shufflenet":
+        # every conv is followed by its BN: the BN's channels (or, folded, the conv's) are the
+        # neurons, one group each (the channel shuffles only permute them)
+        sizes[1] += sum(m.num_features for m in module.modules() if isinstance(m, nn.BatchNorm2d))
+    elif family == "preact_resnet":
+        # the residual streams feed BatchNorms (frozen); each BN's output is a neuron (a folded
+        # bn2 leaves its conv1's channels in its place, as many)
+        sizes[1] += sum(m.num_features for m in module.modules() if isinstance(m, nn.BatchNorm2d))
     return dict(sizes)
 
 

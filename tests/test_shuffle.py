@@ -9,8 +9,8 @@ their γ and β carry the scale), so the groups expected come from the module: t
 BatchNorm widths. onnxruntime checks the rescaled model.
 
 The dynamo exporter (optimize=False, which keeps BatchNorm) writes `chunk` as SplitToSequence
-and SequenceAt, sequence ops the tool does not follow: there the split is written as two
-slices, and the SplitToSequence form is checked to be a barrier with its reason."""
+and SequenceAt (ops/sequence.py): checked with `chunk` and with the split written as two
+slices."""
 
 import pytest
 
@@ -83,12 +83,12 @@ def test_shufflenet_units_rescale_every_batchnorm_channel(exporter):
     assert_equivalent(model, out)
 
 
-def test_a_split_into_a_sequence_is_a_barrier_with_its_reason():
+def test_a_split_into_a_sequence_rescales_every_batchnorm_channel():
     module = _shufflenet()
     model = export_dynamo(module, torch.randn(1, 3, 8, 8), optimize=False)
-    if not any(n.op_type == "SplitToSequence" for n in model.graph.node):
-        pytest.skip("this exporter writes chunk without sequences")
+    assert any(n.op_type == "SplitToSequence" for n in model.graph.node)  # what torch 2.13 writes for chunk
     out, report = rescale(model)
-    assert any("SplitToSequence" in row.reason for row in report.frozen)
-    assert report.groups["rescalable"] > 0 and report.verification.passed
+    assert report.groups["rescalable"] == _expected_groups(module)
+    assert not any(row.category == "barrier" for row in report.frozen), report.frozen
+    assert report.verification.passed
     assert_equivalent(model, out)

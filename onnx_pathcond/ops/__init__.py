@@ -5,7 +5,8 @@ these modules, or a new one imported below, and decorate it with `@register`. Op
 rule are barriers. docs/adding-an-op.md walks through an example.
 """
 
-from . import batchnorm, clip, conv, einsum, elementwise, linear, movement, pools, resize  # noqa: F401  (registration)
+from . import (batchnorm, clip, conv, einsum, elementwise, linear, movement, pools, resize,  # noqa: F401  (registration)
+               sequence)
 from .base import OpRule, register, rule_for, supported_op_types
 
 __all__ = ["OpRule", "register", "rule_for", "supported_op_types"]

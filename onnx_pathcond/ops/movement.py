@@ -70,15 +70,12 @@ def source_map(node, graph):
     return maps, offset
 
 
-def _element_labels(node, an, relabel=None):
-    """Channel position of every element of the activation inputs, flattened in feed order."""
+def element_labels(names, an, relabel=None):
+    """Channel position of every element of the activation tensors `names` (no repeats),
+    flattened one after another as `source_map` numbers them, then one padding label."""
     g = an.graph
     parts = []
-    seen = set()
-    for name in node.input:
-        if not name or name in seen or not g.is_activation(name):
-            continue
-        seen.add(name)
+    for name in names:
         shape = g.shape(name)
         lay = an.layout(name)
         if lay is not None and relabel and name in relabel:
@@ -117,6 +114,19 @@ def _channel_axis(labels: np.ndarray, preferred: int):
     return best[1], best[2]
 
 
+def set_copied_layout(an, output, labels, src, preferred_axis) -> None:
+    """The layout of a tensor whose elements copy the elements `src` (flat indices, -1 for
+    none) of inputs labelled `labels` (`element_labels`): one channel axis when an axis holds
+    one position per slot (`preferred_axis` first among equals), else every element's."""
+    out_labels = labels[np.where(src >= 0, src, labels.size - 1)]
+    found = _channel_axis(out_labels, preferred_axis)
+    if found is None:
+        an.set_layout(output, SpreadLayout(out_labels))
+        return
+    axis, slot_labels = found
+    an.set_layout(output, Layout(axis, slot_labels.astype(np.int64)))
+
+
 @register
 class MovementRule(OpRule):
     op_types = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice",
@@ -144,16 +154,10 @@ class MovementRule(OpRule):
                 an.set_layout(o, None)
             return
         relabel = self._tie_concat(node, an, acts, layouts) if node.op_type == "Concat" else None
-        labels = _element_labels(node, an, relabel)
+        labels = element_labels(acts, an, relabel)
         first = next(lay for lay in layouts if lay is not None)
         for o, src in zip([o for o in node.output if o], maps):
-            out_labels = labels[np.where(src >= 0, src, labels.size - 1)]
-            found = _channel_axis(out_labels, self._preferred_axis(node, first, len(g.shape(acts[0])), src.ndim))
-            if found is None:
-                an.set_layout(o, SpreadLayout(out_labels))
-                continue
-            axis, slot_labels = found
-            an.set_layout(o, Layout(axis, slot_labels.astype(np.int64)))
+            set_copied_layout(an, o, labels, src, self._preferred_axis(node, first, len(g.shape(acts[0])), src.ndim))
 
     @staticmethod
     def _preferred_axis(node, lay, in_rank, out_rank):

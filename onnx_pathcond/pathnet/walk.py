@@ -230,6 +230,14 @@ class PathWalk:
         return len(form) == 1 and isinstance(form[0], Identity) and \
             self.graph.shape(form[0].x) == self.graph.shape(form[0].y)
 
+    def _reads(self, node) -> List[str]:
+        """The tensors the node's forward reads: its inputs, and any other tensor its primitives
+        name (a SequenceAt reads the tensor its sequence was split from)."""
+        names = [i for i in node.input if i]
+        if not self._is_cut(node):
+            names += [i for prim in self._form(node) for i in prim.inputs]
+        return list(dict.fromkeys(names))
+
     def run(self) -> None:
         g = self.graph
         ex = self.executor
@@ -244,12 +252,12 @@ class PathWalk:
         total = 2 * len(active)
         readers: Dict[str, int] = {}
         for node in active:
-            for i in set(node.input):
+            for i in self._reads(node):
                 readers[i] = readers.get(i, 0) + 1
         self.checkpoints, kept_from = self._plan(active)
         for done, node in enumerate(active, start=1):
             self._forward(node)
-            for i in set(node.input):
+            for i in self._reads(node):
                 readers[i] = readers.get(i, 1) - 1
                 producer = g.producer.get(i)
                 if readers[i] == 0 and producer is not None and i in self._mass and i not in g.graph_outputs \
@@ -322,7 +330,7 @@ class PathWalk:
         made = [0] * len(active)  # bytes of the new arrays each node's forward makes
         last_read: Dict[str, int] = {}
         for t, node in enumerate(active):
-            for i in node.input:
+            for i in self._reads(node):
                 last_read[i] = t
             alias = self._aliases(node)
             for o in node.output:
@@ -344,7 +352,7 @@ class PathWalk:
         live: Set[str] = set()
         for t, node in enumerate(active):
             crossing.append(frozenset(live))
-            for i in node.input:
+            for i in self._reads(node):
                 if last_read.get(i) == t:
                     live.discard(i)
             live.update(o for o in node.output if o in owner and last_read.get(o, -1) > t)
@@ -421,7 +429,7 @@ class PathWalk:
                 continue
             todo[place] = node
             if not self._is_cut(node):  # a barrier's outputs are ones: it reads nothing
-                stack.extend(i for i in node.input if i)
+                stack.extend(self._reads(node))
         for place in sorted(todo):
             node = todo[place]
             for o in node.output:

@@ -40,7 +40,7 @@ from onnx_pathcond.stats import diag_g_by_tensor
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
 from models.make_models import export_dynamo, export_legacy  # noqa: E402
-from models.zoo import load_onnx_weights_into, randomize_batchnorm  # noqa: E402
+from models.zoo import PreActBlock, load_onnx_weights_into, randomize_batchnorm  # noqa: E402
 
 EPS = 1e-5  # PyTorch's BatchNorm default, which both exporters write
 
@@ -75,23 +75,6 @@ class TinyRepVGG(nn.Module):
     def forward(self, x):
         x = self.blocks(F.relu(self.stem_bn(self.stem_conv(x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-class PreActBlock(nn.Module):
-    """He et al.'s pre-activation block: BN-ReLU-conv-BN-ReLU-conv, plus the shortcut."""
-
-    def __init__(self, cin, cout, stride=1):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        short = x if self.shortcut is None else self.shortcut(out)
-        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + short
 
 
 class TinyPreActResNet(nn.Module):

@@ -84,20 +84,8 @@ class ENormProblem:
         it is divided by p here. Groups that are not free get a zero gradient: they stay at 0.
         """
         H = self.H
-        v_ext = np.append(-np.asarray(u, dtype=np.float64), 0.0)
-        total = self.cells.const_sum
-        keys_in, vals_in, keys_out, vals_out = [], [], [], []
-        for block in self.cells.blocks:
-            row_keys, w_in, col_keys, w_out = block.masses(v_ext)
-            keys_in.append(row_keys)
-            vals_in.append(w_in)
-            keys_out.append(col_keys)
-            vals_out.append(w_out)
-            total += float(w_in.sum())
-        if not self.cells.blocks:
-            return total, np.zeros(H), np.zeros(H)
-        w_in = np.bincount(np.concatenate(keys_in), np.concatenate(vals_in), minlength=H + 1)[:H]
-        w_out = np.bincount(np.concatenate(keys_out), np.concatenate(vals_out), minlength=H + 1)[:H]
+        total, w_in, w_out = self.cells.group_masses(np.append(-np.asarray(u, dtype=np.float64), 0.0))
+        w_in, w_out = w_in[:H], w_out[:H]
         grad = np.where(self.free, w_in - w_out, 0.0)
         return total, grad, (w_in + w_out) / max(self.p, 1)
 

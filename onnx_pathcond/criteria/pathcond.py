@@ -174,23 +174,28 @@ class Problem:
             high, low = max(high, h), min(low, lo)
         return (high if self.p else 0.0), (low if self.p else 0.0)
 
-    def evaluate(self, u: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
-        """F(u), ∇F(u) = p·Bᵀw/Σw − Bᵀ1, and the rescaled mass touching each group, in one pass."""
-        ue = self.u_ext(u)
+    def group_masses(self, u_ext: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
+        """Σ g·exp(Bu) over every entry (constants included), and its parts per group over the
+        entries incoming to it and outgoing from it (H + 1 long: the last, the fixed side)."""
         total = self.const_sum
         keys_in, vals_in, keys_out, vals_out = [], [], [], []
         for b in self.blocks:
-            rk, rin, ck, cout = b.masses(ue)
+            rk, rin, ck, cout = b.masses(u_ext)
             keys_in.append(rk)
             vals_in.append(rin)
             keys_out.append(ck)
             vals_out.append(cout)
             total += float(rin.sum())
+        if not self.blocks:
+            return total, np.zeros(self.H + 1), np.zeros(self.H + 1)
         # one bincount over all blocks: each is O(H), so not one per block
-        w_in = np.bincount(np.concatenate(keys_in), np.concatenate(vals_in), minlength=self.H + 1) \
-            if self.blocks else np.zeros(self.H + 1)
-        w_out = np.bincount(np.concatenate(keys_out), np.concatenate(vals_out), minlength=self.H + 1) \
-            if self.blocks else np.zeros(self.H + 1)
+        w_in = np.bincount(np.concatenate(keys_in), np.concatenate(vals_in), minlength=self.H + 1)
+        w_out = np.bincount(np.concatenate(keys_out), np.concatenate(vals_out), minlength=self.H + 1)
+        return total, w_in, w_out
+
+    def evaluate(self, u: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
+        """F(u), ∇F(u) = p·Bᵀw/Σw − Bᵀ1, and the rescaled mass touching each group, in one pass."""
+        total, w_in, w_out = self.group_masses(self.u_ext(u))
         if self.p == 0 or total <= 0:
             return 0.0, np.zeros(self.H), np.zeros(self.H)
         F = self.p * np.log(total) + float(self.A @ u)

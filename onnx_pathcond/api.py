@@ -76,17 +76,18 @@ class _Clock:
         self.timings[target] = self.timings.get(target, 0.0) + seconds
 
 
-def _load(model: ModelLike, lazy: bool, output: Optional[Union[str, os.PathLike]], clock: _Clock) -> ModelFile:
+def _load(model: ModelLike, lazy: bool, output: Optional[Union[str, os.PathLike]], also_writes, clock: _Clock
+          ) -> ModelFile:
     """The model to work on: read from its path (with `lazy`, the large weights stay in the
-    file until a step needs them), or a copy of the ModelProto given."""
+    file until a step needs them), or a copy of the ModelProto given. Refused before any
+    work when OUT or a file in `also_writes` is one the model is read from."""
     with clock("load"):
         if output is not None:  # an empty path or a directory, refused before any reading
             check_output_path(output, None, overwrite=True)
         if isinstance(model, onnx.ModelProto):
             return ModelFile.copy_of(model)
         source = ModelFile.read(model, lazy=lazy)
-        if output is not None:
-            source.check_output(output)
+        source.check_output(output, also_writes)
         return source
 
 
@@ -220,7 +221,9 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
             output: Optional[Union[str, os.PathLike]] = None,
             progress: Optional[Callable[..., None]] = None,
             return_model: bool = True,
-            bn_statistics: bool = options.BN_STATISTICS) -> Tuple[Optional[onnx.ModelProto], Report]:
+            bn_statistics: bool = options.BN_STATISTICS,
+            also_writes: Optional[Dict[str, Union[str, os.PathLike]]] = None
+            ) -> Tuple[Optional[onnx.ModelProto], Report]:
     """Rescale a ReLU network with PathCond (or ENorm); returns the new model and a report.
 
     `model` is a path or a ModelProto (a ModelProto is copied, never modified). The result
@@ -246,6 +249,8 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     the weights at once. With `bn_statistics`, a BatchNormalization's input channel is
     rescaled too, its scale carried by the BN's running mean and variance: exact in
     inference, and in training mode up to the BN's ε (README, "BatchNorm statistics").
+    `also_writes` names files the caller will write after the run ({"--report": path}): the
+    run is refused at once if the input is read from one of them.
     """
     settings = options.solver_settings(solver, max_iter, tol, criterion)
     options.check_bn_statistics(bn_statistics, criterion)
@@ -256,7 +261,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     stream = output is not None and not return_model
     clock = _Clock(progress)
 
-    source = _load(model, stream, output, clock)
+    source = _load(model, stream, output, also_writes, clock)
     graph, analysis, groups, would_free = _analyse(source, input_shapes, bn_statistics, clock)
     report = Report(input=source.path, timings=clock.timings)
     report.describe_analysis(graph, analysis, groups, external_tensors=len(source.external))

@@ -266,7 +266,9 @@ def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol
         if report_path:
             if not os.path.isdir(os.path.dirname(os.path.abspath(report_path))):
                 raise InputError(f"report directory '{os.path.dirname(report_path)}' does not exist")
-            for other, what in ((input_path, "the input model"), (output_path, "the output model")):
+            written = [] if dry_run or not output_path else [output_path, output_path + ".data"]
+            for other, what in ((input_path, "the input model"), *((path, "the output model or its data file")
+                                                                     for path in written)):
                 if other and _same_file(report_path, other):
                     raise InputError(f"--report '{report_path}' is {what}; choose another file for the report")
         names = [spec.rpartition(":")[0] for spec in input_shapes]
@@ -282,7 +284,8 @@ def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol
                                         tol=tol, verify_output=verify, rtol=rtol, seed=seed, dry_run=dry_run,
                                         backend=backend, device=device, progress=progress,
                                         output=None if dry_run else output_path, return_model=False,
-                                        bn_statistics=bn_statistics)
+                                        bn_statistics=bn_statistics,
+                                        also_writes={"--report": report_path} if report_path else None)
         finally:
             progress.close()
         if not dry_run:

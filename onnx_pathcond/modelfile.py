@@ -122,23 +122,28 @@ class ModelFile:
         return protoio.skeleton(self.proto)
 
     # ------------------------------------------------------------------ writing
-    def check_output(self, output: PathLike) -> None:
+    def check_output(self, output: Optional[PathLike], also: Optional[Dict[str, PathLike]] = None) -> None:
         """Refuse an output whose writing would replace a file this model is read from.
 
         Writing OUT writes OUT, and OUT + ".data" when tensors are kept as external data.
         OUT being the model file itself is `check_output_path`'s case (allowed with
-        --overwrite: the input, its data file included, is then replaced as a whole)."""
-        output = os.fspath(output)
-        if not self.files or _same_file(output, self.files[0]):
+        --overwrite: the input, its data file included, is then replaced as a whole).
+        `also` names other files the caller will write ({"--report": path}): none of them may
+        be a file the model is read from, the model file included."""
+        if not self.files:
             return
-        written = [output] + ([output + ".data"] if self.external else [])
-        for target in written:
+        writes = []  # (file written, what the message calls it)
+        if output is not None and not _same_file(os.fspath(output), self.files[0]):
+            output = os.fspath(output)
+            writes += [(path, f"'{output}'") for path in [output] + ([output + ".data"] if self.external else [])]
+        writes += [(os.fspath(path), f"{option} '{os.fspath(path)}'") for option, path in (also or {}).items()]
+        for target, named in writes:
             for source in self.files:
                 if _same_file(target, source):
                     what = ("input model" if source == self.files[0]
                             else f"external data of the input '{self.files[0]}'")
-                    raise InputError(f"writing '{output}' would overwrite '{source}', the {what}; "
-                                     f"choose another output")
+                    raise InputError(f"writing {named} would overwrite '{source}', the {what}; "
+                                     f"choose another path")
 
     def write(self, path: PathLike, new_values: Optional[NewValues] = None) -> "PendingSave":
         """Write the model into a temporary folder next to `path` (not yet in place).

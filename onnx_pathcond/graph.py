@@ -314,8 +314,10 @@ class Graph:
             inputs = base_inputs + [helper.make_tensor_value_info(name, self.elem_type.get(name, TensorProto.FLOAT),
                                                                   shape) for name, shape in runtime.items()]
             graph = helper.make_graph(nodes, "skeleton", inputs, outputs, initializer=inits)
+            # IR version 4 at least: below it, inference reads an initializer's shape only when
+            # the initializer is also a graph input, which the skeleton's are not.
             skeleton = helper.make_model(graph, opset_imports=list(self.model.opset_import),
-                                         ir_version=self.model.ir_version)
+                                         ir_version=max(self.model.ir_version, 4))
             skeleton.functions.extend(self.model.functions)
             try:
                 inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)

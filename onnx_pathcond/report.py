@@ -160,7 +160,12 @@ class Report:
             self.warnings.append(folded)
         if groups.count == 0:
             why = ", ".join(f"{n} {cat.replace('_', ' ')}" for cat, n in sorted(by_category.items(), key=lambda kv: -kv[1]))
-            first = self.frozen[0].reason if self.frozen else "no neuron found"
+            if self.frozen:
+                first = self.frozen[0].reason
+            elif an.cut_nodes:  # every node that could make a neuron is a barrier: say why for the first
+                first = f"no neuron found, the first barrier: {an.cut_nodes[min(an.cut_nodes)]}"
+            else:
+                first = "no neuron found (no Conv, Gemm, MatMul, Einsum, ... with a constant weight)"
             self.warnings.append(f"no rescalable group: the output has the same weights as the input (frozen groups: "
                                  f"{why or 'none'}; e.g. {first})")
 

@@ -197,9 +197,15 @@ def freeze_weights_visible_at_run_time(an: Analysis) -> None:
     """A stored weight that the caller can feed (an initializer also listed as a graph input,
     as older exporters write them) or read (a graph output, directly or through Identity,
     Transpose or Cast) is part of the model's interface: rescaling it would change what the
-    model computes when it is fed, or what it returns. Its channels keep scale 1."""
+    model computes when it is fed, or what it returns. Its channels keep scale 1.
+
+    Below IR version 4 the format required every initializer to be listed as a graph input,
+    and onnxruntime does not let such a model's initializers be fed: there the listing says
+    nothing about the caller, and the weights are constants like any other."""
     graph = an.graph
-    fed = {v.name for v in graph.model.graph.input} & set(graph.initializers)
+    fed = set()
+    if graph.model.ir_version >= 4:
+        fed = {v.name for v in graph.model.graph.input} & set(graph.initializers)
     outputs = set(graph.graph_outputs)
     for use in an.uses:
         if use.ref is None or use.ignored:

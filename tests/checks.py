@@ -15,7 +15,11 @@ def run(model, feeds):
 def random_feeds(model, seed, batch=None):
     rng = np.random.default_rng(seed)
     feeds = {}
+    # below IR version 4 every initializer is listed as an input, and onnxruntime refuses feeds for them
+    fixed = {t.name for t in model.graph.initializer} if model.ir_version < 4 else set()
     for vi in model.graph.input:
+        if vi.name in fixed:
+            continue
         dims = [d.dim_value if d.HasField("dim_value") else (batch or 3) for d in vi.type.tensor_type.shape.dim]
         if batch and dims:
             dims[0] = batch if not vi.type.tensor_type.shape.dim[0].HasField("dim_value") else dims[0]

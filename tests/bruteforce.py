@@ -114,7 +114,7 @@ _SHAPE_OPS = {"Shape", "Size"}  # their outputs are static (constant) whatever t
 _SEQUENCE_OPS = {"SplitToSequence", "SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase"}
 
 
-def _make_session(model: onnx.ModelProto):
+def make_session(model: onnx.ModelProto):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -168,7 +168,7 @@ def _run_everything(model, in_shapes, seed=0):
             feeds[vi.name] = rng.standard_normal(shape).astype(np_dtype)
         else:
             feeds[vi.name] = np.zeros(shape, np_dtype)
-    sess = _make_session(m)
+    sess = make_session(m)
     names = [o.name for o in sess.get_outputs()]
     vals = sess.run(names, feeds)
     out = dict(zip(names, vals))
@@ -894,7 +894,7 @@ class _Builder:
         probe = helper.make_model(graph, opset_imports=[o for o in self.model.opset_import if o.domain in ("", "ai.onnx")])
         probe.ir_version = self.model.ir_version
         coded = np.arange(X.size, dtype=np.float32).reshape(shape)
-        src_flat = _make_session(probe).run(None, {"X": coded})[0]
+        src_flat = make_session(probe).run(None, {"X": coded})[0]
         src_flat = np.rint(src_flat).astype(np.int64)
         self.copy_edges(X.ravel()[src_flat], node.output[0])
 

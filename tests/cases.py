@@ -43,7 +43,7 @@ def _grouped():
     return net.model(net.conv(y, 4, 2, 1))
 
 
-def _mlp_matmul_transposed_weight():
+def mlp_matmul_transposed_weight():
     net = Net([1, 3], seed=4)
     w = net.param([4, 3])
     wt = net.node("Transpose", [w], perm=[1, 0])
@@ -60,7 +60,7 @@ def _conv1d_3d():
     return net.model(y)
 
 
-def _residual_bn_concat():
+def residual_bn_concat():
     net = Net([1, 2, 4, 4], seed=6)
     a = net.relu(net.bn(net.conv(net.x, 2, 3, 3, pad=1, bias=False), 3))
     b = net.relu(net.bn(net.conv(a, 3, 3, 3, pad=1, bias=False), 3))
@@ -138,7 +138,7 @@ CASES = {
     "global_max": _pool_net("GlobalMaxPool"),
     "grouped_and_depthwise": _grouped,
     "conv1d_and_3d": _conv1d_3d,
-    "residual_bn_concat": _residual_bn_concat,
+    "residual_bn_concat": residual_bn_concat,
     "conv_transpose": _conv_transpose,
     "cnn_maxpool_flatten": lambda: cnn([1, 2, 2], size=4, seed=3),
     "cnn_avgpool": lambda: cnn([2, 2], size=4, pool="avg", seed=4),
@@ -151,7 +151,7 @@ CASES = {
 }
 
 
-def _resize_net(mode, shape=(1, 2, 3, 3), scales=(1, 1, 2, 2), channels=2, seed=12):
+def resize_net(mode, shape=(1, 2, 3, 3), scales=(1, 1, 2, 2), channels=2, seed=12):
     def build():
         net = Net(list(shape), seed=seed, opset=13)
         y = net.relu(net.conv(net.x, shape[1], channels, 1))
@@ -191,7 +191,7 @@ def _bn_after_concat():
 
 
 MORE_CASES = {
-    "resize_nearest": _resize_net("nearest"),
+    "resize_nearest": resize_net("nearest"),
     "residual_identity": _residual_only,
     "concat_split_slice_pad": _concat_split_slice,
     "bn_after_concat": _bn_after_concat,

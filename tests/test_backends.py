@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from cases import CASES, MORE_CASES, _resize_net
+from cases import CASES, MORE_CASES, resize_net
 from nets import cnn, mlp
 from onnx_pathcond import rescale
 from onnx_pathcond.api import analyse_model
@@ -19,7 +19,7 @@ pytest.importorskip("onnxruntime")
 
 
 def _resize(mode):
-    return _resize_net(mode, shape=(1, 2, 3, 4), scales=(1, 1, 2, 1.5), channels=3, seed=31)
+    return resize_net(mode, shape=(1, 2, 3, 4), scales=(1, 1, 2, 1.5), channels=3, seed=31)
 
 
 SOURCES = {**CASES, **MORE_CASES}

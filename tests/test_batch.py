@@ -8,8 +8,6 @@ models are rescaled and stay equivalent under onnxruntime, including a PyTorch e
 with a batch-3 example input (its Flatten becomes a Reshape to a fixed [3, F]).
 """
 
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -131,18 +129,17 @@ def _dynamic_batch(model):
     return model
 
 
-def test_dynamic_batch_given_as_two_on_the_command_line(tmp_path):
+def test_dynamic_batch_given_as_two_on_the_command_line(tmp_path, run_cli):
     model = _dynamic_batch(cnn([2, 3, 4], batch=1, size=8))
     src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, src)
-    proc = subprocess.run([sys.executable, "-m", "onnx_pathcond.cli", str(src), str(dst), "--input-shape",
-                           "x:2x2x8x8"], capture_output=True, text=True, timeout=120)
+    proc = run_cli(src, dst, "--input-shape", "x:2x2x8x8")
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert_equivalent(model, onnx.load(dst))
 
 
-def test_pytorch_export_with_a_fixed_example_batch(tmp_path):
+def test_pytorch_export_with_a_fixed_example_batch(tmp_path, run_cli):
     torch = pytest.importorskip("torch")
     from torch import nn
 
@@ -153,8 +150,7 @@ def test_pytorch_export_with_a_fixed_example_batch(tmp_path):
     torch.onnx.export(module, (torch.randn(3, 3, 8, 8),), str(src), dynamo=False)  # batch fixed at 3
     model = onnx.load(src)
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
-    proc = subprocess.run([sys.executable, "-m", "onnx_pathcond.cli", str(src), str(dst)],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_cli(src, dst)
     assert proc.returncode == 0, proc.stderr
     out = onnx.load(dst)
     assert_equivalent(model, out)

@@ -26,7 +26,6 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from bruteforce import bruteforce_diag_g
@@ -34,7 +33,6 @@ from checks import assert_equivalent, run
 from nets import Net
 from onnx_pathcond import rescale, rewrite
 from onnx_pathcond.api import analyse_model
-from onnx_pathcond.cli import main
 from onnx_pathcond.stats import diag_g_by_tensor
 
 torch = pytest.importorskip("torch")
@@ -563,19 +561,18 @@ def test_training_form_batchnorm_stays_a_barrier():
 
 
 # ------------------------------------------------------------------------------ command line
-def test_command_line_flag(tmp_path):
+def test_command_line_flag(tmp_path, invoke_cli):
     src = tmp_path / "in.onnx"
     onnx.save(load("preact", "legacy"), src)
     module = build("preact")
     freed = sum(preact_groups(module, True).values()) - sum(preact_groups(module, False).values())
-    off = CliRunner().invoke(main, [str(src), str(tmp_path / "off.onnx")])
+    off = invoke_cli(src, tmp_path / "off.onnx")
     assert off.exit_code == 0, off.output
     assert f"--bn-statistics would make {freed} more groups rescalable" in off.output
-    on = CliRunner().invoke(main, [str(src), str(tmp_path / "on.onnx"), "--bn-statistics",
-                                   "--report", str(tmp_path / "r.json")])
+    on = invoke_cli(src, tmp_path / "on.onnx", "--bn-statistics", "--report", tmp_path / "r.json")
     assert on.exit_code == 0, on.output
     assert "carry their scale in the running statistics" in on.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["bn_statistics"]["enabled"] and report["bn_statistics"]["carried_groups"] == freed
     assert report["verification"]["passed"]
-    assert "--bn-statistics" in CliRunner().invoke(main, ["--help"]).output
+    assert "--bn-statistics" in invoke_cli("--help").output

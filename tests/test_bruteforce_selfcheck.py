@@ -45,7 +45,7 @@ def f64(a):
 
 
 def ort_run(model, x, out="Y"):
-    return bf._make_session(model).run([out], {"X": x})[0]
+    return bf.make_session(model).run([out], {"X": x})[0]
 
 
 # ------------------------------------------------------------------------------------------

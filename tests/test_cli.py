@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -25,13 +24,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 from nets import Net, mlp
 import onnx_pathcond
 from onnx_pathcond import options
-from onnx_pathcond.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -41,13 +38,6 @@ RELU6 = MODELS / "mobilenet_relu6.legacy_bn.onnx"  # every group frozen by Clip 
 
 
 # ---------------------------------------------------------------------------- helpers
-def _runner() -> CliRunner:
-    try:  # click < 8.2 mixes stderr into stdout unless told not to
-        return CliRunner(mix_stderr=False)
-    except TypeError:
-        return CliRunner()
-
-
 def describe(result) -> str:
     text = f"exit code {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
     if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -55,12 +45,16 @@ def describe(result) -> str:
     return text
 
 
-def cli(*args, code=0):
-    """Invoke the command in-process; check the exit code (unless `code` is None)."""
-    result = _runner().invoke(main, [str(a) for a in args])
-    if code is not None:
-        assert result.exit_code == code, describe(result)
-    return result
+@pytest.fixture
+def cli(invoke_cli):
+    """`cli(*args, code=0)` invokes the command in process (conftest's `invoke_cli`) and checks
+    the exit code (unless `code` is None)."""
+    def run(*args, code=0):
+        result = invoke_cli(*args)
+        if code is not None:
+            assert result.exit_code == code, describe(result)
+        return result
+    return run
 
 
 def assert_one_error_line(result, *fragments) -> str:
@@ -240,7 +234,7 @@ def one_gemm() -> onnx.ModelProto:
 # ---------------------------------------------------------------------------- the default run
 @pytest.mark.parametrize("source", [small_mlp, CNN, MODELS / "helper_mlp.onnx", MODELS / "mobilenet.legacy_bn.onnx"],
                          ids=["small_mlp", "cnn", "helper_mlp", "mobilenet_bn"])
-def test_default_run_writes_an_equivalent_model(tmp_path, source):
+def test_default_run_writes_an_equivalent_model(tmp_path, source, cli):
     ws = Workspace(tmp_path, source() if callable(source) else source)
     result = cli(ws.input, ws.out, "--report", ws.report)
     assert "equivalent" in result.stdout
@@ -253,7 +247,7 @@ def test_default_run_writes_an_equivalent_model(tmp_path, source):
     assert weights_changed(before, after), "the tool found groups but changed no weight"
 
 
-def test_summary_names_the_files_and_the_steps(tmp_path):
+def test_summary_names_the_files_and_the_steps(tmp_path, cli):
     ws = Workspace(tmp_path, MLP)
     out = cli(ws.input, ws.out).stdout
     assert out.splitlines()[0] == f"onnx-pathcond: {ws.input} -> {ws.out}"
@@ -262,7 +256,7 @@ def test_summary_names_the_files_and_the_steps(tmp_path):
         assert word in out
 
 
-def test_version_and_help():
+def test_version_and_help(cli):
     assert cli("--version").stdout.strip().endswith(onnx_pathcond.__version__)
     out = cli("-h").stdout
     for option in ("--input-shape", "--solver", "--max-iter", "--tol", "--verify", "--rtol", "--seed", "--report",
@@ -271,7 +265,7 @@ def test_version_and_help():
 
 
 # ---------------------------------------------------------------------------- --input-shape
-def test_dynamic_dimension_without_input_shape_is_refused(tmp_path):
+def test_dynamic_dimension_without_input_shape_is_refused(tmp_path, cli):
     ws = Workspace(tmp_path, dynamic_cnn())
     result = cli(ws.input, ws.out, code=2)
     line = assert_one_error_line(result, "'x'", "--input-shape")
@@ -279,7 +273,7 @@ def test_dynamic_dimension_without_input_shape_is_refused(tmp_path):
     ws.assert_nothing_written()
 
 
-def test_dynamic_dimension_with_input_shape(tmp_path):
+def test_dynamic_dimension_with_input_shape(tmp_path, cli):
     ws = Workspace(tmp_path, dynamic_cnn())
     cli(ws.input, ws.out, "--input-shape", "x:1x3x8x8", "--report", ws.report, "-q")
     ws.assert_only_new("out.onnx", "report.json")
@@ -292,7 +286,7 @@ def test_dynamic_dimension_with_input_shape(tmp_path):
     assert report["groups"]["rescalable"] == 4
 
 
-def test_dry_run_needs_input_shape_too(tmp_path):
+def test_dry_run_needs_input_shape_too(tmp_path, cli):
     ws = Workspace(tmp_path, dynamic_cnn())
     assert_one_error_line(cli(ws.input, "--dry-run", code=2), "--input-shape")
     assert "4 groups" in cli(ws.input, "--dry-run", "--input-shape", "x:1x3x8x8").stdout
@@ -309,14 +303,14 @@ def test_dry_run_needs_input_shape_too(tmp_path):
     ("x:1x3x8", "dimensions"),        # wrong rank
     ("x:1x4x8x8", "axis 1"),          # contradicts the static channel count
 ])
-def test_bad_input_shape_is_refused(tmp_path, spec, fragment):
+def test_bad_input_shape_is_refused(tmp_path, spec, fragment, cli):
     ws = Workspace(tmp_path, dynamic_cnn())
     assert_one_error_line(cli(ws.input, ws.out, "--input-shape", spec, code=2), "--input-shape", fragment)
     ws.assert_nothing_written()
 
 
 # ---------------------------------------------------------------------------- --verify / --rtol / --seed
-def test_no_verify_says_the_check_was_skipped(tmp_path):
+def test_no_verify_says_the_check_was_skipped(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     out = cli(ws.input, ws.out, "--no-verify", "--report", ws.report).stdout
     assert "skipped" in out and "equivalent" not in out
@@ -326,14 +320,14 @@ def test_no_verify_says_the_check_was_skipped(tmp_path):
     assert_valid_output(ws)  # still equivalent, just not checked by the tool
 
 
-def test_tiny_rtol_fails_the_check_and_writes_nothing(tmp_path):
+def test_tiny_rtol_fails_the_check_and_writes_nothing(tmp_path, cli):
     ws = Workspace(tmp_path, MLP)
     result = cli(ws.input, ws.out, "--rtol", "1e-30", code=3)
     assert_one_error_line(result, "difference", "rtol")
     ws.assert_nothing_written()
 
 
-def test_rtol_and_seed_reach_the_report(tmp_path):
+def test_rtol_and_seed_reach_the_report(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     cli(ws.input, ws.out, "--report", ws.report, "-q")
     default = ws.load_report()["verification"]
@@ -345,7 +339,7 @@ def test_rtol_and_seed_reach_the_report(tmp_path):
     assert verification["passed"] is True
 
 
-def test_rtol_must_be_a_non_negative_number(tmp_path):
+def test_rtol_must_be_a_non_negative_number(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     cli(ws.input, ws.out, "--rtol", "-1", code=2)
     cli(ws.input, ws.out, "--rtol", "abc", code=2)
@@ -353,7 +347,7 @@ def test_rtol_must_be_a_non_negative_number(tmp_path):
 
 
 # ---------------------------------------------------------------------------- --report
-def test_report_is_complete_json(tmp_path):
+def test_report_is_complete_json(tmp_path, cli):
     ws = Workspace(tmp_path, MLP)
     cli(ws.input, ws.out, "--report", ws.report, "-q")
     report = ws.load_report()
@@ -379,20 +373,20 @@ def test_report_is_complete_json(tmp_path):
     assert report["output"] == str(ws.out)
 
 
-def test_report_in_missing_directory_is_refused(tmp_path):
+def test_report_in_missing_directory_is_refused(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     assert_one_error_line(cli(ws.input, ws.out, "--report", tmp_path / "nope" / "r.json", code=2), "nope")
     ws.assert_nothing_written()
 
 
-def test_report_path_equal_to_input_is_refused(tmp_path):
+def test_report_path_equal_to_input_is_refused(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     result = cli(ws.input, ws.out, "--report", ws.input, "-q", code=None)
     ws.assert_input_untouched()
     assert result.exit_code == 2, describe(result)
 
 
-def test_report_path_equal_to_output_is_refused(tmp_path):
+def test_report_path_equal_to_output_is_refused(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     result = cli(ws.input, ws.out, "--report", ws.out, "-q", code=2)
     assert_one_error_line(result, "--report", "the output model")
@@ -400,7 +394,7 @@ def test_report_path_equal_to_output_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------- --dry-run
-def test_dry_run_without_out_prints_the_groups(tmp_path):
+def test_dry_run_without_out_prints_the_groups(tmp_path, cli):
     ws = Workspace(tmp_path, CNN)
     result = cli(ws.input, "--dry-run")
     out = result.stdout
@@ -413,7 +407,7 @@ def test_dry_run_without_out_prints_the_groups(tmp_path):
     ws.assert_nothing_written()
 
 
-def test_dry_run_with_out_writes_nothing(tmp_path):
+def test_dry_run_with_out_writes_nothing(tmp_path, cli):
     ws = Workspace(tmp_path, CNN)
     cli(ws.input, ws.out, "--dry-run")
     cli(ws.input, tmp_path / "missing" / "out.onnx", "--dry-run")
@@ -422,7 +416,7 @@ def test_dry_run_with_out_writes_nothing(tmp_path):
 
 # ---------------------------------------------------------------------------- --max-iter / --tol / --solver
 @pytest.mark.parametrize("sweeps", [1, 3])
-def test_max_iter_with_zero_tol_runs_that_many_sweeps(tmp_path, sweeps):
+def test_max_iter_with_zero_tol_runs_that_many_sweeps(tmp_path, sweeps, cli):
     ws = Workspace(tmp_path, MLP)
     cli(ws.input, ws.out, "--max-iter", sweeps, "--tol", "0", "--report", ws.report, "-q")
     solver = ws.load_report()["solver"]
@@ -431,14 +425,14 @@ def test_max_iter_with_zero_tol_runs_that_many_sweeps(tmp_path, sweeps):
     assert len(solver["F_history"]) == sweeps
 
 
-def test_large_tol_stops_after_one_sweep(tmp_path):
+def test_large_tol_stops_after_one_sweep(tmp_path, cli):
     ws = Workspace(tmp_path, MLP)
     cli(ws.input, ws.out, "--tol", "1e9", "--report", ws.report, "-q")
     solver = ws.load_report()["solver"]
     assert solver["sweeps"] == 1 and solver["converged"] is True
 
 
-def test_max_iter_zero_leaves_weights_unchanged(tmp_path):
+def test_max_iter_zero_leaves_weights_unchanged(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     cli(ws.input, ws.out, "--max-iter", "0", "--report", ws.report, "-q")
     before, after = assert_valid_output(ws)
@@ -446,7 +440,7 @@ def test_max_iter_zero_leaves_weights_unchanged(tmp_path):
     assert ws.load_report()["solver"]["sweeps"] == 0
 
 
-def test_negative_max_iter_and_tol_are_refused(tmp_path):
+def test_negative_max_iter_and_tol_are_refused(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     cli(ws.input, ws.out, "--max-iter", "-1", code=2)
     cli(ws.input, ws.out, "--tol", "-1", code=2)
@@ -456,12 +450,12 @@ def test_negative_max_iter_and_tol_are_refused(tmp_path):
 
 @pytest.mark.parametrize("args", [["--max-iter", "-1"], ["--solver", "newton"], ["--no-such-option"]],
                          ids=["max-iter", "solver", "unknown-option"])
-def test_usage_errors_are_one_error_line(tmp_path, args):
+def test_usage_errors_are_one_error_line(tmp_path, args, cli):
     ws = Workspace(tmp_path, small_mlp())
     assert_one_error_line(cli(ws.input, ws.out, *args, code=2))
 
 
-def test_exact_solver(tmp_path):
+def test_exact_solver(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     cli(ws.input, ws.out, "--report", ws.report, "-q")
     cd = ws.load_report()["criterion"]
@@ -473,7 +467,7 @@ def test_exact_solver(tmp_path):
 
 
 @pytest.mark.parametrize("solver, documented", [("cd", (10, 1e-2)), ("exact", (1000, 1e-6))])
-def test_api_and_command_line_take_the_same_solver_defaults(tmp_path, solver, documented):
+def test_api_and_command_line_take_the_same_solver_defaults(tmp_path, solver, documented, cli):
     ws = Workspace(tmp_path, small_mlp())
     cli(ws.input, ws.out, "--solver", solver, "--report", ws.report, "-q")
     from_cli = ws.load_report()["solver"]
@@ -482,7 +476,7 @@ def test_api_and_command_line_take_the_same_solver_defaults(tmp_path, solver, do
     assert (options.SOLVERS[solver].max_iter, options.SOLVERS[solver].tol) == documented
 
 
-def test_help_shows_each_solvers_defaults():
+def test_help_shows_each_solvers_defaults(cli):
     text = " ".join(cli("--help").stdout.split())
     assert "Sweeps of coordinate descent (default 10) or iterations of the exact solver (default 1000)" in text
     assert "(cd, default 1e-2)" in text and "(exact, default 1e-6)" in text
@@ -497,14 +491,14 @@ def test_exact_solver_from_the_api_converges_with_its_defaults():
 
 
 # ---------------------------------------------------------------------------- -q / -v
-def test_quiet_prints_nothing_on_success(tmp_path):
+def test_quiet_prints_nothing_on_success(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     result = cli(ws.input, ws.out, "-q")
     assert result.stdout == "" and result.stderr == ""
     ws.assert_only_new("out.onnx")
 
 
-def test_verbose_prints_one_line_per_layer(tmp_path):
+def test_verbose_prints_one_line_per_layer(tmp_path, cli):
     ws = Workspace(tmp_path, MLP)
     plain = cli(ws.input, ws.out).stdout
     assert not [line for line in plain.splitlines() if line.strip().startswith("layer")]
@@ -518,7 +512,7 @@ def test_verbose_prints_one_line_per_layer(tmp_path):
 
 # ---------------------------------------------------------------------------- --overwrite
 @pytest.mark.parametrize("spelling", ["same", "dotted", "symlink"])
-def test_output_equal_to_input_needs_overwrite(tmp_path, spelling):
+def test_output_equal_to_input_needs_overwrite(tmp_path, spelling, cli):
     ws = Workspace(tmp_path, small_mlp())
     out = {"same": ws.input, "dotted": tmp_path / "." / "in.onnx", "symlink": tmp_path / "link.onnx"}[spelling]
     if spelling == "symlink":
@@ -528,7 +522,7 @@ def test_output_equal_to_input_needs_overwrite(tmp_path, spelling):
     ws.assert_nothing_written()
 
 
-def test_overwrite_replaces_the_input_atomically(tmp_path):
+def test_overwrite_replaces_the_input_atomically(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     original = onnx.load(str(ws.input))
     inode = ws.input.stat().st_ino
@@ -542,7 +536,7 @@ def test_overwrite_replaces_the_input_atomically(tmp_path):
     assert weights_changed(original, rescaled)
 
 
-def test_existing_output_is_replaced(tmp_path):
+def test_existing_output_is_replaced(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     ws.out.write_bytes(b"old content")
     ws.listing = ws.files()
@@ -551,7 +545,7 @@ def test_existing_output_is_replaced(tmp_path):
     assert_valid_output(ws)
 
 
-def test_output_file_mode_follows_the_umask(tmp_path):
+def test_output_file_mode_follows_the_umask(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     umask = os.umask(0o022)
     try:
@@ -561,7 +555,7 @@ def test_output_file_mode_follows_the_umask(tmp_path):
     assert stat.S_IMODE(ws.out.stat().st_mode) == 0o644
 
 
-def test_overwrite_keeps_the_file_mode(tmp_path):
+def test_overwrite_keeps_the_file_mode(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     ws.input.chmod(0o644)
     cli(ws.input, ws.input, "--overwrite", "-q")
@@ -569,13 +563,13 @@ def test_overwrite_keeps_the_file_mode(tmp_path):
 
 
 # ---------------------------------------------------------------------------- bad input files
-def test_missing_input(tmp_path):
+def test_missing_input(tmp_path, cli):
     result = cli(tmp_path / "nope.onnx", tmp_path / "out.onnx", code=2)
     assert_one_error_line(result, "nope.onnx")
     assert os.listdir(tmp_path) == []
 
 
-def test_directory_as_input(tmp_path):
+def test_directory_as_input(tmp_path, cli):
     (tmp_path / "dir.onnx").mkdir()
     assert_one_error_line(cli(tmp_path / "dir.onnx", tmp_path / "out.onnx", code=2), "dir.onnx", "directory")
     assert os.listdir(tmp_path) == ["dir.onnx"]
@@ -588,25 +582,25 @@ def test_directory_as_input(tmp_path):
     b'ir_version: 8\ngraph { name: "g" }\n',  # ONNX text format is not an ONNX file either
     b"",
 ], ids=["random-bytes", "text", "json", "textproto", "empty"])
-def test_not_an_onnx_file(tmp_path, content):
+def test_not_an_onnx_file(tmp_path, content, cli):
     ws = Workspace(tmp_path, content)
     assert_one_error_line(cli(ws.input, ws.out, code=2), "in.onnx", "not an ONNX model")
     ws.assert_nothing_written()
 
 
-def test_model_failing_the_checker(tmp_path):
+def test_model_failing_the_checker(tmp_path, cli):
     ws = Workspace(tmp_path, undefined_input_model())
     assert_one_error_line(cli(ws.input, ws.out, code=1), "checker", "undefined_tensor")
     ws.assert_nothing_written()
 
 
-def test_output_in_missing_directory(tmp_path):
+def test_output_in_missing_directory(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     assert_one_error_line(cli(ws.input, tmp_path / "nope" / "out.onnx", code=2), "nope")
     ws.assert_nothing_written()
 
 
-def test_output_is_a_directory(tmp_path):
+def test_output_is_a_directory(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     (tmp_path / "sub").mkdir()
     ws.listing = ws.files()
@@ -615,14 +609,14 @@ def test_output_is_a_directory(tmp_path):
     assert os.listdir(tmp_path / "sub") == []
 
 
-def test_missing_out_without_dry_run(tmp_path):
+def test_missing_out_without_dry_run(tmp_path, cli):
     ws = Workspace(tmp_path, small_mlp())
     assert_one_error_line(cli(ws.input, code=2), "OUT", "--dry-run")
     ws.assert_nothing_written()
 
 
 @pytest.mark.parametrize("index, value", [(0, np.nan), (2, np.inf), (5, -np.inf)], ids=["nan", "inf", "-inf"])
-def test_non_finite_weight(tmp_path, index, value):
+def test_non_finite_weight(tmp_path, index, value, cli):
     model, name = with_bad_value(index, value)
     ws = Workspace(tmp_path, model)
     assert_one_error_line(cli(ws.input, ws.out, code=1), f"'{name}'")
@@ -645,7 +639,7 @@ def test_huge_finite_float64_weights_are_not_called_infinite():
         api._check_finite(graph, analysis)
 
 
-def test_all_zero_hidden_layer(tmp_path):
+def test_all_zero_hidden_layer(tmp_path, cli):
     ws = Workspace(tmp_path, zero_hidden_layer())
     cli(ws.input, ws.out, "--report", ws.report, "-q")
     ws.assert_only_new("out.onnx", "report.json")
@@ -661,7 +655,7 @@ def test_all_zero_hidden_layer(tmp_path):
     (one_gemm, "graph_output", "graph output"),
 ], ids=["relu6", "one-gemm"])
 @pytest.mark.parametrize("quiet", [True, False], ids=["quiet", "normal"])
-def test_no_rescalable_group(tmp_path, source, category, reason, quiet):
+def test_no_rescalable_group(tmp_path, source, category, reason, quiet, cli):
     ws = Workspace(tmp_path, source() if callable(source) else source)
     result = cli(ws.input, ws.out, "--report", ws.report, *(["-q"] if quiet else []))
     warning = [line for line in (result.stdout + result.stderr).splitlines() if "warning" in line]
@@ -693,7 +687,7 @@ def _failing_save(monkeypatch, folder: Path):
     monkeypatch.setattr(protoio, "write_model", write_model)
 
 
-def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, cli):
     ws = Workspace(tmp_path, small_mlp())
     _failing_save(monkeypatch, tmp_path)
     result = cli(ws.input, ws.out, code=None)
@@ -701,7 +695,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     ws.assert_nothing_written()
 
 
-def test_failed_save_over_the_input_keeps_the_input(tmp_path, monkeypatch):
+def test_failed_save_over_the_input_keeps_the_input(tmp_path, monkeypatch, cli):
     ws = Workspace(tmp_path, small_mlp())
     _failing_save(monkeypatch, tmp_path)
     result = cli(ws.input, ws.input, "--overwrite", code=None)
@@ -709,7 +703,7 @@ def test_failed_save_over_the_input_keeps_the_input(tmp_path, monkeypatch):
     ws.assert_nothing_written()
 
 
-def test_failed_save_is_one_error_line(tmp_path, monkeypatch):
+def test_failed_save_is_one_error_line(tmp_path, monkeypatch, cli):
     ws = Workspace(tmp_path, small_mlp())
     _failing_save(monkeypatch, tmp_path)
     result = cli(ws.input, ws.out, code=None)
@@ -718,7 +712,7 @@ def test_failed_save_is_one_error_line(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- external data
-def test_external_data_stays_external(tmp_path):
+def test_external_data_stays_external(tmp_path, cli):
     model = onnx.load(str(CNN))
     source = tmp_path / "src"
     source.mkdir()
@@ -747,7 +741,7 @@ def _external_input(folder: Path, location: str) -> Workspace:
     ("in.onnx.data", "in.onnx.data", "in.onnx.data"),  # OUT is the input's data file
     ("weights.bin", "weights.bin", "weights.bin"),
 ], ids=["out-data-is-input-data", "out-is-input-data", "out-is-other-data-file"])
-def test_output_that_would_replace_the_inputs_data_is_refused(tmp_path, location, out, clash):
+def test_output_that_would_replace_the_inputs_data_is_refused(tmp_path, location, out, clash, cli):
     ws = _external_input(tmp_path, location)
     for flags in ([], ["--overwrite"]):  # --overwrite only allows OUT to be IN itself
         result = cli(ws.input, tmp_path / out, *flags, code=2)
@@ -756,7 +750,7 @@ def test_output_that_would_replace_the_inputs_data_is_refused(tmp_path, location
         assert ws.data.read_bytes() == ws.data_bytes
 
 
-def test_output_whose_data_file_is_a_link_to_the_inputs_data_is_refused(tmp_path):
+def test_output_whose_data_file_is_a_link_to_the_inputs_data_is_refused(tmp_path, cli):
     ws = _external_input(tmp_path, "in.onnx.data")
     (tmp_path / "out.onnx.data").symlink_to(ws.data)
     ws.listing = ws.files()
@@ -765,7 +759,7 @@ def test_output_whose_data_file_is_a_link_to_the_inputs_data_is_refused(tmp_path
     assert ws.data.read_bytes() == ws.data_bytes
 
 
-def test_overwrite_replaces_the_input_and_its_data_file(tmp_path):
+def test_overwrite_replaces_the_input_and_its_data_file(tmp_path, cli):
     ws = _external_input(tmp_path, "in.onnx.data")
     original = onnx.load(str(ws.input))
     cli(ws.input, ws.input, "--overwrite", "-q")
@@ -783,9 +777,9 @@ def _command():
     return [str(script)] if script.exists() else [sys.executable, "-m", "onnx_pathcond.cli"]
 
 
-def test_console_script_on_mlp(tmp_path):
+def test_console_script_on_mlp(tmp_path, run_command):
     ws = Workspace(tmp_path, MLP)
-    proc = subprocess.run(_command() + [str(ws.input), str(ws.out)], capture_output=True, text=True, timeout=120)
+    proc = run_command(_command() + [ws.input, ws.out])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr == ""
     lines = proc.stdout.splitlines()
@@ -796,9 +790,8 @@ def test_console_script_on_mlp(tmp_path):
     assert_valid_output(ws)
 
 
-def test_module_error_is_one_line_on_real_stderr(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "onnx_pathcond.cli", str(tmp_path / "nope.onnx"),
-                           str(tmp_path / "out.onnx")], capture_output=True, text=True, timeout=120)
+def test_module_error_is_one_line_on_real_stderr(tmp_path, run_cli):
+    proc = run_cli(tmp_path / "nope.onnx", tmp_path / "out.onnx")
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: ") and "nope.onnx" in proc.stderr

@@ -18,20 +18,6 @@ import pytest
 
 from nets import Net, mlp
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onnx_pathcond.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, cwd=cwd, env=_env())
-
-
-def _env():
-    # The checkout's code, also when pytest runs from a worktree with the package installed elsewhere.
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    return env
-
 
 def assert_error(proc, code: int, *fragments) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -67,7 +53,7 @@ def dynamic_mlp() -> onnx.ModelProto:
 
 
 # ---------------------------------------------------------------------------- zero-sized dimensions
-def test_weight_with_a_zero_sized_dimension(tmp_path):
+def test_weight_with_a_zero_sized_dimension(tmp_path, run_cli):
     net = Net([1, 4], seed=0)
     hidden = net.relu(net.matmul(net.x, 4, 0))  # a (4, 0) weight: a layer without any channel
     f = Folder(tmp_path, net.model(net.matmul(hidden, 0, 3)))
@@ -76,7 +62,7 @@ def test_weight_with_a_zero_sized_dimension(tmp_path):
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-def test_input_declared_with_a_zero_sized_dimension(tmp_path, axis):
+def test_input_declared_with_a_zero_sized_dimension(tmp_path, axis, run_cli):
     model = mlp([4, 5, 3], seed=0)
     model.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = 0
     f = Folder(tmp_path, model)
@@ -86,13 +72,13 @@ def test_input_declared_with_a_zero_sized_dimension(tmp_path, axis):
 
 # ---------------------------------------------------------------------------- sizes too large
 @pytest.mark.parametrize("spec", ["x:99999999999999999999x4", "x:999999999x4"])
-def test_input_shape_too_large(tmp_path, spec):
+def test_input_shape_too_large(tmp_path, spec, run_cli):
     f = Folder(tmp_path, dynamic_mlp())
     assert_error(run_cli(f.input, f.out, "--input-shape", spec), 2, "--input-shape", spec, "too many")
     f.assert_unchanged()
 
 
-def test_input_declared_too_large(tmp_path):
+def test_input_declared_too_large(tmp_path, run_cli):
     model = dynamic_mlp()
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[0].dim_value, dims[1].dim_value = 100000, 100000
@@ -104,7 +90,7 @@ def test_input_declared_too_large(tmp_path):
 # ---------------------------------------------------------------------------- tolerances
 @pytest.mark.parametrize("option", ["--rtol", "--tol"])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1"])
-def test_tolerance_must_be_finite_and_not_negative(tmp_path, option, value):
+def test_tolerance_must_be_finite_and_not_negative(tmp_path, option, value, run_cli):
     f = Folder(tmp_path, mlp([4, 5, 3], seed=0))
     assert_error(run_cli(f.input, f.out, option, value), 2, option, value)
     f.assert_unchanged()
@@ -121,7 +107,7 @@ def test_the_api_refuses_those_tolerances_too(name, value):
 # ---------------------------------------------------------------------------- OUT
 @pytest.mark.parametrize("out, fragment", [("", "empty"), ("newdir/", "directory"), ("sub", "directory"),
                                            (".", "directory")])
-def test_output_that_is_not_a_file_name(tmp_path, out, fragment):
+def test_output_that_is_not_a_file_name(tmp_path, out, fragment, run_cli):
     (tmp_path / "sub").mkdir()
     f = Folder(tmp_path, mlp([4, 5, 3], seed=0))
     assert_error(run_cli(f.input, out, cwd=tmp_path), 2, fragment)
@@ -131,18 +117,22 @@ def test_output_that_is_not_a_file_name(tmp_path, out, fragment):
 
 
 # ---------------------------------------------------------------------------- signals
-def _start(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "onnx_pathcond.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())
+@pytest.fixture
+def start_cli(checkout_env):
+    """`start_cli(*args)`: the command line as a running process, for a signal to be sent to it."""
+    def start(*args) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "onnx_pathcond.cli", *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=checkout_env)
+    return start
 
 
 @pytest.mark.parametrize("delay", [0.2, 0.4])
-def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, delay):
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, delay, start_cli):
     # 0.2 s is inside the start-up (python, click, then onnx and onnxruntime loading: about a
     # second); later delays land wherever the run is by then. Whatever the moment, no traceback.
     # (Python's own first ~50 ms, before any line of ours runs, are out of our hands.)
     f = Folder(tmp_path, mlp([16, 64, 64, 4], seed=0))
-    proc = _start(f.input, f.out)
+    proc = start_cli(f.input, f.out)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
@@ -161,12 +151,12 @@ def _temporary_folders(folder: Path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["TERM", "HUP", "INT"])
-def test_signal_while_saving_or_verifying_removes_the_temporary_folder(tmp_path, signum):
+def test_signal_while_saving_or_verifying_removes_the_temporary_folder(tmp_path, signum, start_cli):
     # Four 2048-wide layers (50 MB): the written model waits in its temporary folder while
     # onnxruntime checks it, for a few tenths of a second.
     f = Folder(tmp_path, mlp([64, 2048, 2048, 2048, 2048, 10], seed=0))
     for attempt in range(3):
-        proc = _start(f.input, f.out)
+        proc = start_cli(f.input, f.out)
         deadline = time.monotonic() + 60
         while not _temporary_folders(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)

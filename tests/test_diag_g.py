@@ -5,7 +5,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from bruteforce import bruteforce_diag_g, bruteforce_path_sum
-from cases import CASES, MORE_CASES, _mlp_matmul_transposed_weight, _residual_bn_concat
+from cases import CASES, MORE_CASES, mlp_matmul_transposed_weight, residual_bn_concat
 from nets import mlp
 from onnx_pathcond.api import analyse_model
 from onnx_pathcond.stats import diag_g_by_tensor, numpy_walk
@@ -36,11 +36,11 @@ def test_diag_g_matches_path_enumeration(case):
 
 def test_gemm_alpha_beta_follow_the_parameter_convention():
     # α and β are fixed weights on the path: g of W includes α², g of C includes β².
-    assert_same_g(_mlp_matmul_transposed_weight(), wrt="param")
+    assert_same_g(mlp_matmul_transposed_weight(), wrt="param")
 
 
 def test_path_sum_is_the_path_networks_output():
-    model = _residual_bn_concat()
+    model = residual_bn_concat()
     graph, analysis, _ = analyse_model(model)
     pn = numpy_walk(graph, analysis, lambda stat: None)
     total = float(sum(pn.mass(o).sum() for o in graph.graph_outputs))

@@ -18,7 +18,6 @@ from checks import assert_equivalent, run
 from nets import Net
 from onnx_pathcond import rescale
 from onnx_pathcond.api import analyse_model
-from onnx_pathcond.cli import main
 from onnx_pathcond.stats import diag_g_by_tensor
 
 
@@ -180,13 +179,11 @@ def test_rescaled_model_computes_the_same_function(form):
     assert_equivalent(model, after)  # onnxruntime on random inputs, independently of verify.py
 
 
-def test_command_line_rescales_an_einsum_model(tmp_path):
-    from click.testing import CliRunner
-
+def test_command_line_rescales_an_einsum_model(tmp_path, invoke_cli):
     model, _ = FORMS["channel_mixing"]()
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, src)
-    result = CliRunner().invoke(main, [str(src), str(out)])
+    result = invoke_cli(src, out)
     assert result.exit_code == 0, result.output
     after = onnx.load(str(out))
     before_w = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import numpy_helper
 
 from builders import unbalanced_mlp
@@ -25,7 +24,6 @@ from nets import Net, mlp
 import onnx_pathcond
 from onnx_pathcond import options, rescale
 from onnx_pathcond.api import analyse_model
-from onnx_pathcond.cli import main
 from onnx_pathcond.criteria import enorm
 from onnx_pathcond.solve import exact_minimiser
 
@@ -352,18 +350,10 @@ def test_shipped_model_with_enorm_is_equivalent(path):
 
 
 # ---------------------------------------------------------------------------- the command line
-def _cli(*args):
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(main, [str(a) for a in args])
-
-
-def test_command_line_criterion_enorm_end_to_end(tmp_path):
+def test_command_line_criterion_enorm_end_to_end(tmp_path, invoke_cli):
     source = ROOT / "models" / "mlp_unbalanced.onnx"
     out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
-    result = _cli(source, out, "--criterion", "enorm", "--report", report_path)
+    result = invoke_cli(source, out, "--criterion", "enorm", "--report", report_path)
     assert result.exit_code == 0, result.stderr
     assert "criterion  enorm: F = sum of squared parameters" in result.stdout
     assert "diag(G)    not needed" in result.stdout and "coordinate-descent (enorm)" in result.stdout
@@ -378,7 +368,7 @@ def test_command_line_criterion_enorm_end_to_end(tmp_path):
     for t, s in zip(api_model.graph.initializer, after.graph.initializer):
         np.testing.assert_array_equal(numpy_helper.to_array(t), numpy_helper.to_array(s))
     # PathCond's own summary names its criterion too
-    result = _cli(source, tmp_path / "p.onnx")
+    result = invoke_cli(source, tmp_path / "p.onnx")
     assert result.exit_code == 0 and "coordinate-descent (pathcond)" in result.stdout
 
 
@@ -389,9 +379,9 @@ def test_statistics_options_are_said_to_have_no_effect():
     assert not report.warnings
 
 
-def test_bad_criterion_is_one_error_line_and_writes_nothing(tmp_path):
+def test_bad_criterion_is_one_error_line_and_writes_nothing(tmp_path, invoke_cli):
     out = tmp_path / "out.onnx"
-    result = _cli(ROOT / "models" / "mlp.onnx", out, "--criterion", "l2")
+    result = invoke_cli(ROOT / "models" / "mlp.onnx", out, "--criterion", "l2")
     assert result.exit_code == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--criterion" in lines[0], result.stderr
@@ -400,19 +390,19 @@ def test_bad_criterion_is_one_error_line_and_writes_nothing(tmp_path):
         rescale(str(ROOT / "models" / "mlp.onnx"), criterion="l2")
 
 
-def test_bn_statistics_is_refused_with_enorm(tmp_path):
+def test_bn_statistics_is_refused_with_enorm(tmp_path, invoke_cli):
     # ENorm balances stored weights; a BatchNorm input's scale lives in running statistics
     # instead, so the combination has no meaning and is refused before anything is read.
     out = tmp_path / "out.onnx"
-    result = _cli(ROOT / "models" / "mlp.onnx", out, "--criterion", "enorm", "--bn-statistics")
+    result = invoke_cli(ROOT / "models" / "mlp.onnx", out, "--criterion", "enorm", "--bn-statistics")
     assert result.exit_code == 2 and "--bn-statistics" in result.stderr and len(result.stderr.splitlines()) == 1
     assert not out.exists()
     with pytest.raises(onnx_pathcond.InputError, match="pathcond criterion only"):
         rescale(str(ROOT / "models" / "mlp.onnx"), criterion="enorm", bn_statistics=True)
 
 
-def test_help_lists_the_criteria_and_enorms_defaults():
-    text = " ".join(_cli("--help").stdout.split())
+def test_help_lists_the_criteria_and_enorms_defaults(invoke_cli):
+    text = " ".join(invoke_cli("--help").stdout.split())
     assert "--criterion [pathcond|enorm]" in text and "[default: pathcond]" in text
     cd, exact = options.ENORM_SOLVERS["cd"], options.ENORM_SOLVERS["exact"]
     assert f"with --criterion enorm the defaults are {cd.max_iter} sweeps and {exact.max_iter} iterations" in text
@@ -420,11 +410,11 @@ def test_help_lists_the_criteria_and_enorms_defaults():
 
 
 @pytest.mark.parametrize("solver", ["cd", "exact"])
-def test_api_and_command_line_take_the_same_enorm_defaults(tmp_path, solver):
+def test_api_and_command_line_take_the_same_enorm_defaults(tmp_path, solver, invoke_cli):
     model_path = tmp_path / "in.onnx"
     onnx.save(mlp([6, 8, 8, 3], seed=1), str(model_path))
     report_path = tmp_path / "r.json"
-    result = _cli(model_path, tmp_path / "out.onnx", "--criterion", "enorm", "--solver", solver, "--report",
+    result = invoke_cli(model_path, tmp_path / "out.onnx", "--criterion", "enorm", "--solver", solver, "--report",
                   report_path, "-q")
     assert result.exit_code == 0, result.stderr
     from_cli = json.loads(report_path.read_text())["solver"]

@@ -1,10 +1,14 @@
 """The package's modules import each other in one direction only (no cycle, lazy imports
-inside functions included), so each step can be read and tested on its own."""
+inside functions included), so each step can be read and tested on its own. And the files
+of tests/ take no `_private` name from one another: what they share is public (or a fixture
+in conftest.py), so a helper can be renamed inside its own file without breaking another."""
 
 import ast
+import glob
 import os
 
 PACKAGE = "onnx_pathcond"
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _module_name(path):
@@ -78,3 +82,47 @@ def test_no_import_cycle():
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _is_private(name):
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _private_names_taken(sources):
+    """(module, line, "other._name") for each private name that a module of `sources`
+    ({module name: source text}) takes from another of them, by `from other import _name`
+    or as `other._name` after `import other [as alias]`; lazy imports included."""
+    taken = []
+    for module, text in sorted(sources.items()):
+        tree = ast.parse(text)
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module in sources \
+                    and node.module != module:
+                taken += [(module, node.lineno, f"{node.module}.{a.name}") for a in node.names if _is_private(a.name)]
+            elif isinstance(node, ast.Import):
+                aliases.update((a.asname or a.name, a.name) for a in node.names
+                               if a.name in sources and a.name != module)
+        taken += [(module, node.lineno, f"{aliases[node.value.id]}.{node.attr}") for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id in aliases and _is_private(node.attr)]
+    return sorted(taken)
+
+
+def test_test_modules_take_no_private_name_from_each_other():
+    sources = {}
+    for path in glob.glob(os.path.join(TESTS, "*.py")):
+        with open(path, encoding="utf-8") as f:
+            sources[os.path.basename(path)[:-3]] = f.read()
+    assert {"cases", "nets", "conftest", "test_module_imports"} <= set(sources)
+    assert _private_names_taken(sources) == []
+
+
+def test_the_private_name_finder_finds_both_spellings():
+    sources = {
+        "helpers": "_hidden = 1\nshown = 2\nfrom helpers import _hidden\n",
+        "user": ("from helpers import _hidden, shown\nimport helpers as h\nh._hidden, h.shown, h.__doc__\n"
+                 "from os import _exit\n\n\ndef f():\n    from helpers import _late\n"),
+    }
+    assert _private_names_taken(sources) == [("user", 1, "helpers._hidden"), ("user", 3, "helpers._hidden"),
+                                             ("user", 8, "helpers._late")]

@@ -4,17 +4,11 @@ written unchanged (and checked), without paying for a step whose result would be
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import onnx
 import pytest
 
 from nets import Net
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def sigmoid_mlp() -> onnx.ModelProto:
@@ -25,12 +19,10 @@ def sigmoid_mlp() -> onnx.ModelProto:
     return net.model(net.gemm(x, 8, 3))
 
 
-def test_command_line_writes_the_model_unchanged_without_statistics(tmp_path):
+def test_command_line_writes_the_model_unchanged_without_statistics(tmp_path, run_cli):
     source, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
     onnx.save(sigmoid_mlp(), str(source))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "onnx_pathcond.cli", str(source), str(out), "--report", str(report)],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = run_cli(source, out, "--report", report)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "solver     skipped, no rescalable group" in proc.stdout
     assert "diag(G)" not in proc.stdout

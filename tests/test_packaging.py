@@ -1,35 +1,45 @@
 """What ships with the package: `python -m onnx_pathcond`, the typing marker, the licence."""
 
 import os
-import subprocess
 import sys
+
+import pytest
 
 import onnx_pathcond
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_module(*args):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, "-m", "onnx_pathcond", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+@pytest.fixture
+def run_module(run_command):
+    """`run_module(*args)`: `python -m onnx_pathcond ARGS...` (the package, not its cli module)."""
+    def run(*args):
+        return run_command([sys.executable, "-m", "onnx_pathcond", *args])
+    return run
 
 
-def test_python_dash_m_prints_the_version():
-    done = _run_module("--version")
+def test_python_dash_m_prints_the_version(run_module):
+    done = run_module("--version")
     assert done.returncode == 0, done.stderr
     assert onnx_pathcond.__version__ in done.stdout
 
 
-def test_python_dash_m_prints_the_help():
-    done = _run_module("--help")
+def test_python_dash_m_prints_the_help(run_module):
+    done = run_module("--help")
     assert done.returncode == 0, done.stderr
     assert "IN" in done.stdout and "--solver" in done.stdout
 
 
-def test_python_dash_m_fails_like_the_command_on_a_missing_input(tmp_path):
-    done = _run_module(str(tmp_path / "missing.onnx"), str(tmp_path / "out.onnx"))
+def test_a_child_python_imports_this_checkouts_package(run_command, tmp_path):
+    # conftest's environment for subprocesses: from any folder, the package of the tree
+    # under test, not one installed from elsewhere
+    done = run_command([sys.executable, "-c", "import onnx_pathcond; print(onnx_pathcond.__file__)"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert os.path.dirname(done.stdout.strip()) == os.path.join(ROOT, "onnx_pathcond")
+
+
+def test_python_dash_m_fails_like_the_command_on_a_missing_input(tmp_path, run_module):
+    done = run_module(str(tmp_path / "missing.onnx"), str(tmp_path / "out.onnx"))
     assert done.returncode == 2
     assert done.stderr.startswith("error: ")
 

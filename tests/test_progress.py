@@ -3,10 +3,7 @@
 import io
 import time
 
-from click.testing import CliRunner
-
 from onnx_pathcond import progress as progress_module
-from onnx_pathcond.cli import main
 from onnx_pathcond.progress import Progress
 
 
@@ -39,11 +36,10 @@ def test_fast_steps_show_nothing_on_a_terminal():
     assert out.getvalue() == ""
 
 
-def test_nothing_on_a_non_terminal_unless_verbose(tmp_path):
-    runner = CliRunner()
-    quiet = runner.invoke(main, ["models/cnn.onnx", str(tmp_path / "a.onnx")])
+def test_nothing_on_a_non_terminal_unless_verbose(tmp_path, invoke_cli):
+    quiet = invoke_cli("models/cnn.onnx", tmp_path / "a.onnx")
     assert quiet.exit_code == 0 and quiet.stderr == ""
-    loud = runner.invoke(main, ["models/cnn.onnx", str(tmp_path / "b.onnx"), "-v"])
+    loud = invoke_cli("models/cnn.onnx", tmp_path / "b.onnx", "-v")
     assert loud.exit_code == 0
     for step in ("load", "analyse", "statistics", "solve", "rewrite", "verify", "save"):
         assert f"... {step}" in loud.stderr

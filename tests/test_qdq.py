@@ -4,24 +4,13 @@ their channels are frozen with a reason, never a crash or an evaluator's message
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = Path(__file__).resolve().parent.parent
 DQ_REASON = "is computed by DequantizeLinear (a quantized model): its values cannot be rescaled"
-
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "onnx_pathcond.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, env=env)
 
 
 def qdq_cnn(opset: int = 13) -> onnx.ModelProto:
@@ -62,7 +51,7 @@ def qdq_cnn(opset: int = 13) -> onnx.ModelProto:
     return model
 
 
-def test_qdq_model_runs_and_keeps_its_function(tmp_path):
+def test_qdq_model_runs_and_keeps_its_function(tmp_path, run_cli):
     source, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
     onnx.save(qdq_cnn(), str(source))
     before = source.read_bytes()

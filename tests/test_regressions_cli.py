@@ -4,8 +4,6 @@ summary or report, output written and equivalent under onnxruntime, no traceback
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -19,25 +17,29 @@ from builders import float16_inside, near_cancelling, unbalanced_mlp, weights
 pytest.importorskip("onnxruntime")
 
 
-def _cli(tmp_path, model, *options):
-    src, dst, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
-    onnx.save(model, src)
-    before = src.read_bytes()
-    proc = subprocess.run([sys.executable, "-m", "onnx_pathcond.cli", str(src), str(dst), "--report", str(report),
-                           *options], capture_output=True, text=True, timeout=120)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert src.read_bytes() == before
-    written = onnx.load(dst) if proc.returncode == 0 else None
-    return proc, written, (json.loads(report.read_text()) if proc.returncode == 0 else None)
+@pytest.fixture
+def cli_rescale(tmp_path, run_cli):
+    """`cli_rescale(model, *options)`: the model saved in tmp_path and run through the command
+    line; returns the finished process, the written model and the report (None unless exit 0)."""
+    def rescale_through_the_command_line(model, *options):
+        src, dst, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
+        onnx.save(model, src)
+        before = src.read_bytes()
+        proc = run_cli(src, dst, "--report", report, *options)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert src.read_bytes() == before
+        written = onnx.load(dst) if proc.returncode == 0 else None
+        return proc, written, (json.loads(report.read_text()) if proc.returncode == 0 else None)
+    return rescale_through_the_command_line
 
 
-def test_initializer_fed_as_input_and_weight_returned_as_output(tmp_path):
+def test_initializer_fed_as_input_and_weight_returned_as_output(cli_rescale):
     model = mlp([4, 6, 5, 3], seed=2)
     first, third = model.graph.initializer[0], model.graph.initializer[4]
     model.graph.input.append(helper.make_tensor_value_info(first.name, first.data_type, list(first.dims)))
     model.graph.node.append(helper.make_node("Identity", [third.name], ["w_out"]))
     model.graph.output.append(helper.make_tensor_value_info("w_out", third.data_type, list(third.dims)))
-    proc, out, report = _cli(tmp_path, model)
+    proc, out, report = cli_rescale(model)
     assert proc.returncode == 0, proc.stderr
     before, after = weights(model), weights(out)
     assert np.array_equal(before[first.name], after[first.name]) and np.array_equal(before[third.name], after[third.name])
@@ -45,24 +47,24 @@ def test_initializer_fed_as_input_and_weight_returned_as_output(tmp_path):
     assert "graph input" in reasons and "graph output 'w_out'" in reasons
 
 
-def test_float16_inside_float32_io_is_not_refused(tmp_path):
+def test_float16_inside_float32_io_is_not_refused(cli_rescale):
     model = float16_inside(cnn([3, 8, 8], seed=2, size=8))
-    proc, out, report = _cli(tmp_path, model)
+    proc, out, report = cli_rescale(model)
     assert proc.returncode == 0, proc.stderr
     assert report["verification"]["precision"] == "float16" and report["verification"]["passed"]
     assert_equivalent(model, out, rtol=1e-2)
 
 
-def test_a_model_noisier_than_the_default_is_written(tmp_path):
-    proc, out, report = _cli(tmp_path, near_cancelling())
+def test_a_model_noisier_than_the_default_is_written(cli_rescale):
+    proc, out, report = cli_rescale(near_cancelling())
     assert proc.returncode == 0, proc.stderr
     assert report["verification"]["rounding_noise"] > 1e-4
     assert "rounding noise" in proc.stdout
 
 
-def test_half_precision_weights_keep_their_range(tmp_path):
+def test_half_precision_weights_keep_their_range(cli_rescale):
     model = unbalanced_mlp(np.float16, 3e3, 1e-3)
-    proc, out, report = _cli(tmp_path, model, "--solver", "exact")
+    proc, out, report = cli_rescale(model, "--solver", "exact")
     assert proc.returncode == 0, proc.stderr
     assert report["solver"]["kept_in_range"] > 0
     assert "kept at scale 1" in proc.stdout
@@ -76,7 +78,7 @@ def test_half_precision_weights_keep_their_range(tmp_path):
     assert np.abs(ya - yb).max() <= 1e-2 * np.abs(ya).max()
 
 
-def test_an_op_without_shape_inference_names_itself(tmp_path):
+def test_an_op_without_shape_inference_names_itself(cli_rescale):
     net = Net([1, 2, 5, 5], seed=4)
     a = net.relu(net.conv(net.x, 2, 3, 3, pad=1))
     g = net.name("gelu")
@@ -87,7 +89,7 @@ def test_an_op_without_shape_inference_names_itself(tmp_path):
                               [helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [1, 2])], initializer=net.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
-    proc, out, report = _cli(tmp_path, model, "-v")
+    proc, out, report = cli_rescale(model, "-v")
     assert proc.returncode == 0, proc.stderr
     assert "Gelu 'the_gelu' (domain 'com.microsoft')" in proc.stdout
     assert "--input-shape" not in proc.stdout + proc.stderr

@@ -8,8 +8,6 @@
   op; the run is not refused with a hint about --input-shape.
 """
 
-import subprocess
-import sys
 
 import onnx
 import pytest
@@ -33,12 +31,11 @@ def _ceil_pool_net(op):
 
 
 @pytest.mark.parametrize("op", ["AveragePool", "MaxPool"])
-def test_ceil_mode_pool_takes_the_runtime_shape(tmp_path, op):
+def test_ceil_mode_pool_takes_the_runtime_shape(tmp_path, op, run_cli):
     model = _ceil_pool_net(op)
     src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, src)
-    proc = subprocess.run([sys.executable, "-m", "onnx_pathcond.cli", str(src), str(dst), "--input-shape",
-                           "x:1x2x3x3", "-q"], capture_output=True, text=True, timeout=120)
+    proc = run_cli(src, dst, "--input-shape", "x:1x2x3x3", "-q")
     assert proc.returncode == 0, proc.stderr
     out = onnx.load(dst)
     assert_equivalent(model, out)  # fed with H = W = 3
@@ -70,7 +67,7 @@ def test_an_op_without_shape_inference_is_a_barrier_naming_it():
     assert_equivalent(model, out)
 
 
-def test_a_declared_output_shape_that_the_runtime_does_not_compute_is_ignored(tmp_path):
+def test_a_declared_output_shape_that_the_runtime_does_not_compute_is_ignored(tmp_path, run_cli):
     # Generated model 4492 (tests/randmodels.py): a ceil_mode MaxPool, then a ConvTranspose
     # whose Relu output is also a graph output, declared with the shape onnx's inference
     # gives (8×8, from the pool's extra window). The runtime computes 6×8: the declaration
@@ -82,7 +79,6 @@ def test_a_declared_output_shape_that_the_runtime_does_not_compute_is_ignored(tm
     assert [1, 2, 8, 8] in declared.values()
     src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, src)
-    proc = subprocess.run([sys.executable, "-m", "onnx_pathcond.cli", str(src), str(dst), "-q"],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_cli(src, dst, "-q")
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr

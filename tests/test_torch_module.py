@@ -4,8 +4,6 @@ the module taken before, run in eval and in train mode with the same random stre
 submodule's."""
 
 import copy
-import os
-import subprocess
 import sys
 import warnings
 
@@ -441,13 +439,11 @@ def test_file_of_another_module_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ packaging
-def test_the_core_package_never_imports_torch():
+def test_the_core_package_never_imports_torch(run_command):
     code = ("import sys, onnx_pathcond, onnx_pathcond.api, onnx_pathcond.cli, onnx_pathcond.verify\n"
             "onnx_pathcond.rescale\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    done = run_command([sys.executable, "-c", code])
     assert done.returncode == 0, done.stderr
 
 

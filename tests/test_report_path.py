@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import onnx
@@ -30,25 +28,20 @@ def _digests(folder: Path):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "onnx_pathcond.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=120)
-
-
 @pytest.mark.parametrize("report_name, dry_run", [
     ("in.onnx.data", False),   # the input's external data
     ("weights.bin", False),    # the same, under another name
     ("weights.bin", True),     # a dry run writes the report too
     ("in.onnx", True),         # the input model itself
 ])
-def test_report_over_a_file_the_input_reads_is_refused(tmp_path, report_name, dry_run):
+def test_report_over_a_file_the_input_reads_is_refused(tmp_path, run_cli, report_name, dry_run):
     data_name = report_name if report_name != "in.onnx" else "in.onnx.data"
     src = _external_input(tmp_path, data_name)
     before = _digests(tmp_path)
     out = tmp_path / "out" / "out.onnx"
     out.parent.mkdir()
     args = [src, "--dry-run"] if dry_run else [src, out]
-    proc = _cli(*args, "--report", tmp_path / report_name)
+    proc = run_cli(*args, "--report", tmp_path / report_name)
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
     assert len(errors) == 1 and errors[0].startswith("error:") and report_name in errors[0], proc.stderr
@@ -57,21 +50,21 @@ def test_report_over_a_file_the_input_reads_is_refused(tmp_path, report_name, dr
     assert _digests(tmp_path) == before
 
 
-def test_report_over_the_output_data_file_is_refused(tmp_path):
+def test_report_over_the_output_data_file_is_refused(tmp_path, run_cli):
     src = _external_input(tmp_path, "in.onnx.data")
     before = _digests(tmp_path)
     out = tmp_path / "out.onnx"
-    proc = _cli(src, out, "--report", str(out) + ".data")
+    proc = run_cli(src, out, "--report", str(out) + ".data")
     assert proc.returncode == 2 and "--report" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert _digests(tmp_path) == before  # no OUT, no OUT.data
 
 
-def test_report_elsewhere_is_written_and_the_input_kept(tmp_path):
+def test_report_elsewhere_is_written_and_the_input_kept(tmp_path, run_cli):
     """The control: the same run with the report in a file of its own succeeds."""
     src = _external_input(tmp_path, "weights.bin")
     before = _digests(tmp_path)
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
-    proc = _cli(src, out, "--report", report)
+    proc = run_cli(src, out, "--report", report)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(report.read_text())["input"].endswith("in.onnx")
     assert {k: v for k, v in _digests(tmp_path).items() if k in before} == before

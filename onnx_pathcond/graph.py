@@ -139,6 +139,42 @@ def _standard_for_shapes(node: onnx.NodeProto) -> onnx.NodeProto:
     return node
 
 
+def _outer_reads(body: onnx.GraphProto, found: Dict[str, None], defined: set) -> None:
+    """Names that `body` (and the subgraphs inside it) reads from an enclosing scope."""
+    defined = defined | {v.name for v in body.input} | {t.name for t in body.initializer} \
+        | {o for n in body.node for o in n.output}
+    for n in body.node:
+        for i in n.input:
+            if i and i not in defined:
+                found.setdefault(i)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                        list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                _outer_reads(sub, found, defined)
+
+
+def _with_outer_reads(node: onnx.NodeProto) -> onnx.NodeProto:
+    """The node as the analysis sees it: a node with subgraphs (If, Loop, Scan, ...) also reads
+    every tensor of the main graph that its subgraphs use, though not through its inputs.
+    Listing them as inputs of a copy (the model itself is untouched) lets every step treat
+    them alike: they order the node, make its outputs activations, and are frozen at the
+    barrier it is."""
+    bodies = [sub for a in node.attribute for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                                                       list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])]
+    if not bodies:
+        return node
+    found: Dict[str, None] = {}
+    for body in bodies:
+        _outer_reads(body, found, set())
+    extra = [name for name in found if name not in node.input]
+    if not extra:
+        return node
+    seen = onnx.NodeProto()
+    seen.CopyFrom(node)
+    seen.input.extend(extra)
+    return seen
+
+
 class Graph:
     """Read-only view of `model.graph` for a batch of one.
 
@@ -159,7 +195,7 @@ class Graph:
         for n in g.node:
             if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1:
                 self.constant_nodes[n.output[0]] = n
-        self.nodes: List[onnx.NodeProto] = self._topological(list(g.node))
+        self.nodes: List[onnx.NodeProto] = self._topological([_with_outer_reads(n) for n in g.node])
         self.node_index = {id(n): i for i, n in enumerate(self.nodes)}
         self.producer: Dict[str, onnx.NodeProto] = {}
         self.consumers: Dict[str, List[onnx.NodeProto]] = {}

@@ -127,10 +127,14 @@ def test_generator_covers_the_supported_ops():
         assert required <= ops, f"no generated model has {sorted(required - ops)}"
         # weight storage, and barriers next to the supported forms
         assert {"Constant", "Cast", "Sigmoid", "Tanh", "Softmax", "Erf", "ConcatFromSequence"} <= ops
+        # the forms of the newer rules (an op's presence alone could be its barrier form), and
+        # their refused forms
         text = "\n".join(descriptions)
-        for barrier in ("barrier Einsum", "barrier FusedConv", "read by ConcatFromSequence", "barrier Clip min",
-                        "channel shuffle", "shuffle unit"):
-            assert barrier in text, barrier
+        for form in ("Clip min 0, no max", "Max with a constant 0", "(1x1 conv)", "channels last: Einsum",
+                     "sequence axis", "sequence-chunks axis", "sequence-ones axis", "halves by sequence",
+                     "channel shuffle", "shuffle unit", "\n  FusedConv2d", "\n  FusedConv1d",
+                     "barrier Einsum", "barrier FusedConv", "read by ConcatFromSequence", "barrier Clip min"):
+            assert form in text, form
         assert families == {"mlp", "cnn1d", "cnn2d", "mixture"}
         assert dtypes == {"float16", "float32", "float64"} and batches == {"dynamic", "fixed"}
         assert opsets == set(range(13, 22))

@@ -7,12 +7,17 @@ Every generated model passes `onnx.checker.check_model(full_check=True)` and run
 (CPU) on random inputs with finite outputs: a candidate that does not is a generator problem and
 the next sub-seed is tried (`generate` never hands out an invalid model).
 
-The families are MLPs (Gemm, MatMul with the weight on either side), 1-D and 2-D CNNs and mixtures
-(a conv trunk, then a flatten or a global pool, then a dense head; residual blocks), built from
-every op that README.md lists as supported, with barriers (Sigmoid, Tanh, Clip, Softmax, Gelu, ...)
-in random places; fixed batches 1-4 or a dynamic one ("N"); float32, float16 or float64; opsets
-13-21; weights normal, pruned, with zero rows, tiny (1e-4) or huge (1e3), shared by two nodes,
-stored as initializers or Constant nodes, reached through Identity, Transpose or Cast.
+The families are MLPs (Gemm, MatMul with the weight on either side, Einsum dense layers), 1-D and
+2-D CNNs and mixtures (a conv trunk, then a flatten or a global pool, then a dense head; residual
+blocks, ShuffleNet units with channel shuffles, onnxruntime's FusedConv, 1x1 convolutions written
+as Einsum), built from every op that README.md lists as supported (`onnx_pathcond.ops.
+supported_op_types()`, bar Upsample, which opsets 13-21 no longer have), with barriers (Sigmoid,
+Tanh, ReLU6, Softmax, Gelu, refused Einsum equations, a sequence read as a whole, ...) in random
+places; fixed batches 1-4 or a dynamic one ("N"); float32, float16 or float64; opsets 13-21;
+weights normal, pruned, with zero rows, tiny (1e-4) or huge (1e3), shared by two nodes, stored as
+initializers or Constant nodes, reached through Identity, Transpose or Cast. `seed_options(seed)`
+says what the seed's model is rescaled with: bn_statistics or criterion="enorm" for one seed in
+six each, the defaults otherwise.
 
 Command line (from the repository root):
 
@@ -44,6 +49,14 @@ MAX_CHANNELS = 8
 MAX_SPATIAL = 10
 MAX_FEATURES = 32
 SUBSEEDS = 200
+# Einsum forms the tool rescales (README's Einsum row): (activation's term, weight's term, output's
+# term or None for the implicit output, which is the indices seen once in alphabetical order)
+DENSE_EINSUMS = [("bi", "oi", "bo"), ("bi", "oi", None), ("...i", "oi", "...o"), ("nk", "mk", "nm"),
+                 ("bi", "io", "bo"), ("ij", "jk", "ik"), ("ij", "jk", None), ("...i", "io", "...o")]
+CONV_EINSUMS = {3: [("ncl", "oc", "nol"), ("abd", "cb", None), ("ncl", "co", "nol"), ("nc...", "oc", "no...")],
+                4: [("nchw", "oc", "nohw"), ("abde", "cb", None), ("nchw", "co", "nohw"), ("nc...", "oc", "no...")]}
+LAST_AXIS_EINSUMS = {3: [("bsd", "df", "bsf"), ("...i", "oi", "...o"), ("nlc", "cd", "nld")],
+                     4: [("nhwc", "cd", "nhwd"), ("...i", "oi", "...o"), ("...i", "io", "...o")]}
 
 
 class GenError(Exception):
@@ -54,12 +67,42 @@ def _tensor_type(dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
+MS_DOMAIN = "com.microsoft"
+
+
+def op_name(node: onnx.NodeProto) -> str:
+    """The op type, qualified by its domain outside ONNX's (as `supported_op_types` names it)."""
+    return f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+
+
+def _is_fused_conv(node: onnx.NodeProto) -> bool:
+    return node.op_type == "FusedConv" and node.domain == MS_DOMAIN
+
+
+def for_inference(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with each com.microsoft.FusedConv written as the Conv it starts with: onnx's shape
+    inference does not know onnxruntime's contrib ops, and the output has the Conv's shape."""
+    if not any(_is_fused_conv(n) for n in model.graph.node):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for n in m.graph.node:
+        if _is_fused_conv(n):
+            n.op_type, n.domain = "Conv", ""
+            del n.input[3:]
+            kept = [a for a in n.attribute if a.name not in ("activation", "activation_params")]
+            del n.attribute[:]
+            n.attribute.extend(kept)
+    return m
+
+
 # ============================================================================ the builder
 class Builder:
     """Adds nodes to one graph; every method returns the name of the tensor it made. Shapes are
     read back with onnx shape inference (strict), the batch axis as None."""
 
-    def __init__(self, rng: np.random.Generator, dtype, opset: int, batch: Optional[int], family: str):
+    def __init__(self, rng: np.random.Generator, dtype, opset: int, batch: Optional[int], family: str,
+                 bn_rate: float = 1.0):
         self.rng = rng
         self.dtype = np.dtype(dtype)
         self.opset = opset
@@ -74,6 +117,10 @@ class Builder:
         self.pool: Dict[tuple, str] = {}  # weights that a later node may share
         self.extra_outputs: List[str] = []
         self._shapes: Dict[str, Tuple] = {}
+        # shapes onnx's inference leaves open (SequenceAt of unequal pieces), declared as
+        # value_info for the builder's own inference; some models carry them, as exporters do
+        self.declared: Dict[str, Tuple] = {}
+        self.bn_rate = bn_rate  # how much more often than usual BatchNormalization is placed
 
     # ------------------------------------------------------------------ basics
     def r(self) -> float:
@@ -91,9 +138,10 @@ class Builder:
         self.n += 1
         return f"{prefix}{self.n}"
 
-    def node(self, op, inputs, n_out=1, **attrs):
+    def node(self, op, inputs, n_out=1, domain="", **attrs):
         outs = [self.fresh(op.lower() + "_") for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op, list(inputs), outs, name=self.fresh(op + "_node"), **attrs))
+        self.nodes.append(helper.make_node(op, list(inputs), outs, name=self.fresh(op + "_node"), domain=domain or None,
+                                           **attrs))
         return outs if n_out > 1 else outs[0]
 
     def const(self, array, prefix="c") -> str:
@@ -114,18 +162,28 @@ class Builder:
         self._shapes["x"] = tuple([None] + list(shape))
         return "x"
 
-    def model(self, graph_outputs: Sequence[str] = (), outputs_typed=True) -> onnx.ModelProto:
+    def model(self, graph_outputs: Sequence[str] = (), declare=False) -> onnx.ModelProto:
         outs = [helper.make_tensor_value_info(o, _tensor_type(self.dtype), None) for o in graph_outputs]
         graph = helper.make_graph(self.nodes, "random", [self.input_vi], outs, initializer=self.inits)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
-                              producer_name="randmodels")
+        if declare:
+            graph.value_info.extend(helper.make_tensor_value_info(name, _tensor_type(self.dtype),
+                                                                  ["N" if d is None else d for d in shape])
+                                    for name, shape in self.declared.items())
+        opsets = [helper.make_opsetid("", self.opset)]
+        if any(n.domain == MS_DOMAIN for n in self.nodes):
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+        m = helper.make_model(graph, opset_imports=opsets, producer_name="randmodels")
         m.ir_version = IR_FOR_OPSET[self.opset]
         return m
+
+    def inferable(self, graph_outputs: Sequence[str] = ()) -> onnx.ModelProto:
+        """The model so far as onnx's shape inference can read it (see `for_inference`)."""
+        return for_inference(self.model(graph_outputs, declare=True))
 
     def shape(self, name: str) -> Tuple:
         if name in self._shapes:
             return self._shapes[name]
-        m = self.model()
+        m = self.inferable()
         try:
             inferred = onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True)
         except Exception as e:  # an invalid candidate
@@ -217,11 +275,18 @@ class Builder:
 
     # ------------------------------------------------------------------ activations and barriers
     def barrier(self, x: str) -> str:
-        options = ["Sigmoid", "Tanh", "Clip", "Softmax", "Gelu", "Softplus", "Elu", "HardSigmoid"]
-        op = self.pick(options)
+        options = ["Sigmoid", "Tanh", "Clip", "Softmax", "Gelu", "Softplus", "Elu", "HardSigmoid",
+                   "Clip min", "Max const", "Einsum"]
+        op = self.pick(options, [1, 1, 1, 1, 1, 1, 1, 1, 0.5, 0.5, 1.5])
+        if op == "Einsum":
+            return self.einsum_barrier(x)
         self.say(f"barrier {op}")
-        if op == "Clip":
+        if op == "Clip":  # ReLU6
             return self.node("Clip", [x, self.fconst(0.0), self.fconst(6.0)])
+        if op == "Clip min":  # a minimum other than 0: not positively homogeneous
+            return self.node("Clip", [x, self.fconst(float(self.pick([-0.5, 0.25])))])
+        if op == "Max const":
+            return self.node("Max", [x, self.fconst(float(self.pick([-1.0, 0.1])))])
         if op == "Softmax":
             return self.node("Softmax", [x], axis=1)
         if op == "Gelu":
@@ -235,6 +300,25 @@ class Builder:
             return self.node("Mul", [self.node("Mul", [x, self.fconst(0.5)]), self.node("Add", [t, self.fconst(1.0)])])
         return self.node(op, [x])
 
+    def einsum_barrier(self, x: str) -> str:
+        """An Einsum over the last axis in a form the tool refuses (README: any equation other
+        than an activation and a 2-D weight mapping one axis); the shape is kept."""
+        f = self.dims(x)[-1]
+        form = self.pick(["a weight of rank 1", "two activations", "three operands", "a broadcast product"])
+        if form == "a weight of rank 1":
+            eq, inputs = "...i,i->...i", [x, self.weight(self.rng.uniform(0.5, 2.0, [f]), "ew", shareable=False)]
+        elif form == "two activations":  # x·relu(x)
+            eq, inputs = "...i,...i->...i", [x, self.node("Relu", [x])]
+        elif form == "three operands":
+            eq = "...i,oi,o->...o"
+            inputs = [x, self.weight(self.values([f, f], f), shareable=False),
+                      self.weight(self.rng.uniform(0.5, 2.0, [f]), "ew", shareable=False)]
+        else:  # the weight's row index is also the output's: x_i·Σ_j W_ij
+            eq = "...i,ij->...i"
+            inputs = [x, self.weight(self.values([f, int(self.rng.integers(1, 4))], f), shareable=False)]
+        self.say(f"barrier Einsum '{eq}' ({form})")
+        return self.node("Einsum", inputs, equation=eq)
+
     def per_channel_shape(self, x: str) -> List[int]:
         rank = len(self.shape(x))
         c = self.dims(x)[1]
@@ -242,10 +326,24 @@ class Builder:
 
     def act(self, x: str, allow_barrier=True) -> str:
         homogeneous = 0.1 if self.dtype != np.float64 else 0  # onnxruntime: no float64 LeakyRelu, PRelu
-        kind = self.pick(["relu", "leaky", "prelu", "barrier", "none"],
-                         [0.62, homogeneous, homogeneous, 0.1 if allow_barrier else 0, 0.08])
+        kind = self.pick(["relu", "clip0", "max0", "leaky", "prelu", "barrier", "none"],
+                         [0.52, 0.05, 0.05, homogeneous, homogeneous, 0.1 if allow_barrier else 0, 0.08])
         if kind == "relu":
             return self.node("Relu", [x])
+        if kind == "clip0":  # clamp(min=0) as the legacy exporter writes it
+            form = self.pick(["min", "min and an empty max", "min from a Constant node"])
+            if form == "min from a Constant node":
+                zero = self.fresh("k")
+                self.nodes.append(helper.make_node("Constant", [], [zero], name=self.fresh("Constant_node"),
+                                                   value=numpy_helper.from_array(np.zeros((), self.dtype), zero)))
+            else:
+                zero = self.fconst(0.0)
+            self.say(f"Clip min 0, no max ({form})")
+            return self.node("Clip", [x, zero] + ([""] if form == "min and an empty max" else []))
+        if kind == "max0":  # clamp(min=0) as the dynamo exporter writes it
+            zero = self.fconst(0.0)
+            self.say("Max with a constant 0")
+            return self.node("Max", [x, zero] if self.r() < 0.7 else [zero, x])
         if kind == "leaky":
             self.say("LeakyRelu")
             return self.node("LeakyRelu", [x], alpha=float(self.pick([0.01, 0.1, 0.3])))
@@ -261,7 +359,14 @@ class Builder:
     # ------------------------------------------------------------------ dense layers ([N, F])
     def linear(self, x: str, fout: int) -> str:
         fin = self.dims(x)[1]
-        kind = self.pick(["gemm", "matmul", "matmul-left"], [0.5, 0.3, 0.2])
+        kind = self.pick(["gemm", "matmul", "matmul-left", "einsum"], [0.42, 0.25, 0.17, 0.16])
+        if kind == "einsum":
+            y, eq = self.einsum_layer(x, fout, 1, DENSE_EINSUMS)
+            bias = self.r() < 0.7
+            if bias:
+                y = self.node("Add", [y, self.weight(self.values([fout], fin, "b"), "b")])
+            self.say(f"Einsum '{eq}' {fin}->{fout} bias={bias}")
+            return y
         if kind == "gemm":
             trans_a = self.r() < 0.2
             trans_b = self.r() < 0.5
@@ -303,8 +408,37 @@ class Builder:
         self.say(f"MatMul(W, x^T) {fin}->{fout}")
         return self.node("Transpose", [y], perm=[1, 0])
 
+    def einsum_layer(self, x: str, cout: int, axis: int, forms) -> Tuple[str, str]:
+        """Einsum of `x` and a constant 2-D weight that maps axis `axis` of x (cin elements) to
+        `cout`: one of `forms` (activation term, weight term, output term or None for the
+        implicit output), the weight stored [out, in] or [in, out] as its term says, either
+        operand first, sometimes written with spaces. Returns (output, equation)."""
+        cin = self.dims(x)[axis]
+        act_term, w_term, out_term = self.pick(forms)
+        out_first = w_term[0] not in act_term  # the weight's first index is the new one
+        w = self.weight(self.values([cout, cin] if out_first else [cin, cout], cin, out_axis=0 if out_first else 1))
+        weight_first = self.r() < 0.3
+        terms = [w_term, act_term] if weight_first else [act_term, w_term]
+        spaced = self.r() < 0.15
+        eq = (", " if spaced else ",").join(terms)
+        if out_term is not None:
+            eq += (" -> " if spaced else "->") + out_term
+        return self.node("Einsum", [w, x] if weight_first else [x, w], equation=eq), eq
+
+    def einsum_conv(self, x: str, cout: int) -> str:
+        """A 1x1 convolution written as an Einsum over the channel axis, its bias an Add."""
+        d = self.dims(x)
+        y, eq = self.einsum_layer(x, cout, 1, CONV_EINSUMS[len(d)])
+        bias = self.r() < 0.6
+        if bias:
+            y = self.node("Add", [y, self.weight(self.values([cout] + [1] * (len(d) - 2), d[1], "b"), "b")])
+        self.say(f"Einsum '{eq}' (1x1 conv) {d[1]}->{cout} bias={bias}")
+        return y
+
     # ------------------------------------------------------------------ conv layers ([N, C, *S])
-    def conv(self, x: str, cout: int, shape_keeping=False) -> str:
+    def conv(self, x: str, cout: int, shape_keeping=False, fused: Optional[str] = None, z: Optional[str] = None) -> str:
+        """A Conv; with `fused` (an activation), onnxruntime's com.microsoft.FusedConv of the
+        Conv and that activation, `z` its optional tensor added before the activation."""
         d = self.dims(x)
         cin, spatial = d[1], d[2:]
         nd = len(spatial)
@@ -350,14 +484,39 @@ class Builder:
             attrs["group"] = group
         w = self.weight(self.values([cout_, cin // group] + k, cin // group * int(np.prod(k)), out_axis=0))
         inputs = [x, w]
-        if self.r() < 0.7:
+        if self.r() < 0.7 or z is not None:
             inputs.append(self.weight(self.values([cout_], cin, "b"), "b"))
-        self.say(f"Conv{nd}d {cin}->{cout_} {attrs} bias={len(inputs) == 3}")
-        y = self.node("Conv", inputs, **attrs)
+        if fused is None:
+            self.say(f"Conv{nd}d {cin}->{cout_} {attrs} bias={len(inputs) == 3}")
+            y = self.node("Conv", inputs, **attrs)
+        else:
+            attrs["activation"] = fused
+            if fused == "LeakyRelu":  # onnxruntime needs its alpha
+                attrs["activation_params"] = [float(self.pick([0.01, 0.1, 0.3]))]
+            elif fused == "Clip":  # ReLU6
+                attrs["activation_params"] = [0.0, 6.0]
+            if z is not None:
+                inputs.append(z)
+            barrier = "barrier " if fused not in ("Relu", "LeakyRelu") or z is not None else ""
+            self.say(f"{barrier}FusedConv{nd}d {cin}->{cout_} {attrs} bias={len(inputs) >= 3}"
+                     + (" with Z (a residual added before the activation)" if z is not None else ""))
+            y = self.node("FusedConv", inputs, domain=MS_DOMAIN, **attrs)
         out = self.dims(y)
         if any(s > 2 * MAX_SPATIAL for s in out[2:]):
             raise GenError("conv output too large")
         return y
+
+    def conv_block(self, x: str, cout: int, shape_keeping=False, bn=0.35, allow_barrier=True) -> str:
+        """A convolution, maybe a BatchNormalization, an activation; or onnxruntime's FusedConv of
+        the convolution and a ReLU-like activation (a barrier one now and then)."""
+        if self.dtype != np.float64 and self.r() < 0.18:  # onnxruntime: no float64 FusedConv
+            activation = self.pick(["Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip"],
+                                   [0.55, 0.3] + [0.05 if allow_barrier else 0] * 3)
+            return self.conv(x, cout, shape_keeping, fused=activation)
+        y = self.conv(x, cout, shape_keeping)
+        if self.r() < bn * self.bn_rate:
+            y = self.batchnorm(y)
+        return self.act(y, allow_barrier=allow_barrier)
 
     def conv_transpose(self, x: str, cout: int) -> str:
         d = self.dims(x)
@@ -404,8 +563,8 @@ class Builder:
         c = d[1]
         spatial = d[2:]
         options = ["identity", "dropout", "mul", "div", "add", "sub", "reshape", "transpose", "unsqueeze",
-                   "slice", "pad", "tile", "gather", "expand", "split", "concat-self"]
-        weights = [1, 1, 2, 1, 2, 1, 2, 2, 1, 2, 2, 1, 2, 1, 2, 1]
+                   "slice", "pad", "tile", "gather", "expand", "split", "concat-self", "shuffle"]
+        weights = [1, 1, 2, 1, 2, 1, 2, 2, 1, 2, 2, 1, 2, 1, 3, 1, 2]
         if rank >= 3:
             options += ["maxpool", "avgpool", "reduce", "resize", "nhwc"]
             weights += [3, 3, 2, 2, 2]
@@ -414,7 +573,12 @@ class Builder:
                 weights += [1, 1]
         op = self.pick(options, weights)
         if op == "identity":
+            if self.r() < 0.2:
+                self.say("Clip without bounds")
+                return self.node("Clip", [x])
             return self.node("Identity", [x])
+        if op == "shuffle":
+            return self.channel_shuffle(x)
         if op == "dropout":
             self.say("Dropout")
             if self.r() < 0.5:
@@ -523,14 +687,36 @@ class Builder:
             size = d[axis]
             if size < 2:
                 return x
-            a = int(self.rng.integers(1, size))
-            parts = self.node("Split", [x, self.ints([a, size - a])], n_out=2, axis=axis)
-            first = self.node("Relu", [parts[0]]) if self.r() < 0.5 else parts[0]
-            second = self.node("Mul", [parts[1], self.fconst(float(self.pick([0.5, 2.0, 3.0])))]) \
-                if self.r() < 0.5 else parts[1]
-            order = [first, second] if self.r() < 0.6 else [second, first]
-            self.say(f"Split axis {axis} [{a},{size - a}] / Concat")
-            return self.node("Concat", order, axis=axis)
+            how = self.pick(["Split", "sequence", "sequence-chunks", "sequence-ones", "sequence-concat"],
+                            [0.5, 0.22, 0.12, 0.06 if size <= 4 else 0, 0.1])
+            if how == "sequence-concat":  # the sequence read as a whole: a barrier
+                a = int(self.rng.integers(1, size))
+                seq = self.node("SplitToSequence", [x, self.ints([a, size - a])], axis=axis)
+                y = self.node("ConcatFromSequence", [seq], axis=axis)
+                self._shapes[y] = tuple(d)
+                self.declared[y] = tuple([self.batch] + list(d[1:]))
+                self.say(f"barrier: SplitToSequence axis {axis} [{a},{size - a}] read by ConcatFromSequence")
+                return y
+            if how in ("Split", "sequence"):
+                a = int(self.rng.integers(1, size))
+                parts = self.pieces(x, axis, [a, size - a], how)
+                first = self.node("Relu", [parts[0]]) if self.r() < 0.5 else parts[0]
+                second = self.node("Mul", [parts[1], self.fconst(float(self.pick([0.5, 2.0, 3.0])))]) \
+                    if self.r() < 0.5 else parts[1]
+                order = [first, second] if self.r() < 0.6 else [second, first]
+                self.say(f"{how} axis {axis} [{a},{size - a}] / Concat")
+                return self.node("Concat", order, axis=axis)
+            if how == "sequence-chunks":  # a scalar split: chunks, the last one shorter
+                chunk = int(self.rng.integers((size + 3) // 4, size))
+                sizes = [min(chunk, size - s) for s in range(0, size, chunk)]
+            else:
+                sizes = [1] * size
+            parts = self.pieces(x, axis, sizes, how)
+            if self.r() < 0.4:
+                parts[0] = self.node("Relu", [parts[0]])
+            order = [int(k) for k in self.rng.permutation(len(parts))]
+            self.say(f"{how} axis {axis} {sizes} / Concat in the order {order}")
+            return self.node("Concat", [parts[k] for k in order], axis=axis)
         if op == "concat-self":
             axis = int(self.rng.integers(1, rank))
             limit = MAX_CHANNELS if axis == 1 and rank > 2 else MAX_FEATURES if rank == 2 else MAX_SPATIAL
@@ -559,6 +745,86 @@ class Builder:
             self.say("SpaceToDepth")
             return self.node("SpaceToDepth", [x], blocksize=2)
         raise AssertionError(op)
+
+    def pieces(self, x: str, axis: int, sizes: List[int], how: str) -> List[str]:
+        """`x` cut along `axis` into pieces of `sizes`: by a Split, by Slices, or by a
+        SplitToSequence read by SequenceAt at constant positions (its split a 1-D constant
+        ("sequence"), a scalar chunk length ("sequence-chunks") or none, pieces of one
+        ("sequence-ones")), as PyTorch's dynamo exporter writes chunk and split."""
+        d = self.dims(x)
+        rank = len(d)
+        named_axis = axis if self.r() < 0.7 else axis - rank
+        stops = np.cumsum(sizes).tolist()
+        if how == "Split":
+            parts = self.node("Split", [x, self.ints(sizes)], n_out=len(sizes), axis=named_axis)
+            return list(parts) if len(sizes) > 1 else [parts]
+        if how == "Slice":
+            return [self.node("Slice", [x, self.ints([stop - size]), self.ints([stop]), self.ints([named_axis])])
+                    for size, stop in zip(sizes, stops)]
+        attrs = {}
+        if how == "sequence":
+            inputs = [x, self.ints(sizes)]
+        elif how == "sequence-chunks":
+            inputs = [x, self.const(np.asarray(sizes[0], np.int64), "chunk")]
+        else:
+            inputs = [x]
+            if self.r() < 0.5:
+                attrs["keepdims"] = 1
+        seq = self.node("SplitToSequence", inputs, axis=named_axis, **attrs)
+        parts = []
+        for k, size in enumerate(sizes):
+            position = k if self.r() < 0.7 else k - len(sizes)
+            part = self.node("SequenceAt", [seq, self.const(np.asarray(position, np.int64), "at")])
+            shape = list(d)
+            shape[axis] = size
+            # onnx's inference leaves the axis open when the pieces differ in length
+            self._shapes[part] = tuple(shape)
+            self.declared[part] = tuple([self.batch] + shape[1:])
+            parts.append(part)
+        return parts
+
+    def channel_shuffle(self, x: str, groups: Optional[int] = None) -> str:
+        """ShuffleNet's channel shuffle: Reshape [N, C, *S] to [N, g, C/g, *S], swap the two
+        channel axes, Reshape back (an MLP's features too)."""
+        d = self.dims(x)
+        c, spatial = d[1], list(d[2:])
+        if groups is None:
+            divisors = [g for g in range(2, c) if c % g == 0]
+            if not divisors:
+                return x
+            groups = int(self.pick(divisors))
+        batch = 0 if self.batch is None or self.r() < 0.5 else self.batch
+        y = self.node("Reshape", [x, self.ints([batch, groups, c // groups] + spatial)])
+        y = self.node("Transpose", [y], perm=[0, 2, 1] + list(range(3, len(d) + 1)))
+        if self.r() < 0.2:
+            y = self.node("Relu", [y])
+        back = [batch, c] + spatial if self.r() < 0.7 else [batch, -1] + spatial
+        self.say(f"channel shuffle, {groups} groups")
+        return self.node("Reshape", [y, self.ints(back)])
+
+    def shuffle_unit(self, x: str) -> str:
+        """A ShuffleNet-v2 unit: the channels split in halves (Split, Slices or a sequence), one
+        half through 1x1, depthwise and 1x1 convolutions with BatchNorms, the halves
+        concatenated and shuffled."""
+        d = self.dims(x)
+        if d[1] < 2 or d[1] % 2:
+            x = self.conv_block(x, 2 * int(self.rng.integers(1, MAX_CHANNELS // 2 + 1)), shape_keeping=True)
+            d = self.dims(x)
+            if d[1] % 2:
+                raise GenError("shuffle unit: odd channels")
+        half = d[1] // 2
+        how = self.pick(["Split", "Slice", "sequence"], [1, 1, 1.5])
+        self.say(f"shuffle unit, halves by {how}")
+        left, right = self.pieces(x, 1, [half, half], how)
+        y = self.conv_block(right, half, shape_keeping=True, bn=0.7)
+        y = self.conv(y, half, shape_keeping=True)
+        if self.r() < 0.7 * self.bn_rate:
+            y = self.batchnorm(y)
+        y = self.conv_block(y, half, shape_keeping=True, bn=0.7)
+        if self.dims(y)[2:] != d[2:]:
+            raise GenError("shuffle unit: the branch changed the size")
+        z = self.node("Concat", [left, y] if self.r() < 0.7 else [y, left], axis=1)
+        return self.channel_shuffle(z, 2 if self.dims(z)[1] % 2 == 0 else None)
 
     def reshape_roundtrip(self, x, d):
         rank = len(d)
@@ -649,8 +915,15 @@ class Builder:
         c = d[1]
         perm = [0] + list(range(2, rank)) + [1]
         y = self.node("Transpose", [x], perm=perm)
-        kind = self.pick(["mul", "add", "matmul"])
-        if kind == "mul":
+        kind = self.pick(["mul", "add", "matmul", "einsum"])
+        if kind == "einsum":  # a layer on the last axis: "bsd,df->bsf", "...i,oi->...o", ...
+            cout = int(self.rng.integers(1, MAX_CHANNELS + 1))
+            y, eq = self.einsum_layer(y, cout, rank - 1, LAST_AXIS_EINSUMS[rank])
+            kind = f"Einsum '{eq}'"
+            if self.r() < 0.7:
+                y = self.node("Add", [y, self.weight(self.values([cout], c, "b"), "b")])
+            y = self.act(y, allow_barrier=False)
+        elif kind == "mul":
             y = self.node("Mul", [y, self.weight(self.rng.uniform(0.5, 2.0, [c]), "mulc", shareable=False)])
             cout = c
         elif kind == "add":
@@ -674,12 +947,14 @@ class Builder:
             y = self.act(self.linear(x, c), allow_barrier=False)
             y = self.linear(y, c)
         else:
-            y = self.conv(x, c, shape_keeping=True)
+            y = self.conv_block(x, c, shape_keeping=True, bn=0.4, allow_barrier=False)
             if self.dims(y) != d:
                 raise GenError("residual conv changed the shape")
-            if self.r() < 0.4:
-                y = self.batchnorm(y)
-            y = self.act(y, allow_barrier=False)
+            if self.dtype != np.float64 and self.r() < 0.1:  # onnxruntime's fusion of conv, add and relu
+                y = self.conv(y, c, shape_keeping=True, fused="Relu", z=x)
+                if self.dims(y) != d:
+                    raise GenError("residual conv changed the shape")
+                return y
             y = self.conv(y, c, shape_keeping=True)
             if self.dims(y) != d:
                 raise GenError("residual conv changed the shape")
@@ -746,7 +1021,7 @@ def _mlp(b: Builder):
         step = b.pick(["layer", "residual", "branches", "pass"], [4, 1, 1, 2])
         if step == "layer":
             x = b.act(b.linear(x, int(b.rng.integers(2, 17))))
-            if b.r() < 0.2:
+            if b.r() < 0.2 * b.bn_rate:
                 x = b.batchnorm(x)
         elif step == "residual":
             x = b.residual(x, dense=True)
@@ -756,7 +1031,7 @@ def _mlp(b: Builder):
             x = b.passthrough(x)
         if b.dims(x)[1] > MAX_FEATURES:
             x = b.act(b.linear(x, int(b.rng.integers(2, 17))))
-        if b.r() < 0.08:
+        if b.r() < 0.08 and x != "x":  # a graph input is no output of its own
             b.extra_outputs.append(x)
     return b.linear(x, int(b.rng.integers(1, 6)))
 
@@ -769,13 +1044,14 @@ def _cnn(b: Builder, nd: int, mixture: bool):
     for _ in range(int(b.rng.integers(1, 4))):
         if len(b.dims(x)) < 3:  # a Gather of one position removed the last spatial axis
             break
-        step = b.pick(["conv", "convT", "residual", "branches", "pass", "rank"],
-                      [5, 1, 2 if mixture else 0.5, 1, 2, 0.5 if mixture else 0])
+        step = b.pick(["conv", "convT", "residual", "branches", "pass", "rank", "einsum", "shuffle"],
+                      [5, 1, 2 if mixture else 0.5, 1, 2, 0.5 if mixture else 0, 0.8, 0.8])
         if step == "conv":
-            x = b.conv(x, int(b.rng.integers(1, MAX_CHANNELS + 1)))
-            if b.r() < 0.35:
-                x = b.batchnorm(x)
-            x = b.act(x)
+            x = b.conv_block(x, int(b.rng.integers(1, MAX_CHANNELS + 1)))
+        elif step == "einsum":
+            x = b.act(b.einsum_conv(x, int(b.rng.integers(1, MAX_CHANNELS + 1))))
+        elif step == "shuffle":
+            x = b.shuffle_unit(x)
         elif step == "convT":
             x = b.act(b.conv_transpose(x, int(b.rng.integers(1, MAX_CHANNELS + 1))))
         elif step == "residual":
@@ -794,7 +1070,7 @@ def _cnn(b: Builder, nd: int, mixture: bool):
         if any(s > MAX_SPATIAL for s in b.dims(x)[2:]):
             x = b.node("MaxPool", [x], kernel_shape=[2] * (len(d) - 2), strides=[2] * (len(d) - 2))
             b.say("MaxPool 2 (size cap)")
-        if b.r() < 0.08:
+        if b.r() < 0.08 and x != "x":  # a graph input is no output of its own
             b.extra_outputs.append(x)
     if len(b.dims(x)) < 3:
         pass
@@ -811,15 +1087,29 @@ def _cnn(b: Builder, nd: int, mixture: bool):
     return b.linear(x, int(b.rng.integers(1, 6)))
 
 
+def seed_options(seed: int) -> Dict[str, object]:
+    """The options `check_seed` rescales the model of `seed` with: bn_statistics for one seed in
+    six, criterion="enorm" for another one in six (the tool refuses the two together), the
+    defaults for the rest."""
+    draw = int(np.random.default_rng([seed, 6]).integers(6))
+    return {0: {"bn_statistics": True}, 1: {"criterion": "enorm"}}.get(draw, {})
+
+
+def _options_text(options: Dict[str, object]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(options.items())) or "default options"
+
+
 def _candidate(seed: int, sub: int) -> Tuple[onnx.ModelProto, str]:
     rng = np.random.default_rng([seed, sub])
+    options = seed_options(seed)
     family = str(rng.choice(["mlp", "cnn1d", "cnn2d", "mixture"], p=[0.3, 0.2, 0.25, 0.25]))
     dtype_name = str(rng.choice(["float32", "float16", "float64"], p=[0.6, 0.25, 0.15]))
     if dtype_name == "float64":
         family = "mlp"  # onnxruntime's CPU provider has no float64 Conv, pooling average, Resize, Erf
     opset = int(rng.integers(13, 22))
     batch = None if rng.random() < 0.35 else int(rng.integers(1, 5))
-    b = Builder(rng, DTYPES[dtype_name], opset, batch, family)
+    # with bn_statistics, BatchNormalization twice as often: the option has something to do
+    b = Builder(rng, DTYPES[dtype_name], opset, batch, family, bn_rate=2.0 if options.get("bn_statistics") else 1.0)
     if family == "mlp":
         y = _mlp(b)
     elif family == "mixture":
@@ -827,16 +1117,18 @@ def _candidate(seed: int, sub: int) -> Tuple[onnx.ModelProto, str]:
     else:
         y = _cnn(b, 1 if family == "cnn1d" else 2, mixture=False)
     outputs = [y] + [o for o in b.extra_outputs if o != y]
-    model = b.model(outputs)
+    # the shapes onnx's inference cannot find are in the model as value_info half the time
+    # (exporters write them); otherwise the tool computes them
+    model = b.model(outputs, declare=bool(b.declared) and rng.random() < 0.5)
     # declare the output shapes that inference finds
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    inferred = onnx.shape_inference.infer_shapes(b.inferable(outputs), strict_mode=True)
     known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
     for out in model.graph.output:
         if out.name in known:
             out.type.CopyFrom(known[out.name].type)
-    ops = Counter(n.op_type for n in model.graph.node)
+    ops = Counter(op_name(n) for n in model.graph.node)
     header = (f"seed {seed} (sub-seed {sub}): {family}, {dtype_name}, opset {opset}, "
-              f"batch {'N (dynamic)' if batch is None else batch}, input {b.shape('x')[1:]}, "
+              f"batch {'N (dynamic)' if batch is None else batch}, {_options_text(options)}, input {b.shape('x')[1:]}, "
               f"{len(model.graph.node)} nodes: " + ", ".join(f"{k}×{v}" for k, v in sorted(ops.items())))
     return model, header + "\n" + "\n".join("  " + line for line in b.ops)
 
@@ -918,11 +1210,12 @@ def model_dtype(model: onnx.ModelProto) -> np.dtype:
 def cast_model(model: onnx.ModelProto, target) -> onnx.ModelProto:
     """A copy of `model` computing in `target` (a wider float dtype): tensors of the model's dtype
     are converted exactly; a Cast to the model's dtype still rounds there before widening (so the
-    copy holds the same weight values); Resize's float32 roi/scales stay as they are."""
+    copy holds the same weight values); Resize's float32 roi/scales stay as they are; a FusedConv
+    is written as its Conv and activation (`unfused`: onnxruntime has no float64 FusedConv)."""
     source_t = model.graph.input[0].type.tensor_type.elem_type
     target_t = _tensor_type(target)
     m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m.CopyFrom(unfused(model))
     keep = {n.input[i] for n in m.graph.node if n.op_type == "Resize" for i in (1, 2) if len(n.input) > i}
     for t in m.graph.initializer:
         if t.data_type == source_t and t.name not in keep:
@@ -945,6 +1238,43 @@ def cast_model(model: onnx.ModelProto, target) -> onnx.ModelProto:
     for vi in list(m.graph.input) + list(m.graph.output) + list(m.graph.value_info):
         if vi.type.tensor_type.elem_type == source_t:
             vi.type.tensor_type.elem_type = target_t
+    return m
+
+
+def unfused(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with each com.microsoft.FusedConv written as what it computes: its Conv, plus its
+    input Z when it has one, then its activation as a node of its own."""
+    if not any(_is_fused_conv(n) for n in model.graph.node):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    dtype = model_dtype(model)
+    nodes = []
+    for n in m.graph.node:
+        if not _is_fused_conv(n):
+            nodes.append(n)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        activation = attrs.pop("activation", b"")
+        activation = activation.decode() if isinstance(activation, bytes) else activation
+        params = [float(v) for v in attrs.pop("activation_params", [])]
+        y = n.output[0] + "__conv"
+        nodes.append(helper.make_node("Conv", list(n.input[:3]), [y], name=n.name + "__conv", **attrs))
+        if len(n.input) > 3 and n.input[3]:
+            nodes.append(helper.make_node("Add", [y, n.input[3]], [y + "_z"], name=n.name + "__z"))
+            y += "_z"
+        if activation == "LeakyRelu":
+            act = helper.make_node("LeakyRelu", [y], [n.output[0]], alpha=params[0])
+        elif activation == "Clip":
+            bounds = [n.name + "__min", n.name + "__max"]
+            m.graph.initializer.extend(numpy_helper.from_array(np.asarray(v, dtype), b) for v, b in zip(params, bounds))
+            act = helper.make_node("Clip", [y] + bounds, [n.output[0]])
+        else:
+            act = helper.make_node(activation or "Identity", [y], [n.output[0]])
+        act.name = n.name + "__activation"
+        nodes.append(act)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
     return m
 
 
@@ -1014,6 +1344,8 @@ class Outcome:
     rescaled: Optional[bool] = None  # written: whether any weight changed
     diff_over_tol: Optional[float] = None  # written: largest output difference / tolerance
     reference: str = ""
+    options: str = ""  # what the model was rescaled with
+    bn_statistics_rescaled: int = 0  # written with bn_statistics: running means that changed
 
     def fail(self, kind: str, detail: str) -> None:
         self.failures.append((kind, detail))
@@ -1087,15 +1419,17 @@ def check_same_graph(before: onnx.ModelProto, after: onnx.ModelProto, outcome: O
         outcome.fail("graph changed: initializers", f"{diff} (names, dtypes, dims or storage)")
 
 
-def check_factors(before: onnx.ModelProto, after: onnx.ModelProto, outcome: Outcome) -> None:
+def check_factors(before: onnx.ModelProto, after: onnx.ModelProto, outcome: Outcome,
+                  skip: Sequence[str] = ()) -> None:
     """(c) Each float tensor element is multiplied by a positive finite factor; zeros stay zeros;
-    nothing overflows or underflows in the tensor's dtype."""
+    nothing overflows or underflows in the tensor's dtype. Tensors in `skip` (running variances
+    rescaled with bn_statistics, which `check_bn_statistics` checks) are left out."""
     old_tensors, new_tensors = float_tensors(before), float_tensors(after)
     outcome.rescaled = any(name in new_tensors and t.SerializeToString() != new_tensors[name].SerializeToString()
                            for name, t in old_tensors.items())
     for name, t in old_tensors.items():
-        if name not in new_tensors:
-            continue  # reported by check_same_graph
+        if name not in new_tensors or name in skip:
+            continue  # a missing one is reported by check_same_graph
         old = numpy_helper.to_array(t).astype(np.float64)
         new_raw = numpy_helper.to_array(new_tensors[name])
         new = new_raw.astype(np.float64)
@@ -1127,6 +1461,84 @@ def check_factors(before: onnx.ModelProto, after: onnx.ModelProto, outcome: Outc
         if np.any(near_max):
             outcome.notes.append(("weights: near overflow", f"'{name}' ({dtype.name}): {int(near_max.sum())} values "
                                                             f"above max/16"))
+
+
+def stored_tensor(model: onnx.ModelProto, name: str) -> Optional[str]:
+    """The float initializer or Constant that the tensor `name` is (or reaches its reader
+    from through Identity and Cast nodes); None for a computed tensor."""
+    tensors = float_tensors(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    while name not in tensors:
+        node = producers.get(name)
+        if node is None or node.op_type not in ("Identity", "Cast"):
+            return None
+        name = node.input[0]
+    return name
+
+
+def running_statistics(model: onnx.ModelProto) -> List[Tuple[onnx.NodeProto, str, str]]:
+    """(BatchNormalization node, its running mean's stored tensor, its running variance's)."""
+    found = []
+    for n in model.graph.node:
+        if n.op_type == "BatchNormalization" and len(n.input) == 5:
+            mean, var = stored_tensor(model, n.input[3]), stored_tensor(model, n.input[4])
+            if mean is not None and var is not None:
+                found.append((n, mean, var))
+    return found
+
+
+def _half_ulp(values: np.ndarray) -> np.ndarray:
+    """Half the spacing of the stored values' dtype at each value (in float64): how far a value
+    rounded to that dtype can be from what was rounded."""
+    return np.abs(np.spacing(values)).astype(np.float64) / 2
+
+
+def check_bn_statistics(before: onnx.ModelProto, after: onnx.ModelProto, outcome: Outcome, bn_statistics: bool) -> None:
+    """(e) The running statistics of each BatchNormalization (README, BatchNorm statistics).
+
+    Without bn_statistics a BN's input channels keep scale 1: mean and variance are unchanged,
+    bit for bit. With it, channel c's mean becomes λ·mean and its variance λ²·(var + ε) − ε for
+    one λ > 0. λ is read off the mean: the stored mean' is λ·mean rounded to its dtype, which
+    puts λ in an interval; then var' must be (var + ε)·λ² − ε for a λ there, rounded to its
+    dtype (the only slack: half a unit in the last place of each stored value, and a few units
+    of float64 in the arithmetic), and never negative."""
+    old_tensors, new_tensors = float_tensors(before), float_tensors(after)
+    for node, mean, var in running_statistics(before):
+        label = f"BatchNormalization '{node.name}'"
+        if mean not in new_tensors or var not in new_tensors:
+            continue  # reported by check_same_graph
+        if old_tensors[mean].SerializeToString() != new_tensors[mean].SerializeToString():
+            outcome.bn_statistics_rescaled += 1
+        if not bn_statistics:
+            for role, name in (("mean", mean), ("variance", var)):
+                if old_tensors[name].SerializeToString() != new_tensors[name].SerializeToString():
+                    outcome.fail("batchnorm statistics changed without bn_statistics",
+                                 f"{label}: running {role} '{name}'")
+            continue
+        eps = next((float(a.f) for a in node.attribute if a.name == "epsilon"), 1e-5)
+        m0, v0 = (numpy_helper.to_array(old_tensors[k]).astype(np.float64) for k in (mean, var))
+        m1_raw, v1_raw = numpy_helper.to_array(new_tensors[mean]), numpy_helper.to_array(new_tensors[var])
+        m1, v1 = m1_raw.astype(np.float64), v1_raw.astype(np.float64)
+        if m0.shape != v0.shape or m1.shape != m0.shape or v1.shape != v0.shape:
+            continue
+        if not np.all(np.isfinite(v1)) or np.any(v1 < 0):
+            outcome.fail("batchnorm: running variance negative or not finite", f"{label}: '{var}' {v1.tolist()}")
+            continue
+        arith = 8 * float(np.finfo(np.float64).eps)  # the tool's float64 products and sums
+        known = (m0 != 0) & (m1 != 0) & (np.sign(m0) == np.sign(m1))  # a mean of 0 says nothing of λ
+        slack_m = _half_ulp(m1_raw) + np.abs(m1) * arith
+        lam_low = np.maximum(np.abs(m1) - slack_m, 0) / np.where(known, np.abs(m0), 1)
+        lam_high = (np.abs(m1) + slack_m) / np.where(known, np.abs(m0), 1)
+        v_low = (v0 + eps) * lam_low ** 2 - eps
+        v_high = (v0 + eps) * lam_high ** 2 - eps
+        slack_v = _half_ulp(v1_raw) + ((v0 + eps) * lam_high ** 2 + eps) * arith
+        bad = known & ((v1 < v_low - slack_v) | (v1 > v_high + slack_v))
+        if np.any(bad):
+            c = int(np.flatnonzero(bad)[0])
+            outcome.fail("batchnorm: running variance is not λ²·(var + ε) − ε for the mean's λ",
+                         f"{label}, channel {c}: mean {m0[c]:.6g} -> {m1[c]:.6g} (λ in [{lam_low[c]:.9g}, "
+                         f"{lam_high[c]:.9g}]), var {v0[c]:.6g} -> {v1[c]:.6g}, expected in "
+                         f"[{v_low[c]:.9g}, {v_high[c]:.9g}] (ε {eps:.3g}); {int(bad.sum())} channel(s)")
 
 
 def check_outputs(before: onnx.ModelProto, after: onnx.ModelProto, outcome: Outcome, seed: int) -> None:
@@ -1247,7 +1659,8 @@ def check_seed(seed: int, workdir: str) -> Outcome:
     import onnx_pathcond
     t0 = time.perf_counter()
     model, desc = generate(seed)
-    outcome = Outcome(seed, desc)
+    options = seed_options(seed)
+    outcome = Outcome(seed, desc, options=_options_text(options))
     folder = os.path.join(workdir, f"seed{seed}")
     in_dir, out_dir = os.path.join(folder, "in"), os.path.join(folder, "out")
     os.makedirs(in_dir)
@@ -1257,7 +1670,7 @@ def check_seed(seed: int, workdir: str) -> Outcome:
     digest = _sha(in_path)
     try:
         try:
-            onnx_pathcond.rescale(in_path, output=out_path, return_model=False)
+            onnx_pathcond.rescale(in_path, output=out_path, return_model=False, **options)
         except onnx_pathcond.PathCondError as e:
             outcome.kind = "refused"
             outcome.exit_code = e.exit_code
@@ -1269,7 +1682,7 @@ def check_seed(seed: int, workdir: str) -> Outcome:
             if left:
                 outcome.fail("refusal: files left next to OUT", ", ".join(left))
             if isinstance(e, onnx_pathcond.VerificationError):
-                _second_opinion(model, outcome, seed)
+                _second_opinion(model, outcome, seed, options)
         except Exception as e:
             outcome.kind = "crash"
             outcome.reason = f"{type(e).__name__} at {_crash_site(e)}: {str(e).splitlines()[0][:120] if str(e) else ''}"
@@ -1287,7 +1700,7 @@ def check_seed(seed: int, workdir: str) -> Outcome:
                 outcome.fail("written: output missing or unreadable", f"{type(e).__name__}: {e}"[:200])
             else:
                 check_same_graph(model, after, outcome)
-                check_factors(model, after, outcome)
+                _check_weights(model, after, outcome, options)
                 check_outputs(model, after, outcome, seed)
         if _sha(in_path) != digest:
             outcome.fail("input file modified", in_path)
@@ -1297,18 +1710,27 @@ def check_seed(seed: int, workdir: str) -> Outcome:
     return outcome
 
 
-def _second_opinion(model: onnx.ModelProto, outcome: Outcome, seed: int) -> None:
+def _check_weights(before: onnx.ModelProto, after: onnx.ModelProto, outcome: Outcome, options) -> None:
+    """(c) and (e): positive factors, and the BatchNorm statistics (whose variance, with
+    bn_statistics, is checked by its own relation instead of a factor)."""
+    bn_statistics = bool(options.get("bn_statistics"))
+    variances = [var for _, _, var in running_statistics(before)] if bn_statistics else []
+    check_factors(before, after, outcome, skip=variances)
+    check_bn_statistics(before, after, outcome, bn_statistics)
+
+
+def _second_opinion(model: onnx.ModelProto, outcome: Outcome, seed: int, options) -> None:
     """After a VerificationError: rescale in memory without the tool's check and apply our own
-    checks (c) and (d) to the result. If they pass, the refusal was a false rejection."""
+    checks (c), (d) and (e) to the result. If they pass, the refusal was a false rejection."""
     import onnx_pathcond
     probe = Outcome(seed, "")
     try:
-        rescaled, _ = onnx_pathcond.rescale(model, verify_output=False)
+        rescaled, _ = onnx_pathcond.rescale(model, verify_output=False, **options)
     except Exception as e:
         outcome.fail("verification refusal: in-memory rescale without verification fails",
                      f"{type(e).__name__}: {str(e)[:200]}")
         return
-    check_factors(model, rescaled, probe)
+    _check_weights(model, rescaled, probe, options)
     check_outputs(model, rescaled, probe, seed)
     if not probe.failures:
         outcome.fail("false rejection", f"{outcome.message[:200]} | independent checks pass "
@@ -1329,6 +1751,12 @@ def summarise(outcomes: Sequence[Outcome], seconds: float) -> str:
                  f"false rejections {sum(any(k == 'false rejection' for k, _ in o.failures) for o in outcomes)}   "
                  f"time {seconds:.1f}s ({seconds / max(len(outcomes), 1):.2f}s a model)")
     lines.append(f"written with some weight changed: {sum(bool(o.rescaled) for o in outcomes)}")
+    by_options = Counter(o.options for o in outcomes)
+    changed = Counter(o.options for o in outcomes if o.rescaled)
+    lines.append("options (models, of which written with some weight changed): " +
+                 ", ".join(f"{k} {v} ({changed[k]})" for k, v in sorted(by_options.items())) +
+                 f"; models whose BatchNorm running statistics were rescaled: "
+                 f"{sum(o.bn_statistics_rescaled > 0 for o in outcomes)}")
     families = Counter(o.description.split(":")[1].split(",")[0].strip() + "/" +
                        o.description.split(",")[1].strip() for o in outcomes)
     lines.append("families/dtypes: " + ", ".join(f"{k} {v}" for k, v in sorted(families.items())))

@@ -399,10 +399,14 @@ class ProblemBuilder:
             rows, cols = rows.reshape([rows.shape[a] for a in kept]), cols.reshape([cols.shape[a] for a in kept])
         G, row, col, gmax, gmin, count, turned = self._as_matrix(cell_sum, rows, cols, cell_max, cell_min,
                                                                  cell_count)
-        # Cells whose row and column are the same group never change (λ/λ): constants.
-        shared_groups = np.intersect1d(row[row < H], col[col < H])
-        if shared_groups.size:
+        # Cells whose row and column are the same group never change (λ/λ): constants. A group
+        # on both sides need not meet itself in a cell (per-cell groups: a depthwise convolution
+        # reading its tied channels permuted), hence the second test.
+        fixed = None
+        if np.intersect1d(row[row < H], col[col < H]).size:
             fixed = np.broadcast_to((row == col) & (row < H), G.shape)
+            fixed = fixed if fixed.any() else None
+        if fixed is not None:
             self.const_sum += float(G[fixed].sum())
             self.const_max = max(self.const_max, float((G if gmax is None else gmax)[fixed].max()))
             low = (G if gmin is None else gmin)[fixed]
@@ -414,11 +418,11 @@ class ProblemBuilder:
             if gmin is not None:
                 gmin = np.where(fixed, np.inf, gmin)
                 gmax = np.where(fixed, 0.0, gmax)
-        uniform = dense_g and not shared_groups.size  # every cell counts `taps` entries
+        uniform = dense_g and fixed is None  # every cell counts `taps` entries
         count = np.broadcast_to(count, G.shape)
         stored = None
         if factors is not None and taps == 1 and kept == [0, 1] and row.shape[1] == 1 and col.shape[0] == 1 \
-                and not shared_groups.size:
+                and fixed is None:
             left, right = (factors[1], factors[0]) if turned else factors
             if (left.shape[0] + right.shape[0]) * left.shape[1] * 2 < G.size:
                 stored = (np.ascontiguousarray(left, dtype=np.float64), np.ascontiguousarray(right, dtype=np.float64))

@@ -189,14 +189,31 @@ class MovementRule(OpRule):
             return None
         if all(lay.axis != axis for lay in known) and len({lay.channels for lay in known}) == 1 \
                 and len({lay.axis for lay in known}) == 1:
+            if MovementRule._has_channel_axis_untied(node, an, acts, layouts):
+                return None  # e.g. one-channel pieces joined back along their channel axis
             if len(known) < len(layouts):
                 for lay in known:
                     an.freeze(lay.pos, f"Concat '{node_label(node)}' joins it with channels that cannot be rescaled")
                 return None
             for lay in known[1:]:
                 an.tie(known[0].pos, lay.pos)
-            return {a: known[0].pos for a in acts}
+            # A slot that one input leaves unscaled holds an element with scale 1 next to the
+            # others: the channels tied to it cannot take a scale (a tie skips such a pair).
+            stacked = np.stack([lay.pos for lay in known])
+            unscaled = (stacked < 0).any(axis=0)
+            an.freeze(stacked[:, unscaled], f"Concat '{node_label(node)}' joins it with channels that cannot be "
+                                            f"rescaled")
+            return {a: np.where(unscaled, -1, known[0].pos) for a in acts}
         return None
+
+    @staticmethod
+    def _has_channel_axis_untied(node, an, acts, layouts) -> bool:
+        """Whether every output already holds one label per slot along some axis without a
+        tie: inputs whose layouts name another axis only because each has one channel (any
+        axis then holds one label per slot) are channels joined along the Concat's axis."""
+        labels = element_labels(acts, an)
+        maps = an.node_data[an.graph.index(node)]
+        return all(_channel_axis(labels[np.where(src >= 0, src, labels.size - 1)], 0) is not None for src in maps)
 
     def path(self, node, ctx):
         acts = tuple(i for i in dict.fromkeys(node.input) if i and ctx.is_activation(i))

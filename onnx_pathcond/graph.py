@@ -139,6 +139,12 @@ def _standard_for_shapes(node: onnx.NodeProto) -> onnx.NodeProto:
     return node
 
 
+def _subgraphs(node: onnx.NodeProto) -> List[onnx.GraphProto]:
+    return [sub for a in node.attribute
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                        list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])]
+
+
 def _outer_reads(body: onnx.GraphProto, found: Dict[str, None], defined: set) -> None:
     """Names that `body` (and the subgraphs inside it) reads from an enclosing scope."""
     defined = defined | {v.name for v in body.input} | {t.name for t in body.initializer} \
@@ -147,10 +153,8 @@ def _outer_reads(body: onnx.GraphProto, found: Dict[str, None], defined: set) ->
         for i in n.input:
             if i and i not in defined:
                 found.setdefault(i)
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
-                        list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
-                _outer_reads(sub, found, defined)
+        for sub in _subgraphs(n):
+            _outer_reads(sub, found, defined)
 
 
 def _with_outer_reads(node: onnx.NodeProto) -> onnx.NodeProto:
@@ -159,8 +163,7 @@ def _with_outer_reads(node: onnx.NodeProto) -> onnx.NodeProto:
     Listing them as inputs of a copy (the model itself is untouched) lets every step treat
     them alike: they order the node, make its outputs activations, and are frozen at the
     barrier it is."""
-    bodies = [sub for a in node.attribute for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
-                                                       list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])]
+    bodies = _subgraphs(node)
     if not bodies:
         return node
     found: Dict[str, None] = {}

@@ -301,9 +301,7 @@ def reconcile_stored_tensors(an: Analysis) -> None:
         why = f"parameter '{name}' is shared by {len(uses)} nodes that cannot follow one scale"
         for rows, cols in stored[1:]:
             if rows.shape != rows0.shape:
-                for u in uses:
-                    an.freeze(u.rows, why, "shared_weight")
-                    an.freeze(u.cols, why, "shared_weight")
+                _freeze_uses(an, uses, why)
                 break
             for a, b in ((rows0, rows), (cols0, cols)):
                 an.tie(a, b)

@@ -114,11 +114,16 @@ def _channel_axis(labels: np.ndarray, preferred: int):
     return best[1], best[2]
 
 
+def _copied(labels: np.ndarray, src: np.ndarray) -> np.ndarray:
+    """The labels of an output whose elements copy the flat elements `src` (-1: none, padding)."""
+    return labels[np.where(src >= 0, src, labels.size - 1)]
+
+
 def set_copied_layout(an, output, labels, src, preferred_axis) -> None:
     """The layout of a tensor whose elements copy the elements `src` (flat indices, -1 for
     none) of inputs labelled `labels` (`element_labels`): one channel axis when an axis holds
     one position per slot (`preferred_axis` first among equals), else every element's."""
-    out_labels = labels[np.where(src >= 0, src, labels.size - 1)]
+    out_labels = _copied(labels, src)
     found = _channel_axis(out_labels, preferred_axis)
     if found is None:
         an.set_layout(output, SpreadLayout(out_labels))
@@ -153,8 +158,10 @@ class MovementRule(OpRule):
             for o in node.output:
                 an.set_layout(o, None)
             return
-        relabel = self._tie_concat(node, an, acts, layouts) if node.op_type == "Concat" else None
-        labels = element_labels(acts, an, relabel)
+        labels = element_labels(acts, an)
+        relabel = self._tie_concat(node, an, acts, layouts, labels) if node.op_type == "Concat" else None
+        if relabel:
+            labels = element_labels(acts, an, relabel)
         first = next(lay for lay in layouts if lay is not None)
         for o, src in zip([o for o in node.output if o], maps):
             set_copied_layout(an, o, labels, src, self._preferred_axis(node, first, len(g.shape(acts[0])), src.ndim))
@@ -179,7 +186,7 @@ class MovementRule(OpRule):
         return attr(node, "value", 0.0) == 0.0
 
     @staticmethod
-    def _tie_concat(node, an, acts, layouts):
+    def _tie_concat(node, an, acts, layouts, labels):
         """Concat along a non-channel axis: tie channel c of all inputs; label them as one."""
         g = an.graph
         rank = len(g.shape(acts[0]))
@@ -189,8 +196,11 @@ class MovementRule(OpRule):
             return None
         if all(lay.axis != axis for lay in known) and len({lay.channels for lay in known}) == 1 \
                 and len({lay.axis for lay in known}) == 1:
-            if MovementRule._has_channel_axis_untied(node, an, acts, layouts):
-                return None  # e.g. one-channel pieces joined back along their channel axis
+            if all(_channel_axis(_copied(labels, src), 0) is not None for src in an.node_data[g.index(node)]):
+                # every output already holds one label per slot along some axis: inputs whose
+                # layouts name another axis only because each has one channel (any axis then
+                # holds one label per slot) are channels joined along the Concat's axis
+                return None
             if len(known) < len(layouts):
                 for lay in known:
                     an.freeze(lay.pos, f"Concat '{node_label(node)}' joins it with channels that cannot be rescaled")
@@ -205,15 +215,6 @@ class MovementRule(OpRule):
                                             f"rescaled")
             return {a: np.where(unscaled, -1, known[0].pos) for a in acts}
         return None
-
-    @staticmethod
-    def _has_channel_axis_untied(node, an, acts, layouts) -> bool:
-        """Whether every output already holds one label per slot along some axis without a
-        tie: inputs whose layouts name another axis only because each has one channel (any
-        axis then holds one label per slot) are channels joined along the Concat's axis."""
-        labels = element_labels(acts, an)
-        maps = an.node_data[an.graph.index(node)]
-        return all(_channel_axis(labels[np.where(src >= 0, src, labels.size - 1)], 0) is not None for src in maps)
 
     def path(self, node, ctx):
         acts = tuple(i for i in dict.fromkeys(node.input) if i and ctx.is_activation(i))

@@ -16,7 +16,7 @@ from typing import Callable, Collection, Dict, FrozenSet, Optional, Sequence, Tu
 import numpy as np
 import onnx
 
-from . import options, rewrite, solve, stats, verify
+from . import bounds, options, rewrite, solve, stats, verify
 from .criteria import enorm
 from .criteria.pathcond import ProblemBuilder
 from .errors import ModelError, VerificationError
@@ -157,14 +157,20 @@ def _norms(graph: Graph, analysis, groups, clock: _Clock):
         return enorm.build(graph, analysis, groups, progress=lambda done, total: clock.say("norms", done, total))
 
 
-def _solve(problem, settings: options.SolverSettings, criterion: str, clock: _Clock):
-    if settings.solver == "exact":
-        method = solve.exact_minimiser  # minimises any convex problem with the Problem interface
-    else:
-        method = enorm.coordinate_descent if criterion == enorm.NAME else solve.coordinate_descent
+def _solve(problem, settings: options.SolverSettings, criterion: str, bounds, clock: _Clock):
+    """The criterion minimised within `bounds`. The exact solver starts from the default
+    solver's result, so that it can only end at or below it."""
+    descent = enorm.coordinate_descent if criterion == enorm.NAME else solve.coordinate_descent
     with clock("solve"):
-        return method(problem, max_iter=settings.max_iter, tol=settings.tol,
-                      progress=lambda k, _: clock.say("solve", k, settings.max_iter))
+        if settings.solver != "exact":
+            return descent(problem, max_iter=settings.max_iter, tol=settings.tol, bounds=bounds,
+                           progress=lambda k, _: clock.say("solve", k, settings.max_iter))
+        default = options.solver_settings(options.DEFAULT_SOLVER, None, None, criterion)
+        start = descent(problem, max_iter=default.max_iter, tol=default.tol, bounds=bounds)
+        result = solve.exact_minimiser(problem, max_iter=settings.max_iter, tol=settings.tol, bounds=bounds,
+                                       start=start.u, progress=lambda k, _: clock.say("solve", k, settings.max_iter))
+        result.seconds += start.seconds
+        return result
 
 
 def _rewrite(graph: Graph, items, stream: bool, clock: _Clock) -> rewrite.Rewrite:
@@ -279,17 +285,11 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         else:
             builder, problem, runtime = _statistics(graph, analysis, groups, backend, device, clock)
             report.describe_statistics(runtime)
-        result = _solve(problem, settings, criterion, clock)
-        with clock("solve", announce=False):  # half-precision weights must stay within their dtype's range
-            # (and, with bn_statistics, running variances must stay >= 0: first, since that
-            # only sets groups back to scale 1, which the range check then sees)
-            result.u, kept_variance = rewrite.keep_variances_valid(graph, analysis.uses, groups, result.u)
-            result.u, kept = rewrite.keep_in_range(graph, analysis.uses, groups, result.u)
-            if kept or kept_variance:
-                result.objective_after = problem.objective(result.u)
+        with clock("solve", announce=False):  # running variances stay >= 0, half-precision values in range
+            limits = bounds.solve_bounds(graph, analysis.uses, groups)
+        result = _solve(problem, settings, criterion, limits, clock)
         report.describe_solution(graph, analysis, groups, problem, builder, result, settings.max_iter, settings.tol,
-                                 kept)
-        report.describe_kept_variances(kept_variance)
+                                 limits)
         del problem, builder  # the statistics are summarised: free them before the weights are copied
         items = rewrite.plan(analysis.uses, groups, result.u)
     else:  # nothing can change: the statistics (the run's longest step) would only be thrown away

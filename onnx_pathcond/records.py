@@ -128,12 +128,15 @@ class SolverSummary(Record):
     lambda_min: float
     lambda_max: float
     seconds: float
-    # groups kept at scale 1 because their rescaling would take half-precision weights out of
-    # their dtype's range
-    kept_in_range: int = 0
-    # groups kept at scale 1 because their rescaling would make a BatchNorm's running variance
-    # negative (with --bn-statistics)
-    kept_for_variance: int = 0
+    # max |projected ∇F| at the result over max |∇F(0)|: 0 at the optimum within the bounds
+    kkt_residual: float = 0.0
+    # groups whose u the solve kept within bounds (bounds.py): a BatchNorm's running variance
+    # stays >= 0 (with --bn-statistics), half-precision values stay in their dtype's range;
+    # how many of them end on a bound, and on which kind
+    bounded: int = 0
+    on_bound: int = 0
+    on_variance_bound: int = 0
+    on_range_bound: int = 0
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from .bounds import Bounds
 from .exporters import folded_batchnorm, folded_batchnorm_warning
 from .graph import Graph
 from .nodes import node_label
@@ -183,14 +184,6 @@ class Report:
                                                  would_free=would_free, carried_nodes=carried_nodes,
                                                  carried_groups=carried_groups)
 
-    def describe_kept_variances(self, kept: int) -> None:
-        """Groups the variance guard kept at scale 1 (rewrite.keep_variances_valid)."""
-        if self.solver is not None:
-            self.solver.kept_for_variance = kept
-        if kept:
-            self.warnings.append(f"{kept} group(s) kept at scale 1: their rescaling would have made a BatchNorm's "
-                                 f"running variance negative (λ² below ε/(var + ε), as for a channel that never fired)")
-
     def describe_statistics(self, runtime: RuntimeInfo) -> None:
         """What computed diag(G); its notice (e.g. CUDA asked for but not used) is a warning."""
         self.statistics = runtime
@@ -202,8 +195,9 @@ class Report:
         self.statistics_skipped = f"not needed: the {criterion} criterion uses the parameter values only"
 
     def describe_solution(self, graph: Graph, an: Analysis, groups: Groups, problem, builder, result,
-                          max_iter: int, tol: float, kept_in_range: int = 0) -> None:
-        """The criterion before and after, the solver's run, and λ per layer."""
+                          max_iter: int, tol: float, limits: Optional[Bounds] = None) -> None:
+        """The criterion before and after, the solver's run (with the groups its bounds held,
+        bounds.Bounds), and λ per layer."""
         u = result.u
         lam = np.exp(u / 2.0) if u.size else np.ones(1)
         if hasattr(problem, "summary"):  # a criterion that describes itself (enorm)
@@ -223,11 +217,14 @@ class Report:
             converged=result.converged, max_iter=max_iter, tol=tol, F_before=result.objective_before,
             F_after=result.objective_after, F_history=result.history,
             max_abs_u=float(np.abs(u).max()) if u.size else 0.0, lambda_min=float(lam.min()),
-            lambda_max=float(lam.max()), seconds=result.seconds, kept_in_range=kept_in_range)
+            lambda_max=float(lam.max()), seconds=result.seconds, kkt_residual=result.kkt_residual)
+        if limits is not None:
+            on = limits.on_bound(u)
+            self.solver.bounded = int((limits.variance | limits.half_range).sum())
+            self.solver.on_bound = int(on.sum())
+            self.solver.on_variance_bound = int((on & limits.variance).sum())
+            self.solver.on_range_bound = int((on & limits.half_range).sum())
         self.layers = group_layers(graph, an, groups, u)
-        if kept_in_range:
-            self.warnings.append(f"{kept_in_range} group(s) kept at scale 1: their rescaling would have taken "
-                                 f"half-precision weights to zero, to subnormals or past the largest value")
 
     def describe_no_solution(self, max_iter: int, tol: float) -> None:
         """No rescalable group: neither statistics nor solver ran (the criterion stays empty)."""
@@ -305,6 +302,12 @@ class Report:
             lines.append(f"  solver     {s.method}{which}: {s.sweeps} {s.unit}, last {s.change_name} "
                          f"{s.last_change:.3g}, F {s.F_before:.6g} -> {s.F_after:.6g}, max |u| {s.max_abs_u:.3g} "
                          f"(lambda in [{s.lambda_min:.3g}, {s.lambda_max:.3g}])")
+            if s.bounded:
+                why = [f"{n} by {what}" for n, what in ((s.on_variance_bound, "a running variance"),
+                                                        (s.on_range_bound, "a half-precision range")) if n]
+                lines.append(f"  bounds     {s.on_bound} of {s.bounded} bounded groups end on their bound"
+                             + (f" ({', '.join(why)})" if why else "")
+                             + f"; KKT residual {s.kkt_residual:.2g}")
         if verbose:
             for row in self.layers:
                 lam = (f" lambda {row.lambda_min:.3g}..{row.lambda_median:.3g}..{row.lambda_max:.3g}"

@@ -25,6 +25,7 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
+from .bounds import Bounds
 from .criteria.pathcond import Problem
 
 _PICARD_ROUNDS = 60
@@ -41,6 +42,9 @@ class SolveResult:
     objective_after: float
     history: List[float] = field(default_factory=list)  # F after each sweep / iteration
     seconds: float = 0.0
+    # max |projected ∇F| at the result over max |∇F(0)|: 0 at the (constrained) optimum
+    kkt_residual: float = float("nan")
+    on_bound: int = 0  # groups whose u sits on a bound (bounds.Bounds)
 
 
 def _quadratic_root(qa, qb, qc):
@@ -119,15 +123,21 @@ def _gather(keys, vals, start, n):
     return np.bincount(local[inside], weights=vals[inside], minlength=n)
 
 
-def _sequential_updates(total, B, C, A, e_old, p):
+def _no_box(low, high, n):
+    """Limits on exp(u): none where not given."""
+    return (np.zeros(n) if low is None else low), (np.full(n, np.inf) if high is None else high)
+
+
+def _sequential_updates(total, B, C, A, e_old, p, low=None, high=None):
     """Plain loop: the reference recurrence, one group after another."""
+    low, high = _no_box(low, high, len(B))
     X = e_old.copy()
     for k in range(len(B)):
         b, c, e = float(B[k]), float(C[k]), float(e_old[k])
         if b <= 0.0 and c <= 0.0:
             continue
         d = total - b * e - c / e
-        x = float(positive_root(A[k], d, b, c, p))
+        x = min(max(float(positive_root(A[k], d, b, c, p)), float(low[k])), float(high[k]))
         if not (math.isfinite(x) and x > 0.0):
             continue
         X[k] = x
@@ -135,8 +145,12 @@ def _sequential_updates(total, B, C, A, e_old, p):
     return X, total
 
 
-def _layer_updates(total, B, C, A, e_old, p, guess=None):
+def _layer_updates(total, B, C, A, e_old, p, low=None, high=None, guess=None):
     """New exp(u_h) for a layer, and the running total after it, as the sequential loop gives.
+
+    Each group's step is the minimiser of F along u_h within [low, high] (its bounds, in
+    exp(u) terms): F is convex in u_h, so that is the unconstrained root clipped to the box,
+    and a clipped group's step does not depend on the total any more (slope 0 below).
 
     The totals T_k seen by the groups solve T_{k+1} = T_k + δ_k(T_k) with T_0 = total. Each
     round evaluates δ and its slope δ' at the current guess of every T_k, then corrects all
@@ -144,12 +158,13 @@ def _layer_updates(total, B, C, A, e_old, p, guess=None):
     product and sum): Newton's method on the whole prefix at once, a few rounds to machine
     precision. `guess` (last sweep's increments) starts it close.
     """
+    low, high = _no_box(low, high, len(B))
     active = (B > 0) | (C > 0)
     if not active.all():
         idx = np.flatnonzero(active)
         X = e_old.copy()
         if idx.size:
-            X[idx], total = _layer_updates(total, B[idx], C[idx], A[idx], e_old[idx], p,
+            X[idx], total = _layer_updates(total, B[idx], C[idx], A[idx], e_old[idx], p, low[idx], high[idx],
                                            None if guess is None else guess[idx])
         return X, total
     own = B * e_old + C / e_old
@@ -166,7 +181,8 @@ def _layer_updates(total, B, C, A, e_old, p, guess=None):
         for _ in range(_PICARD_ROUNDS):
             D = prefix - own
             qb = A * D
-            X = _quadratic_root(qa, qb, qc)
+            root = _quadratic_root(qa, qb, qc)
+            X = np.minimum(np.maximum(root, low), high)
             if not np.all(np.isfinite(X) & (X > 0)):
                 break
             delta = B * X + C / X - own
@@ -174,7 +190,7 @@ def _layer_updates(total, B, C, A, e_old, p, guess=None):
             residual = prefix[1:] - prefix[:-1] - delta[:-1]
             if n == 1 or np.abs(residual).max() <= 4e-16 * abs(total):
                 return X, float(D[-1] + B[-1] * X[-1] + C[-1] / X[-1])
-            slope = (B - C / (X * X)) * (-A * X / (2.0 * qa * X + qb))
+            slope = np.where(X == root, (B - C / (X * X)) * (-A * X / (2.0 * qa * X + qb)), 0.0)
             np.cumprod(1.0 + slope[:-1], out=growth[1:])
             np.cumsum(-residual / growth[1:], out=correction[1:])
             correction[1:] *= growth[1:]
@@ -182,16 +198,40 @@ def _layer_updates(total, B, C, A, e_old, p, guess=None):
                 prefix = prefix + correction
             else:  # fall back to a plain fixed-point round
                 prefix = total + np.concatenate(([0.0], np.cumsum(delta[:-1])))
-    return _sequential_updates(total, B, C, A, e_old, p)
+    return _sequential_updates(total, B, C, A, e_old, p, low, high)
+
+
+def _exp_box(bounds: Optional[Bounds], sl: slice, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The bounds of the groups in `sl` as limits on exp(u): [0, inf) where none."""
+    if bounds is None:
+        return np.zeros(n), np.full(n, np.inf)
+    return np.exp(bounds.lower[sl]), np.exp(bounds.upper[sl])
+
+
+def finish(problem, u: np.ndarray, result: SolveResult, bounds: Optional[Bounds]) -> SolveResult:
+    """Fill in F at the result from the parameters, the KKT residual and the groups on a bound,
+    and never return a result worse than no rescaling (u = 0, always inside the bounds)."""
+    _, grad0, _ = problem.evaluate(np.zeros(problem.H))
+    F, grad, _ = problem.evaluate(u)
+    if not (np.isfinite(F) and F <= result.objective_before):  # rounding: no rescaling is better
+        u, F, grad = np.zeros(problem.H), result.objective_before, grad0
+    projected = grad if bounds is None else bounds.projected_gradient(u, grad)
+    scale = float(np.abs(grad0).max()) if grad0.size else 0.0
+    result.u, result.objective_after = u, float(F)
+    result.kkt_residual = float(np.abs(projected).max()) / scale if projected.size and scale > 0 else 0.0
+    result.on_bound = int(bounds.on_bound(u).sum()) if bounds is not None else 0
+    return result
 
 
 def coordinate_descent(problem: Problem, max_iter: int = 10, tol: float = 1e-2,
-                       progress: Optional[Callable[[int, float], None]] = None) -> SolveResult:
+                       progress: Optional[Callable[[int, float], None]] = None,
+                       bounds: Optional[Bounds] = None) -> SolveResult:
+    """The authors' cyclic coordinate descent, each group's step kept within its `bounds`."""
     t0 = time.perf_counter()
     u = np.zeros(problem.H)
     f0 = problem.objective(u)
     if problem.H == 0 or problem.p == 0:
-        return SolveResult(u, "coordinate-descent", 0, 0.0, True, f0, f0, [], time.perf_counter() - t0)
+        return SolveResult(u, "coordinate-descent", 0, 0.0, True, f0, f0, [], time.perf_counter() - t0, 0.0)
     layers = _layers(problem)
     A = problem.A
     p = float(problem.p)
@@ -200,6 +240,7 @@ def coordinate_descent(problem: Problem, max_iter: int = 10, tol: float = 1e-2,
     change = math.inf
     sweeps = 0
     increments = {}  # per layer: the total's increments in the last sweep (a warm start)
+    boxes = {}
     for sweep in range(1, max_iter + 1):
         sweeps = sweep
         total = problem.total(u_ext[:-1])
@@ -207,11 +248,16 @@ def coordinate_descent(problem: Problem, max_iter: int = 10, tol: float = 1e-2,
         for k, layer in enumerate(layers):
             B, C = _layer_sums(problem, layer, u_ext)
             sl = slice(layer.start, layer.stop)
+            if k not in boxes:
+                boxes[k] = _exp_box(bounds, sl, layer.stop - layer.start)
             e_old = np.exp(u_ext[sl])
-            X, new_total = _layer_updates(total, B, C, A[sl], e_old, p, increments.get(k))
+            X, new_total = _layer_updates(total, B, C, A[sl], e_old, p, *boxes[k], increments.get(k))
             increments[k] = B * X + C / X - (B * e_old + C / e_old)
             total = new_total
             new_u = np.log(X)
+            if bounds is not None:  # exp then log can step a hair outside a bound
+                new_u = np.where(X <= boxes[k][0], bounds.lower[sl], np.where(X >= boxes[k][1], bounds.upper[sl],
+                                                                              new_u))
             change += float(np.abs(new_u - u_ext[sl]).sum())
             u_ext[sl] = new_u
         history.append(p * math.log(total) + float(A @ u_ext[:-1]))  # F from the running total
@@ -219,64 +265,104 @@ def coordinate_descent(problem: Problem, max_iter: int = 10, tol: float = 1e-2,
             progress(sweeps, change)
         if change < tol:
             break
-    u = u_ext[:-1].copy()
-    if not history:  # max_iter = 0: no sweep, no rescaling
-        return SolveResult(u, "coordinate-descent", 0, 0.0, False, f0, f0, [], time.perf_counter() - t0)
-    return SolveResult(u, "coordinate-descent", sweeps, change, change < tol, f0, history[-1], history,
-                       time.perf_counter() - t0)
+    result = SolveResult(u_ext[:-1].copy(), "coordinate-descent", sweeps, change if history else 0.0,
+                         bool(history) and change < tol, f0, f0, history, 0.0)
+    result = finish(problem, result.u, result, bounds)
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
 def exact_minimiser(problem: Problem, max_iter: int = 200, tol: float = 1e-6, memory: int = 20,
-                    progress: Optional[Callable[[int, float], None]] = None) -> SolveResult:
-    """The minimiser of the convex criterion, by L-BFGS until max |∇F| < tol · max |∇F(0)|.
+                    progress: Optional[Callable[[int, float], None]] = None,
+                    bounds: Optional[Bounds] = None, start: Optional[np.ndarray] = None) -> SolveResult:
+    """The minimiser of the convex criterion within `bounds`, by projected L-BFGS, until the
+    projected gradient's largest entry is below tol · max |∇F(0)| (the KKT conditions of
+    min F over the box: ∂F/∂u_h = 0 inside, ≥ 0 at a lower bound, ≤ 0 at an upper one).
 
     The tolerance is relative to the gradient at no rescaling: F grows with the number of
     parameters p, and float64 resolves its gradient only to about p·1e-16 in absolute terms.
-    The run also stops when no step can lower F any more (the rounding floor).
+    The run also stops when no step can lower F any more (the rounding floor). `start` (a
+    point inside the bounds, such as coordinate descent's result) is where it begins; a start
+    worse than no rescaling is replaced by u = 0.
 
     Why L-BFGS: one iteration costs one pass over the parameter blocks (F and ∇F together),
     where a Newton-CG iteration costs tens of Hessian-vector products, each a pass too. The
     first inverse-Hessian guess is diagonal, p·(mass touching h)/Σw — the diagonal of the
     Hessian's leading term — so groups of very different weights start on an equal footing.
-    Backtracking keeps every step an Armijo decrease, so F never increases.
+
+    The bounds are kept by a two-metric projection (Bertsekas): the groups near a bound with
+    the gradient pushing them out take a diagonally scaled gradient step, the others the
+    L-BFGS step over the free groups only, and each trial point is projected onto the box.
+    Backtracking along that projected path keeps every step an Armijo decrease, so F never
+    increases; when the L-BFGS step fails, a projected diagonal step is tried before stopping.
     """
     t0 = time.perf_counter()
     H = problem.H
-    u = np.zeros(H)
-    F, grad, touch = problem.evaluate(u)
+    zero = np.zeros(H)
+    F, grad, touch = problem.evaluate(zero)
     f0 = F
-    history: List[float] = []
     if H == 0 or problem.p == 0:
-        return SolveResult(u, "exact (L-BFGS)", 0, 0.0, True, f0, f0, [], time.perf_counter() - t0)
+        return SolveResult(zero, "exact (L-BFGS)", 0, 0.0, True, f0, f0, [], time.perf_counter() - t0, 0.0)
+    threshold = tol * max(float(np.abs(grad).max()), 1e-300)
+    box = bounds if bounds is not None and bounds.active else None
+    u = zero
+    if start is not None:
+        u_start = box.clip(start) if box is not None else np.asarray(start, dtype=np.float64)
+        F_start, grad_start, touch_start = problem.evaluate(u_start)
+        if np.isfinite(F_start) and F_start <= F:
+            u, F, grad, touch = u_start, F_start, grad_start, touch_start
+
+    def projected(u, grad):
+        return grad if box is None else box.projected_gradient(u, grad)
+
+    def trial(u, direction, step):
+        u_new = u + step * direction
+        return box.clip(u_new) if box is not None else u_new
+
     s_list: List[np.ndarray] = []
     y_list: List[np.ndarray] = []
+    history: List[float] = []
     iterations = 0
-    grad_norm = float(np.abs(grad).max())
-    threshold = tol * max(grad_norm, 1e-300)
+    grad_norm = float(np.abs(projected(u, grad)).max())
     stalled = 0
     while iterations < max_iter and grad_norm >= threshold:
         iterations += 1
         diag = 1.0 / np.maximum(problem.p * touch, 1e-12)  # inverse of the Hessian diagonal's main term
-        direction = -_two_loop(grad, s_list, y_list, diag)
-        slope = float(grad @ direction)
-        if slope >= 0:  # not a descent direction (numerical trouble): restart from the diagonal
-            s_list.clear()
-            y_list.clear()
-            direction = -diag * grad
-            slope = float(grad @ direction)
-        step = 1.0
-        while True:
-            u_new = u + step * direction
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a trial step may overshoot
-                F_new, grad_new, touch_new = problem.evaluate(u_new)
-            if np.isfinite(F_new) and F_new <= F + 1e-4 * step * slope:
+        near = None
+        if box is not None:  # the ε-active groups: at or near a bound, pushed out by the gradient
+            eps = min(1e-3, float(np.abs(u - box.clip(u - diag * grad)).max()))
+            near = ((u - box.lower <= eps) & (grad > 0)) | ((box.upper - u <= eps) & (grad < 0))
+            if not near.any():
+                near = None
+        accepted = None
+        for attempt in ("lbfgs", "diagonal"):
+            if attempt == "lbfgs":
+                direction = -_two_loop(grad, s_list, y_list, diag, None if near is None else ~near)
+                if near is not None:
+                    direction[near] = -diag[near] * grad[near]
+            else:
+                s_list.clear()
+                y_list.clear()
+                direction = -diag * grad
+            if float(grad @ direction) >= 0:
+                continue  # not a descent direction (numerical trouble)
+            step = 1.0
+            while step >= 1e-12:
+                u_new = trial(u, direction, step)
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a trial may overshoot
+                    F_new, grad_new, touch_new = problem.evaluate(u_new)
+                if np.isfinite(F_new) and F_new <= F + 1e-4 * float(grad @ (u_new - u)):
+                    accepted = (u_new, F_new, grad_new, touch_new)
+                    break
+                step *= 0.5
+            if accepted is not None and accepted[1] <= F:
                 break
-            step *= 0.5
-            if step < 1e-12:
-                break
-        if not (np.isfinite(F_new) and F_new <= F):
+            accepted = None
+        if accepted is None:
             break  # no step keeps F from rising: the rounding floor
-        if F_new == F and float(np.abs(grad_new).max()) >= grad_norm:
+        u_new, F_new, grad_new, touch_new = accepted
+        new_norm = float(np.abs(projected(u_new, grad_new)).max())
+        if F_new == F and new_norm >= grad_norm:
             stalled += 1  # F no longer moves at float64 resolution and neither does ∇F
             if stalled >= 3:
                 break
@@ -290,16 +376,25 @@ def exact_minimiser(problem: Problem, max_iter: int = 200, tol: float = 1e-6, me
                 s_list.pop(0)
                 y_list.pop(0)
         u, F, grad, touch = u_new, F_new, grad_new, touch_new
-        grad_norm = float(np.abs(grad).max())
+        grad_norm = new_norm
         history.append(F)
         if progress is not None:
             progress(iterations, grad_norm)
-    return SolveResult(u, "exact (L-BFGS)", iterations, grad_norm, grad_norm < threshold, f0, F, history,
-                       time.perf_counter() - t0)
+    result = SolveResult(u, "exact (L-BFGS)", iterations, grad_norm, grad_norm < threshold, f0, F, history, 0.0)
+    result = finish(problem, u, result, bounds)
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
-def _two_loop(grad, s_list, y_list, diag):
-    """L-BFGS two-loop recursion: an approximation of (∇²F)⁻¹·grad."""
+def _two_loop(grad, s_list, y_list, diag, free=None):
+    """L-BFGS two-loop recursion: an approximation of (∇²F)⁻¹·grad, over the `free`
+    coordinates only when given (the others get 0: the pairs are restricted to the free ones)."""
+    if free is not None:
+        grad = np.where(free, grad, 0.0)
+        pairs = [(np.where(free, s, 0.0), np.where(free, y, 0.0)) for s, y in zip(s_list, y_list)]
+        pairs = [(s, y) for s, y in pairs if float(s @ y) > 1e-12 * float(y @ y)]
+        s_list, y_list = [s for s, _ in pairs], [y for _, y in pairs]
+        diag = np.where(free, diag, 0.0)
     q = grad.copy()
     alphas = []
     for s, y in zip(reversed(s_list), reversed(y_list)):

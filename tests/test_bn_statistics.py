@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bruteforce import bruteforce_diag_g
 from checks import assert_equivalent, run
 from nets import Net
-from onnx_pathcond import rescale, rewrite
+from onnx_pathcond import bounds, rescale
 from onnx_pathcond.api import analyse_model
 from onnx_pathcond.stats import diag_g_by_tensor
 
@@ -471,36 +471,40 @@ def test_a_running_variance_never_turns_negative(monkeypatch):
     def variance(m):
         return numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == var)).astype(np.float64)
 
-    # Without the guard some variances turn negative: inference is still exact (only var + ε,
-    # still positive, is used), which is why the guard is a choice, not a correction.
+    # Without the bounds some variances turn negative: inference is still exact (only var + ε,
+    # still positive, is used), which is why the bound is a choice, not a correction.
     with monkeypatch.context() as patch:
-        patch.setattr(rewrite, "keep_variances_valid", lambda graph, uses, groups, u: (u, 0))
-        unguarded, report = rescale(model, bn_statistics=True)
-    negative = variance(unguarded) < 0
-    assert negative.sum() >= 2 and report.verification.passed
-    after, report = rescale(model, bn_statistics=True)
-    assert report.solver.kept_for_variance == negative.sum()  # one group per channel here
-    assert any("running variance negative" in w for w in report.warnings)
-    new = variance(after)
-    assert np.all(new >= 0)
-    np.testing.assert_array_equal(new[negative], variance(model)[negative])  # kept at scale 1
-    np.testing.assert_array_equal(new[~negative], variance(unguarded)[~negative])  # the others as solved
-    assert report.verification.passed
-    assert_equivalent(model, after)
+        patch.setattr(bounds, "solve_bounds", lambda graph, uses, groups: bounds.Bounds.none(groups.count))
+        unbounded, free_report = rescale(model, bn_statistics=True, solver="exact")
+    negative = variance(unbounded) < 0
+    assert negative.sum() >= 2 and free_report.verification.passed
+    for solver in ("cd", "exact"):
+        after, report = rescale(model, bn_statistics=True, solver=solver)
+        new = variance(after)
+        assert np.all(new >= 0)
+        # the channels that never fired (var = 0) may not shrink: there the bound holds
+        assert report.solver.on_variance_bound >= 1
+        assert report.solver.F_after <= report.solver.F_before
+        # the bound costs something, so the unbounded optimum is lower
+        assert report.solver.F_after >= free_report.solver.F_after - 1e-9 * abs(free_report.solver.F_after)
+        assert report.verification.passed
+        assert_equivalent(model, after)
+    assert report.solver.converged and report.solver.kkt_residual < 1e-6
 
 
-def test_the_variance_guard_resets_only_the_groups_that_need_it():
+def test_the_variance_bound_is_the_exact_limit_of_each_channel():
     graph, analysis, groups = analyse_model(_dead_channel_net(), bn_statistics=True)
     var_use = next(u for u in analysis.uses if u.role == "bn_var")
     ids = groups.of_position[var_use.rows]  # the 8 BN input channels: their own groups
-    u = np.zeros(groups.count)
-    u[ids] = np.log(0.5) * 2  # λ = 0.5 (u = 2·log λ): negative for var = 0, fine for var = 2
-    guarded, kept = rewrite.keep_variances_valid(graph, analysis.uses, groups, u)
-    assert kept == 4
-    np.testing.assert_array_equal(guarded[ids[:4]], 0.0)
-    np.testing.assert_array_equal(guarded[ids[4:]], u[ids[4:]])
-    u[ids] = np.log(2.0) * 2  # λ = 2: every variance grows
-    assert rewrite.keep_variances_valid(graph, analysis.uses, groups, u)[1] == 0
+    box = bounds.solve_bounds(graph, analysis.uses, groups)
+    var = np.r_[np.zeros(4), np.full(4, 2.0)]
+    eps = float(np.float32(EPS))  # the node's epsilon attribute is a float32
+    # λ²·(var + ε) − ε ≥ 0  ⟺  u = 2·log λ ≥ log(ε / (var + ε)); no upper limit
+    np.testing.assert_allclose(box.lower[ids], np.log(eps / (var + eps)), rtol=0, atol=1e-8)
+    assert np.all(box.lower[ids] >= np.log(eps / (var + eps)))  # inside, never outside
+    assert np.all(np.isinf(box.upper[ids])) and box.variance[ids].all()
+    others = np.setdiff1d(np.arange(groups.count), ids)
+    assert np.all(np.isinf(box.lower[others])) and not box.variance[others].any()
 
 
 # ------------------------------------------------------------------------------ shared tensors, barriers

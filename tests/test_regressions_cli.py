@@ -66,8 +66,8 @@ def test_half_precision_weights_keep_their_range(cli_rescale):
     model = unbalanced_mlp(np.float16, 3e3, 1e-3)
     proc, out, report = cli_rescale(model, "--solver", "exact")
     assert proc.returncode == 0, proc.stderr
-    assert report["solver"]["kept_in_range"] > 0
-    assert "kept at scale 1" in proc.stdout
+    assert report["solver"]["on_range_bound"] > 0
+    assert "by a half-precision range" in proc.stdout
     for t, s in zip(model.graph.initializer, out.graph.initializer):
         a, b = numpy_helper.to_array(t).astype(np.float64), numpy_helper.to_array(s).astype(np.float64)
         assert np.all(np.isfinite(b)) and np.all(b[a != 0] != 0)

@@ -173,3 +173,28 @@ def test_layer_recurrence_matches_the_scalar_loop():
         X2, T2 = _sequential_updates(total, B, C, A, e_old, p)
         np.testing.assert_allclose(X1, X2, rtol=1e-12)
         assert T1 == pytest.approx(T2, rel=1e-12)
+
+
+def test_bounded_layer_recurrence_matches_the_scalar_loop():
+    """With a box on some groups the vectorised layer step still gives the one-group-at-a-time
+    sequence, each step clipped to its box (the 1-D minimiser of a convex function within it)."""
+    rng = np.random.default_rng(1)
+    clipped = 0
+    for trial in range(20):
+        n = int(rng.integers(1, 400))
+        B = rng.random(n) * 10 ** rng.uniform(-3, 3, n)
+        C = rng.random(n) * 10 ** rng.uniform(-3, 3, n)
+        A = rng.integers(-50, 50, n).astype(float)
+        e_old = np.ones(n)
+        p = 5000.0
+        total = float((B + C).sum()) * (1 + rng.random() * 3)
+        free, _ = _layer_updates(total, B, C, A, e_old, p)
+        low = np.where(rng.random(n) < 0.3, np.exp(-rng.random(n)), 0.0)
+        high = np.where(rng.random(n) < 0.3, np.exp(rng.random(n)), np.inf)
+        X1, T1 = _layer_updates(total, B, C, A, e_old, p, low, high)
+        X2, T2 = _sequential_updates(total, B, C, A, e_old, p, low, high)
+        np.testing.assert_allclose(X1, X2, rtol=1e-12)
+        assert T1 == pytest.approx(T2, rel=1e-12)
+        assert np.all((X1 >= low) & (X1 <= high))
+        clipped += int(((free < low) | (free > high)).sum())
+    assert clipped > 50  # the boxes did cut many unconstrained steps

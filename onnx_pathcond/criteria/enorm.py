@@ -43,7 +43,8 @@ from ..graph import Graph
 from ..pathnet.records import Statistic
 from ..records import CriterionSummary
 # the layer split and the per-layer sums of PathCond's coordinate descent serve ENorm's as they are
-from ..solve import SolveResult, _layer_sums, _layers
+from ..bounds import Bounds
+from ..solve import SolveResult, _layer_sums, _layers, finish
 from ..symmetry import Analysis, Groups
 from .pathcond import Problem, ProblemBuilder
 
@@ -156,12 +157,14 @@ def closed_form_step(incoming: np.ndarray, outgoing: np.ndarray) -> np.ndarray:
 
 
 def coordinate_descent(problem: ENormProblem, max_iter: int, tol: float,
-                       progress: Optional[Callable[[int, float], None]] = None) -> SolveResult:
+                       progress: Optional[Callable[[int, float], None]] = None,
+                       bounds: Optional[Bounds] = None) -> SolveResult:
     """Cyclic exact minimisation over one u_h at a time, groups in layer order, from u = 0:
     at most `max_iter` sweeps, stopping when a sweep's Σ|Δu_h| falls below `tol` (the same
     rule as PathCond's coordinate descent). A layer is updated at once (see the module's
     docstring); a layer in which a parameter joins two of its own groups is taken one group at
-    a time, as for PathCond."""
+    a time, as for PathCond. Within `bounds`, a step is the closed form clipped to the group's
+    box: E is convex in u_h, so that is the minimiser along u_h inside the box."""
     t0 = time.perf_counter()
     H = problem.H
     cells = problem.cells
@@ -169,7 +172,7 @@ def coordinate_descent(problem: ENormProblem, max_iter: int, tol: float,
     e0 = problem.objective(u_ext[:H])
     if H == 0 or problem.p == 0 or max_iter == 0:
         return SolveResult(u_ext[:H].copy(), "coordinate-descent", 0, 0.0, H == 0 or problem.p == 0, e0, e0, [],
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, 0.0)
     layers = _layers(cells)
     free = np.append(problem.free, False)
     total = e0
@@ -186,6 +189,8 @@ def coordinate_descent(problem: ENormProblem, max_iter: int, tol: float,
             sl = slice(layer.start, layer.stop)
             old = u_ext[sl]
             new = np.where(free[sl], closed_form_step(in_h, out_h), 0.0)
+            if bounds is not None:
+                new = np.clip(new, bounds.lower[sl], bounds.upper[sl])
             total += float((in_h * np.exp(new) + out_h * np.exp(-new)).sum()
                            - (in_h * np.exp(old) + out_h * np.exp(-old)).sum())
             change += float(np.abs(new - old).sum())
@@ -195,7 +200,8 @@ def coordinate_descent(problem: ENormProblem, max_iter: int, tol: float,
             progress(sweeps, change)
         if change < tol:
             break
-    u = u_ext[:H].copy()
-    history[-1] = problem.objective(u)  # the running total, refreshed once from the parameters
-    return SolveResult(u, "coordinate-descent", sweeps, change, change < tol, e0, history[-1], history,
-                       time.perf_counter() - t0)
+    result = SolveResult(u_ext[:H].copy(), "coordinate-descent", sweeps, change, change < tol, e0, e0, history)
+    result = finish(problem, result.u, result, bounds)
+    history[-1] = result.objective_after  # the running total, refreshed once from the parameters
+    result.seconds = time.perf_counter() - t0
+    return result

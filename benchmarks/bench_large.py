@@ -69,7 +69,8 @@ def peak_rss_mb() -> float:
 def bench_solver(keep: bool) -> None:
     from onnx_pathcond.api import analyse_model, load_model
     from onnx_pathcond.criteria.pathcond import ProblemBuilder
-    from onnx_pathcond.solve import coordinate_descent, exact_minimiser
+    from onnx_pathcond.criteria.pathcond import coordinate_descent
+    from onnx_pathcond.solve import exact_minimiser
     from onnx_pathcond.stats import compute_diag_g
 
     os.makedirs(CACHE, exist_ok=True)

@@ -13,13 +13,13 @@ B_h(A_h+p)X² + A_h·D_h·X + C_h(A_h−p) = 0, scale the incoming entries by 1/
 outgoing ones by X, and update u_h and the running total. Numpy per neuron, a Python loop
 over neurons.
 
-(a) 10 sweeps from u = 0: `onnx_pathcond.solve.coordinate_descent(problem, max_iter=10, tol=0)`
+(a) 10 sweeps from u = 0: `onnx_pathcond.criteria.pathcond.coordinate_descent(problem, max_iter=10, tol=0)`
     against the plain loop; times, speed-up, F of each, max |u_ours − u_plain|.
 (b) to convergence: both coordinate descents until max_h |∇F_h| < tol · max_h |∇F_h(0)|
     (checked after every sweep, check time excluded; capped at --max-sweeps sweeps or --budget
     seconds), against `onnx_pathcond.solve.exact_minimiser(problem, tol=the same absolute tol)`.
-    "ours" to convergence is the tool's own layer-wise sweep (`solve._layers`, `_layer_sums`,
-    `_layer_updates`, as `coordinate_descent` calls them) in a loop that can test the gradient;
+    "ours" to convergence is the tool's own layer-wise sweep (`cells.layers`, `cells.layer_sums`,
+    `pathcond._layer_updates`, as `coordinate_descent` calls them) in a loop that can test the gradient;
     its first 10 sweeps are checked against `coordinate_descent`.
 """
 
@@ -183,11 +183,13 @@ class PlainLoop:
 
 # ---------------------------------------------------------------------------- ours, with a gradient test
 def our_cd_until(problem, tol_abs: float, max_sweeps: int, budget: float, check_at: int = 10):
-    """The tool's layer-wise coordinate descent (as in solve.coordinate_descent), gradient-tested."""
+    """The tool's layer-wise coordinate descent (as in criteria.pathcond.coordinate_descent), gradient-tested."""
     from onnx_pathcond import solve as S
+    from onnx_pathcond.criteria import pathcond as P
 
     t0 = time.perf_counter()
-    layers = S._layers(problem)
+    from onnx_pathcond.criteria import cells
+    layers = cells.layers(problem)
     A = problem.A
     p = float(problem.p)
     u_ext = np.zeros(problem.H + 1)
@@ -198,9 +200,9 @@ def our_cd_until(problem, tol_abs: float, max_sweeps: int, budget: float, check_
         t0 = time.perf_counter()
         total = problem.total(u_ext[:-1])
         for layer in layers:
-            B, C = S._layer_sums(problem, layer, u_ext)
+            B, C = cells.layer_sums(problem, layer, u_ext)
             sl = slice(layer.start, layer.stop)
-            X, total = S._layer_updates(total, B, C, A[sl], np.exp(u_ext[sl]), p)
+            X, total = P._layer_updates(total, B, C, A[sl], np.exp(u_ext[sl]), p)
             u_ext[sl] = np.log(X)
         work += time.perf_counter() - t0
         sweeps += 1
@@ -234,6 +236,7 @@ def plain_until(entries: Entries, problem, tol_abs: float, max_sweeps: int, budg
 # ---------------------------------------------------------------------------- one model
 def bench_model(name: str, path: str, args) -> Dict:
     from onnx_pathcond import solve as S
+    from onnx_pathcond.criteria import pathcond as P
 
     out: Dict = {"model": name}
     problem, entries, t_stats, t_index = build_problem(path)
@@ -250,7 +253,7 @@ def bench_model(name: str, path: str, args) -> Dict:
     best = math.inf
     for _ in range(args.repeat):
         t0 = time.perf_counter()
-        ours = S.coordinate_descent(problem, max_iter=n, tol=0.0)
+        ours = P.coordinate_descent(problem, max_iter=n, tol=0.0)
         best = min(best, time.perf_counter() - t0)
     loop = PlainLoop(entries)
     t0 = time.perf_counter()

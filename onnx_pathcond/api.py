@@ -16,12 +16,12 @@ from typing import Callable, Collection, Dict, FrozenSet, Optional, Sequence, Tu
 import numpy as np
 import onnx
 
-from . import bounds, options, rewrite, solve, stats, verify
-from .criteria import enorm
-from .criteria.pathcond import ProblemBuilder
-from .errors import ModelError, VerificationError
-from .graph import Graph, node_label, parse_input_shapes
-from .modelfile import ModelFile, PendingSave, check_output_path
+from . import criteria, options, rewrite, verify
+from .errors import InputError, VerificationError
+from .graph import Graph, parse_input_shapes
+from .factors import PendingFactors
+from .modelfile import ModelFile, PendingSave, check_output_path, same_file
+from .plan import RescalingPlan
 from .report import Report
 from .symmetry import analyse, build_groups, groups_freed_by_bn_statistics
 
@@ -91,36 +91,6 @@ def _load(model: ModelLike, lazy: bool, output: Optional[Union[str, os.PathLike]
         return source
 
 
-def _check_finite(graph: Graph, analysis) -> None:
-    seen = set()
-    for use in analysis.uses:
-        if use.ref is None or use.ignored or use.ref.name in seen:
-            continue
-        seen.add(use.ref.name)
-        value = graph.stored_value(use.ref)
-        if value.dtype.kind == "f" or value.dtype.name == "bfloat16":
-            if value.dtype.name == "bfloat16":
-                value = value.astype(np.float32)
-            # A float64 sum is finite exactly when every element is (a NaN or an infinity
-            # propagates), short of overflow, which only float64 weights near 1e308 reach:
-            # then each element is checked. No array as large as the tensor is made.
-            with np.errstate(over="ignore", invalid="ignore"):
-                total = value.sum(dtype=np.float64)
-            if not np.isfinite(total) and not np.all(np.isfinite(value)):
-                raise ModelError(f"parameter '{use.ref.name}' contains NaN or Inf values")
-
-
-def _check_not_empty(graph: Graph, analysis) -> None:
-    """A parameter on a path with a dimension of size 0 makes a layer of no channel (or one
-    that reads none): the path statistics have nothing to sum over. Said here, by name,
-    rather than failing inside them."""
-    for use in analysis.uses:
-        if not use.ignored and 0 in use.view_shape:
-            name = use.ref.name if use.ref is not None else use.input_name
-            raise ModelError(f"parameter '{name}' of {use.node.op_type} '{node_label(use.node)}' has shape "
-                             f"{list(use.view_shape)}: a dimension of size 0 (an empty tensor) is not supported")
-
-
 def analyse_model(model: Union[onnx.ModelProto, ModelFile], input_shapes=None,
                   bn_statistics: bool = options.BN_STATISTICS):
     """Graph view, symmetry analysis and groups (what --dry-run shows)."""
@@ -132,45 +102,12 @@ def analyse_model(model: Union[onnx.ModelProto, ModelFile], input_shapes=None,
     return graph, analysis, groups
 
 
-def _analyse(source: ModelFile, input_shapes, bn_statistics: bool, clock: _Clock):
-    """The analysis, and how many more groups --bn-statistics would free when it is off."""
+def _analyse(source: ModelFile, input_shapes, bn_statistics: bool, clock: _Clock) -> Tuple[RescalingPlan, int]:
+    """The plan (graph, analysis, groups) and how many more groups bn_statistics would free."""
     with clock("analyse"):
-        graph, analysis, groups = analyse_model(source, input_shapes, bn_statistics)
-        _check_not_empty(graph, analysis)
-        _check_finite(graph, analysis)
-        would_free = groups_freed_by_bn_statistics(graph, analysis, groups)
-    return graph, analysis, groups, would_free
-
-
-def _statistics(graph: Graph, analysis, groups, backend: str, device: str, clock: _Clock):
-    """diag(G), summed into the criterion's problem as the path network yields it."""
-    with clock("statistics"):
-        builder = ProblemBuilder(groups, analysis.uses, analysis.shared)
-        runtime = stats.compute_diag_g(graph, analysis, builder.add, backend=backend, device=device,
-                                       progress=lambda done, total: clock.say("statistics", done, total))
-        return builder, builder.finish(), runtime
-
-
-def _norms(graph: Graph, analysis, groups, clock: _Clock):
-    """ENorm's problem: the squares of the parameter values (no path statistics needed)."""
-    with clock("norms"):
-        return enorm.build(graph, analysis, groups, progress=lambda done, total: clock.say("norms", done, total))
-
-
-def _solve(problem, settings: options.SolverSettings, criterion: str, bounds, clock: _Clock):
-    """The criterion minimised within `bounds`. The exact solver starts from the default
-    solver's result, so that it can only end at or below it."""
-    descent = enorm.coordinate_descent if criterion == enorm.NAME else solve.coordinate_descent
-    with clock("solve"):
-        if settings.solver != "exact":
-            return descent(problem, max_iter=settings.max_iter, tol=settings.tol, bounds=bounds,
-                           progress=lambda k, _: clock.say("solve", k, settings.max_iter))
-        default = options.solver_settings(options.DEFAULT_SOLVER, None, None, criterion)
-        start = descent(problem, max_iter=default.max_iter, tol=default.tol, bounds=bounds)
-        result = solve.exact_minimiser(problem, max_iter=settings.max_iter, tol=settings.tol, bounds=bounds,
-                                       start=start.u, progress=lambda k, _: clock.say("solve", k, settings.max_iter))
-        result.seconds += start.seconds
-        return result
+        plan = RescalingPlan(source, input_shapes, bn_statistics)
+        would_free = groups_freed_by_bn_statistics(plan.graph, plan.analysis, plan.groups)
+    return plan, would_free
 
 
 def _rewrite(graph: Graph, items, stream: bool, clock: _Clock) -> rewrite.Rewrite:
@@ -213,6 +150,17 @@ def _verify(original, written, reference: onnx.ModelProto, shapes, seed: int, rt
     return check
 
 
+def _check_factors_path(factors, output) -> None:
+    """The factors file is neither the output model nor its data file, and its folder exists."""
+    path = os.fspath(factors)
+    if not path or os.path.isdir(path):
+        raise InputError(f"--factors '{path}' is not a file path")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise InputError(f"--factors directory '{os.path.dirname(path)}' does not exist")
+    if output is not None and any(same_file(path, target) for target in (os.fspath(output), os.fspath(output) + ".data")):
+        raise InputError(f"--factors '{path}' is the output model or its data file; choose another path")
+
+
 def _commit(pending: PendingSave, clock: _Clock) -> None:
     with clock("save", announce=False):
         pending.commit()
@@ -228,7 +176,8 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
             progress: Optional[Callable[..., None]] = None,
             return_model: bool = True,
             bn_statistics: bool = options.BN_STATISTICS,
-            also_writes: Optional[Dict[str, Union[str, os.PathLike]]] = None
+            also_writes: Optional[Dict[str, Union[str, os.PathLike]]] = None,
+            factors: Optional[Union[str, os.PathLike]] = None
             ) -> Tuple[Optional[onnx.ModelProto], Report]:
     """Rescale a ReLU network with PathCond (or ENorm); returns the new model and a report.
 
@@ -256,10 +205,13 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     rescaled too, its scale carried by the BN's running mean and variance: exact in
     inference, and in training mode up to the BN's ε (README, "BatchNorm statistics").
     `also_writes` names files the caller will write after the run ({"--report": path}): the
-    run is refused at once if the input is read from one of them.
+    run is refused at once if the input is read from one of them. With `factors`, the
+    element-wise factor new/old of every rewritten tensor is written to that .npz file
+    (onnx_pathcond/factors.py), for carrying an optimizer's state in another framework; like
+    the output, it is only in place once the run has succeeded.
     """
-    settings = options.solver_settings(solver, max_iter, tol, criterion)
-    options.check_bn_statistics(bn_statistics, criterion)
+    settings = criteria.solver_settings(solver, max_iter, tol, criterion)
+    criteria.check_bn_statistics(bn_statistics, criterion)
     options.check_tolerance("rtol", rtol)
     options.check_backend(backend, device)
     if dry_run:
@@ -267,8 +219,12 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     stream = output is not None and not return_model
     clock = _Clock(progress)
 
+    if factors is not None and not dry_run:
+        _check_factors_path(factors, output)
+        also_writes = {**(also_writes or {}), "--factors": factors}
     source = _load(model, stream, output, also_writes, clock)
-    graph, analysis, groups, would_free = _analyse(source, input_shapes, bn_statistics, clock)
+    plan, would_free = _analyse(source, input_shapes, bn_statistics, clock)
+    graph, analysis, groups = plan.graph, plan.analysis, plan.groups
     report = Report(input=source.path, timings=clock.timings)
     report.describe_analysis(graph, analysis, groups, external_tensors=len(source.external))
     report.describe_bn_statistics(analysis, groups, would_free)
@@ -276,22 +232,17 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         return source.proto, report
 
     if groups.count:
-        if criterion == enorm.NAME:
-            builder, problem = None, _norms(graph, analysis, groups, clock)
+        solution = plan.solve(criterion, solver, settings.max_iter, settings.tol, backend, device, clock, clock.say)
+        if solution.runtime is not None:
+            report.describe_statistics(solution.runtime)
+        else:
             report.describe_statistics_skipped(criterion)
             if backend != options.DEFAULT_BACKEND or device != options.DEFAULT_DEVICE:
-                report.warnings.append(f"--backend {backend} and --device {device} have no effect with the enorm "
+                report.warnings.append(f"--backend {backend} and --device {device} have no effect with the {criterion} "
                                        f"criterion: no diag(G) is computed")
-        else:
-            builder, problem, runtime = _statistics(graph, analysis, groups, backend, device, clock)
-            report.describe_statistics(runtime)
-        with clock("solve", announce=False):  # running variances stay >= 0, half-precision values in range
-            limits = bounds.solve_bounds(graph, analysis.uses, groups)
-        result = _solve(problem, settings, criterion, limits, clock)
-        report.describe_solution(graph, analysis, groups, problem, builder, result, settings.max_iter, settings.tol,
-                                 limits)
-        del problem, builder  # the statistics are summarised: free them before the weights are copied
-        items = rewrite.plan(analysis.uses, groups, result.u)
+        report.describe_solution(graph, analysis, groups, solution, settings.max_iter, settings.tol)
+        items = plan.rewrite_items(solution.u)
+        del solution  # the statistics are summarised: free them before the weights are copied
     else:  # nothing can change: the statistics (the run's longest step) would only be thrown away
         report.describe_no_solution(settings.max_iter, settings.tol)
         items = []
@@ -299,6 +250,10 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     original = None
     if verify_output:  # the input file itself when there is one: no copy of the weights
         original = source.path if source.path is not None else (copy.deepcopy(source.proto) if items else source.proto)
+    factor_file = None
+    if factors is not None and not dry_run:
+        with clock("save", announce=False):
+            factor_file = PendingFactors(factors, items)
     rewritten = _rewrite(graph, items, stream, clock)
     pending = None
     try:
@@ -309,7 +264,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         parameters = {use.ref.name for use in analysis.uses if use.ref is not None}
         if stream:  # only the written file is needed from here: let the input's weights go
             reference, result_model = source.skeleton(), None
-            del source, graph, analysis, groups, items, rewritten
+            del source, plan, graph, analysis, groups, items, rewritten
         else:
             reference = result_model = source.proto
         if verify_output:
@@ -320,7 +275,12 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         if pending is not None:
             _commit(pending, clock)
             report.output = os.fspath(output)
+        if factor_file is not None:
+            factor_file.commit()
+            report.factors = os.fspath(factors)
     finally:
         if pending is not None:
             pending.discard()
+        if factor_file is not None:
+            factor_file.discard()
     return result_model, report

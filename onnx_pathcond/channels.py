@@ -142,6 +142,9 @@ class Analysis:
         self.node_data: Dict[int, object] = {}  # what a rule computed once for its node
         # stored tensors read by several parameter uses: name -> (uses, mask of non-zero elements)
         self.shared: Dict[str, Tuple[int, np.ndarray]] = {}
+        # stored tensor -> which of its elements a scale changes, for every tensor whose values
+        # the reconciliation of shared tensors read (the groups depend on them)
+        self.changing_elements: Dict[str, np.ndarray] = {}
 
     # -------------------------------------------------------------- used by rules
     def layout(self, name: str) -> Optional[Layout]:

@@ -179,12 +179,6 @@ class _OneLineErrors(click.Command):
 _written = []
 
 
-def _same_file(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.abspath(a) == os.path.abspath(b)
-
-
 class _Tolerance(click.ParamType):
     """A finite number >= 0 (click's FloatRange lets NaN and infinity through)."""
 
@@ -244,13 +238,17 @@ class _Tolerance(click.ParamType):
                    "mean and variance: exact in inference, in training mode only up to the BN's epsilon (see README). With the pathcond criterion only.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
               help="Write the full report as JSON to this file.")
+@click.option("--factors", "factors_path", type=click.Path(dir_okay=False, path_type=str),
+              help="Also write, for every rewritten tensor, its element-wise factor new/old (float64, exact) to "
+                   "this .npz file, under the tensor's name: for carrying an optimizer's state in another "
+                   "framework (first moments divided by it, second moments by its square).")
 @click.option("--dry-run", is_flag=True, help="Only analyse: print the groups and barriers, write nothing.")
 @click.option("--overwrite", is_flag=True, help="Allow OUT to be IN (replaced atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors and warnings.")
 @click.option("-v", "--verbose", is_flag=True, help="Print every layer and every frozen range.")
 @click.version_option(__version__, "--version")
 def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol, backend, device, verify, rtol, seed,
-         bn_statistics, report_path, dry_run, overwrite, quiet, verbose):
+         bn_statistics, report_path, factors_path, dry_run, overwrite, quiet, verbose):
     """Rescale the ReLU network in IN with PathCond (or ENorm) and write the equivalent model to OUT.
 
     The output has the same graph, names, shapes and dtypes; only weight values change, so the
@@ -260,6 +258,7 @@ def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol
     try:
         _import_heavy_modules()
         from . import api
+        from .modelfile import same_file
 
         if output_path is None and not dry_run:
             raise InputError("missing OUT (the output path); use --dry-run to only analyse")
@@ -267,9 +266,11 @@ def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol
             if not os.path.isdir(os.path.dirname(os.path.abspath(report_path))):
                 raise InputError(f"report directory '{os.path.dirname(report_path)}' does not exist")
             written = [] if dry_run or not output_path else [output_path, output_path + ".data"]
-            for other, what in ((input_path, "the input model"), *((path, "the output model or its data file")
-                                                                     for path in written)):
-                if other and _same_file(report_path, other):
+            if factors_path and not dry_run:
+                written.append(factors_path)
+            for other, what in ((input_path, "the input model"), *((path, "the output model, its data file or "
+                                                                           "the factors file") for path in written)):
+                if other and same_file(report_path, other):
                     raise InputError(f"--report '{report_path}' is {what}; choose another file for the report")
         names = [spec.rpartition(":")[0] for spec in input_shapes]
         repeated = sorted({n for n in names if names.count(n) > 1})
@@ -284,7 +285,7 @@ def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol
                                         tol=tol, verify_output=verify, rtol=rtol, seed=seed, dry_run=dry_run,
                                         backend=backend, device=device, progress=progress,
                                         output=None if dry_run else output_path, return_model=False,
-                                        bn_statistics=bn_statistics,
+                                        bn_statistics=bn_statistics, factors=factors_path,
                                         also_writes={"--report": report_path} if report_path else None)
         finally:
             progress.close()

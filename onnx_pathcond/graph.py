@@ -186,11 +186,17 @@ class Graph:
     """
 
     def __init__(self, model: Union[onnx.ModelProto, ModelFile],
-                 input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None):
+                 input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
+                 values: Optional[Dict[str, np.ndarray]] = None):
         if isinstance(model, onnx.ModelProto):
             model = ModelFile(model)
-        # Where weight values are read from: the ModelProto, or the input's files.
+        # Where weight values are read from: the ModelProto, or the input's files; `values`
+        # (initializer name -> array) replace some of them (a plan solving on new weights).
         self.file = model
+        self.values: Dict[str, np.ndarray] = dict(values or {})
+        # Initializers whose values `constant_value` has handed out: what the shapes and the
+        # analysis may have depended on (a plan re-analyses when one of them changes).
+        self.values_read: set = set()
         self.model = model.proto
         g = self.model.graph
         self.initializers: Dict[str, TensorProto] = {t.name: t for t in g.initializer}
@@ -513,6 +519,7 @@ class Graph:
         if name in self._constant_cache:
             return self._constant_cache[name]
         if name in self.initializers:
+            self.values_read.add(name)
             return self.initializer_value(name)  # not cached: may be large
         if name in self.constant_nodes:
             value = _constant_node_array(self.constant_nodes[name])
@@ -597,8 +604,16 @@ class Graph:
             return self.initializer_value(ref.name)
         return _constant_node_array(self.constant_nodes[ref.name])
 
+    def set_values(self, values: Dict[str, np.ndarray]) -> None:
+        """Replace initializers' values (by name) from now on; computed constants are computed
+        again, since they may read them."""
+        self.values.update(values)
+        self._constant_cache.clear()
+
     def initializer_value(self, name: str) -> np.ndarray:
-        """An initializer's value, read from its file when it was left there."""
+        """An initializer's value (one given in `values`, or read from its file when it was left there)."""
+        if name in self.values:
+            return self.values[name]
         return self.file.initializer_value(self.initializers[name])
 
     def is_sequence(self, name: str) -> bool:

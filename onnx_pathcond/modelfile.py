@@ -133,13 +133,13 @@ class ModelFile:
         if not self.files:
             return
         writes = []  # (file written, what the message calls it)
-        if output is not None and not _same_file(os.fspath(output), self.files[0]):
+        if output is not None and not same_file(os.fspath(output), self.files[0]):
             output = os.fspath(output)
             writes += [(path, f"'{output}'") for path in [output] + ([output + ".data"] if self.external else [])]
         writes += [(os.fspath(path), f"{option} '{os.fspath(path)}'") for option, path in (also or {}).items()]
         for target, named in writes:
             for source in self.files:
-                if _same_file(target, source):
+                if same_file(target, source):
                     what = ("input model" if source == self.files[0]
                             else f"external data of the input '{self.files[0]}'")
                     raise InputError(f"writing {named} would overwrite '{source}', the {what}; "
@@ -290,7 +290,7 @@ def check_output_path(output: PathLike, input_path: Optional[str], overwrite: bo
         raise InputError(f"output directory '{os.path.dirname(output) or '.'}' does not exist")
     if os.path.isdir(output):
         raise InputError(f"output '{output}' is a directory")
-    if input_path is not None and _same_file(output, input_path) and not overwrite:
+    if input_path is not None and same_file(output, input_path) and not overwrite:
         raise InputError(f"output '{output}' is the input file; pass --overwrite to replace it")
     return output
 
@@ -312,8 +312,12 @@ def _location(tensor: onnx.TensorProto) -> str:
     return next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
 
 
-def _same_file(a: str, b: str) -> bool:
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: the same inode where both exist (links, other
+    spellings), the same absolute path where one does not exist yet."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _new_file_mode(path: str) -> int:

@@ -30,8 +30,10 @@ SOLVERS: Dict[str, SolverSettings] = {
 }
 DEFAULT_SOLVER = "cd"
 
-# What the rescaling minimises: PathCond (the paper's criterion on diag(G)) or ENorm
-# (Equi-normalization: the squared norm of the parameters; docs/design.md §4.4).
+# What the rescaling minimises: a criterion registered in `criteria/` (PathCond, the paper's
+# criterion on diag(G), or ENorm, the squared norm of the parameters; docs/design.md §3.5).
+# CRITERIA is what the command line offers, named here so that `--help` needs no numpy or
+# onnx import; tests/test_conditioner.py keeps it equal to the registry.
 CRITERIA = ("pathcond", "enorm")
 DEFAULT_CRITERION = "pathcond"
 
@@ -47,7 +49,6 @@ ENORM_SOLVERS: Dict[str, SolverSettings] = {
     "cd": SolverSettings("cd", max_iter=1000, tol=1e-3),
     "exact": SolverSettings("exact", max_iter=1000, tol=1e-6),
 }
-SOLVERS_BY_CRITERION: Dict[str, Dict[str, SolverSettings]] = {"pathcond": SOLVERS, "enorm": ENORM_SOLVERS}
 
 BACKENDS = ("auto", "numpy", "onnxruntime")
 DEFAULT_BACKEND = "auto"
@@ -72,27 +73,6 @@ BN_STATISTICS = False
 BN_STATISTICS_TRAIN_RTOL = 1e-3
 
 
-def check_criterion(criterion: str) -> None:
-    if criterion not in CRITERIA:
-        raise InputError(f"unknown criterion '{criterion}' (choose {' or '.join(CRITERIA)})")
-
-
-def solver_settings(solver: str = DEFAULT_SOLVER, max_iter: Optional[int] = None,
-                    tol: Optional[float] = None, criterion: str = DEFAULT_CRITERION) -> SolverSettings:
-    """`solver` with `max_iter` and `tol` as given, or its own defaults for `criterion` where
-    they are None."""
-    check_criterion(criterion)
-    if solver not in SOLVERS:
-        raise InputError(f"unknown solver '{solver}' (choose {' or '.join(SOLVERS)})")
-    default = SOLVERS_BY_CRITERION[criterion][solver]
-    settings = SolverSettings(solver, default.max_iter if max_iter is None else max_iter,
-                              default.tol if tol is None else tol)
-    if settings.max_iter < 0:
-        raise InputError("--max-iter must not be negative")
-    check_tolerance("--tol", settings.tol)
-    return settings
-
-
 def check_tolerance(option: str, value: Optional[float]) -> None:
     """A tolerance is a finite number >= 0: NaN compares false with everything (a check
     against it never passes, or never stops), and an infinite one accepts anything."""
@@ -105,11 +85,3 @@ def check_backend(backend: str, device: str) -> None:
         raise InputError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
     if device not in DEVICES:
         raise InputError(f"unknown device '{device}' (choose {' or '.join(DEVICES)})")
-
-
-def check_bn_statistics(bn_statistics: bool, criterion: str) -> None:
-    """ENorm balances the norms of stored weights; a BatchNorm input's scale would move its
-    running statistics, which are no weights, so that input group would have no outgoing
-    norm to balance and its incoming weights would shrink without end."""
-    if bn_statistics and criterion != "pathcond":
-        raise InputError(f"--bn-statistics works with the pathcond criterion only, not with {criterion}")

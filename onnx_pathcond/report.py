@@ -9,7 +9,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .bounds import Bounds
 from .exporters import folded_batchnorm, folded_batchnorm_warning
 from .graph import Graph
 from .nodes import node_label
@@ -96,6 +95,7 @@ class Report:
 
     input: Optional[str] = None
     output: Optional[str] = None
+    factors: Optional[str] = None  # the .npz of element-wise factors, when one was written
     model: Optional[ModelSummary] = None
     groups: Optional[GroupCounts] = None
     layers: List[LayerGroups] = field(default_factory=list)
@@ -117,7 +117,7 @@ class Report:
             return value.as_dict() if value is not None else absent
 
         return _jsonable({
-            "input": self.input, "output": self.output, "model": record(self.model, {}),
+            "input": self.input, "output": self.output, "factors": self.factors, "model": record(self.model, {}),
             "groups": record(self.groups, {}), "layers": [row.as_dict() for row in self.layers],
             "frozen": [row.as_dict() for row in self.frozen], "barrier_ops": dict(self.barrier_ops),
             "exporter": record(self.exporter, {}), "bn_statistics": record(self.bn_statistics, {}),
@@ -194,36 +194,25 @@ class Report:
         """The criterion needs no diag(G) (ENorm reads the parameter values only)."""
         self.statistics_skipped = f"not needed: the {criterion} criterion uses the parameter values only"
 
-    def describe_solution(self, graph: Graph, an: Analysis, groups: Groups, problem, builder, result,
-                          max_iter: int, tol: float, limits: Optional[Bounds] = None) -> None:
-        """The criterion before and after, the solver's run (with the groups its bounds held,
-        bounds.Bounds), and λ per layer."""
+    def describe_solution(self, graph: Graph, an: Analysis, groups: Groups, solution, max_iter: int,
+                          tol: float) -> None:
+        """The criterion before and after (its own summary), the solver's run (with the groups
+        its bounds held, bounds.Bounds), and λ per layer. `solution` is a plan.Solution."""
+        result, limits = solution.result, solution.limits
         u = result.u
         lam = np.exp(u / 2.0) if u.size else np.ones(1)
-        if hasattr(problem, "summary"):  # a criterion that describes itself (enorm)
-            self.criterion = problem.summary(u, result.objective_before, result.objective_after)
-        else:
-            max_after, min_after = problem.extremes(u)
-            self.criterion = CriterionSummary(
-                name="pathcond", entries=problem.p, F_before=result.objective_before, F_after=result.objective_after,
-                am_gm_before=float(np.exp(problem.log_am_gm(np.zeros(problem.H)))),
-                am_gm_after=float(np.exp(problem.log_am_gm(u))),
-                max_before=builder.g_max_before if problem.p else 0.0,
-                min_before=builder.g_min_before if problem.p else 0.0, max_after=max_after, min_after=min_after)
+        self.criterion = solution.criterion.summary(solution.problem, result)
         exact = result.method != "coordinate-descent"
+        on = limits.on_bound(u)
         self.solver = SolverSummary(
             method=result.method, sweeps=result.sweeps, unit="iterations" if exact else "sweeps",
             change_name="gradient norm" if exact else "sum |du|", last_change=result.last_change,
             converged=result.converged, max_iter=max_iter, tol=tol, F_before=result.objective_before,
             F_after=result.objective_after, F_history=result.history,
             max_abs_u=float(np.abs(u).max()) if u.size else 0.0, lambda_min=float(lam.min()),
-            lambda_max=float(lam.max()), seconds=result.seconds, kkt_residual=result.kkt_residual)
-        if limits is not None:
-            on = limits.on_bound(u)
-            self.solver.bounded = int((limits.variance | limits.half_range).sum())
-            self.solver.on_bound = int(on.sum())
-            self.solver.on_variance_bound = int((on & limits.variance).sum())
-            self.solver.on_range_bound = int((on & limits.half_range).sum())
+            lambda_max=float(lam.max()), seconds=result.seconds, kkt_residual=result.kkt_residual,
+            bounded=int((limits.variance | limits.half_range).sum()), on_bound=int(on.sum()),
+            on_variance_bound=int((on & limits.variance).sum()), on_range_bound=int((on & limits.half_range).sum()))
         self.layers = group_layers(graph, an, groups, u)
 
     def describe_no_solution(self, max_iter: int, tol: float) -> None:

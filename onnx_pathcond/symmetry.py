@@ -283,6 +283,7 @@ def reconcile_stored_tensors(an: Analysis) -> None:
             continue  # nothing to reconcile: its values need not be read
         value = an.graph.stored_value(uses[0].ref)
         nonzero = ~uses[0].unchanged(value)
+        an.changing_elements[name] = nonzero
         if not nonzero.any():
             if len(uses) > 1:
                 an.shared[name] = (len(uses), nonzero)

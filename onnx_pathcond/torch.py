@@ -20,6 +20,7 @@ This is the only part of the package that imports torch; `import onnx_pathcond` 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import math
@@ -44,7 +45,8 @@ from .errors import InputError, ModelError, VerificationError
 from .options import BN_STATISTICS_TRAIN_RTOL, DEFAULT_RTOL
 from .report import Report
 
-__all__ = ["rescale_module", "load_rescaled", "export_module", "ModuleRescaling", "ModuleCheck", "ExportError", "EXPORTERS"]
+__all__ = ["rescale_module", "load_rescaled", "export_module", "ModuleRescaling", "ModuleCheck", "ExportError", "EXPORTERS",
+           "PathConditioner", "ConditionerStep", "OPTIMIZER_STATE", "carry_optimizer_state"]
 
 EXPORTERS = ("legacy", "dynamo")
 DEFAULT_EXPORTER = "legacy"
@@ -583,3 +585,273 @@ def load_rescaled(module: torch.nn.Module, model: Union[str, os.PathLike, onnx.M
         raise ModelError(f"no tensor of {where} is named after a parameter or buffer of the module")
     _write(plan)
     return _with_tied_names(loaded, tensors)
+
+
+# ---------------------------------------------------------------------------- optimizer state
+# How each optimizer's per-parameter state follows a parameter multiplied by f (element-wise):
+# the gradient at the new point is the old one divided by f, so a running mean of gradients
+# (a first moment) is divided by f, a running mean of squared gradients by f². Entries that
+# are counters or scalars (Adam's `step`) stay. Only these exact classes are known: a subclass
+# may keep other state, so it is refused like any other.
+_FIRST, _SECOND, _SCALAR = 1, 2, 0
+OPTIMIZER_STATE = {
+    torch.optim.SGD: {"momentum_buffer": _FIRST},
+    torch.optim.Adam: {"exp_avg": _FIRST, "exp_avg_sq": _SECOND, "max_exp_avg_sq": _SECOND, "step": _SCALAR},
+    torch.optim.AdamW: {"exp_avg": _FIRST, "exp_avg_sq": _SECOND, "max_exp_avg_sq": _SECOND, "step": _SCALAR},
+    torch.optim.RMSprop: {"square_avg": _SECOND, "momentum_buffer": _FIRST, "grad_avg": _FIRST, "step": _SCALAR},
+    torch.optim.Adagrad: {"sum": _SECOND, "step": _SCALAR},
+}
+
+
+def _state_rule(optimizer: torch.optim.Optimizer, changed: Dict[int, torch.Tensor], reset_state: bool):
+    """What to do with the state of each changed parameter: ("carry", rules) or ("reset", None);
+    a one-line error, before anything changes, for state this module does not know."""
+    rules = OPTIMIZER_STATE.get(type(optimizer))
+    if rules is None:
+        if reset_state:
+            return "reset", None
+        raise InputError(f"optimizer {type(optimizer).__name__} is not one whose state can be carried into the "
+                         f"rescaled coordinates (known: {', '.join(c.__name__ for c in OPTIMIZER_STATE)}); pass "
+                         f"reset_state=True to clear the state of the rescaled parameters instead")
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in changed:
+                continue
+            unknown = [key for key in optimizer.state.get(p, {}) if key not in rules]
+            if unknown:
+                if reset_state:
+                    return "reset", None
+                raise InputError(f"{type(optimizer).__name__} keeps state '{unknown[0]}' for a rescaled parameter, "
+                                 f"which onnx_pathcond.torch does not know how to carry; pass reset_state=True to "
+                                 f"clear that state instead")
+    return "carry", rules
+
+
+def carry_optimizer_state(optimizer: torch.optim.Optimizer, factors: Dict[int, Tuple[torch.Tensor, torch.Tensor]],
+                          rules: Optional[dict]) -> int:
+    """Bring the state of each parameter in `factors` (id -> (parameter, factor new/old)) into
+    the new coordinates: first moments divided by f, second moments by f² (in float64, cast
+    back); with `rules` None, that state is cleared. Returns the state tensors changed."""
+    changed = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in factors or p not in optimizer.state:
+                continue
+            state = optimizer.state[p]
+            if rules is None:
+                changed += len(state)
+                state.clear()
+                continue
+            factor = factors[id(p)][1]
+            for key, value in state.items():
+                power = rules[key]
+                if power == _SCALAR or not torch.is_tensor(value) or value.shape != p.shape:
+                    continue
+                f = factor.to(value.device)
+                with torch.no_grad():
+                    value.copy_((value.to(torch.float64) / f ** power).to(value.dtype))
+                changed += 1
+    return changed
+
+
+# ---------------------------------------------------------------------------- PathConditioner
+# The options of plan.solve that a conditioner passes on; the others of `rescale` make no sense
+# here (there is no ONNX file to write or check: the module itself is checked).
+_SOLVE_OPTIONS = ("criterion", "solver", "max_iter", "tol", "backend", "device")
+
+
+@dataclass
+class ConditionerStep(ModuleRescaling):
+    """What one `PathConditioner.rescale` did: `ModuleRescaling`'s fields, and `factors`
+    (module tensor name -> its element-wise factor new/old, float64 on the CPU, for every
+    changed tensor) and `state_changed` (optimizer state tensors carried or cleared)."""
+
+    factors: Dict[str, torch.Tensor] = field(default_factory=dict)
+    state_changed: int = 0
+    reanalysed: bool = False
+
+
+class PathConditioner:
+    """Rescale a module again and again during training, analysing it once.
+
+        cond = PathConditioner(model, example_batch, optimizer)
+        for epoch in range(epochs):
+            train_one_epoch(model, optimizer)
+            if epoch % 20 == 0:
+                cond.rescale(max_iter=1)          # the authors' schedule step
+
+    The module is exported (in eval mode, as `rescale_module` does) and analysed once, when
+    the conditioner is made. Each `rescale(**overrides)` reads the module's current parameters
+    and buffers, solves the criterion on them (`options` of `rescale_module`: criterion, solver,
+    max_iter, tol, bn_statistics, backend, device; `overrides` replace them for one call,
+    bn_statistics excepted: it shapes the analysis) and writes the rescaled values into the same
+    tensors, in place.
+
+    The optimizer's state, if one is given, is carried into the new coordinates element by
+    element (`OPTIMIZER_STATE`: first moments divided by the factor, second moments by its
+    square). An optimizer or state entry not in that table is refused with a one-line error
+    before anything changes, unless `reset_state=True`, which clears the state of the rescaled
+    parameters instead. With `check`, the module's outputs on the example input must stay the
+    same in eval and train mode; on any failure the module's values and modes and the
+    optimizer's state are put back as they were, and a `PathCondError` is raised.
+    """
+
+    def __init__(self, module: torch.nn.Module, example_input, optimizer: Optional[torch.optim.Optimizer] = None, *,
+                 exporter: str = DEFAULT_EXPORTER, reset_state: bool = False, check: bool = True,
+                 check_rtol: Optional[float] = None, check_seed: int = 0, bn_statistics: bool = False,
+                 **options):
+        from .plan import RescalingPlan
+
+        if exporter not in EXPORTERS:
+            raise InputError(f"unknown exporter '{exporter}' (choose {' or '.join(EXPORTERS)})")
+        self._check_options(options)
+        if check_rtol is not None and not 0 <= check_rtol < math.inf:
+            raise InputError(f"check_rtol must be a finite number >= 0, not {check_rtol}")
+        self.module, self.optimizer = module, optimizer
+        self.args = _as_args(example_input)
+        self.exporter, self.reset_state = exporter, reset_state
+        self.check, self.check_rtol, self.check_seed = check, check_rtol, check_seed
+        self.bn_statistics = bn_statistics
+        self.options = dict(options)
+        if optimizer is not None:  # refused now, not at the first rescale
+            _state_rule(optimizer, {}, reset_state)
+        self.tensors = _module_tensors(module)
+        used_batchnorm = set()
+        hooks = [sub.register_forward_hook(lambda m, i, o: used_batchnorm.add(id(m)))
+                 for sub in module.modules() if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm)]
+        flags = [(m, m.training) for m in module.modules()]
+        try:
+            with torch.no_grad():
+                module.eval()
+                module(*self.args)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for m, training in flags:
+                m.training = training
+        with tempfile.TemporaryDirectory(prefix="onnx-pathcond-") as folder:
+            path = os.path.join(folder, "module.onnx")
+            export_module(module, self.args, path, exporter=exporter)
+            exported = onnx.load(path)  # external data included: the plan holds the model in memory
+        aliases = _aliases(exported)
+        present = {t.name for t in exported.graph.initializer} | {n for names in aliases.values() for n in names}
+        _check_batchnorm_kept(module, present, "the exported model", only=used_batchnorm)
+        # initializer name -> the module tensors of that name (tied names and Identity aliases)
+        self.targets: Dict[str, List[str]] = {}
+        for tensor in exported.graph.initializer:
+            targets = _targets(tensor.name, self.tensors, aliases)
+            if targets:
+                value = _tensor_of(tensor, None)
+                for name in targets:
+                    _check_fits(name, self.tensors[name], value, "the exported model")
+                    if not torch.equal(self.tensors[name].detach().cpu(), value):
+                        raise ModelError(f"'{name}' in the exported model is not the module's '{name}' (the exporter "
+                                         f"changed its values): its rescaled values could not be loaded back")
+                self.targets[tensor.name] = targets
+        self.plan = RescalingPlan(exported, bn_statistics=bn_statistics)
+        foreign = [name for name in self.plan.parameters if name not in self.targets]
+        if foreign:
+            raise ModelError(f"the tool would rescale '{foreign[0]}', which is not a parameter or buffer of the module "
+                             f"(a tensor the forward makes, or a name the exporter gave): it could not be loaded back")
+        self.steps = 0
+
+    @staticmethod
+    def _check_options(options: dict) -> None:
+        unknown = [key for key in options if key not in _SOLVE_OPTIONS]
+        if unknown:
+            raise InputError(f"PathConditioner does not take {unknown[0]}= (it takes {', '.join(_SOLVE_OPTIONS)}, "
+                             f"bn_statistics, exporter, reset_state, check, check_rtol, check_seed)")
+
+    def _current_values(self) -> Dict[str, np.ndarray]:
+        """Every exported tensor's value in the module now, as the plan's dtype."""
+        values = {}
+        for name, targets in self.targets.items():
+            tensor = self.tensors[targets[0]].detach().cpu()
+            held = self.plan.value(name)
+            if tensor.dtype == torch.bfloat16:
+                values[name] = tensor.to(torch.float32).numpy().astype(held.dtype)
+            else:
+                values[name] = tensor.numpy().astype(held.dtype, copy=True)
+        return values
+
+    def rescale(self, **overrides) -> ConditionerStep:
+        """Rescale the module's current parameters in place (see the class); returns what changed."""
+        if "bn_statistics" in overrides:
+            raise InputError("bn_statistics shapes the analysis: give it when making the PathConditioner")
+        self._check_options(overrides)
+        options = {**self.options, **overrides}
+        module, optimizer = self.module, self.optimizer
+        found = _Snapshot(module)
+        saved_state = None
+        try:
+            reference = {"eval": _run(module, self.args, False, self.check_seed)}
+            if self.check:
+                reference["train"] = _run(module, self.args, True, self.check_seed, found)
+            reanalysed = self.plan.update(self._current_values())
+            solution = self.plan.solve(**options)
+            factors = self.plan.factors(solution.u)
+            new_values = self.plan.new_values(solution.u)
+            report = Report(input=f"{type(module).__name__} (torch module, {self.exporter} export, step "
+                                  f"{self.steps + 1})")
+            report.describe_analysis(self.plan.graph, self.plan.analysis, self.plan.groups, external_tensors=0)
+            if solution.runtime is not None:
+                report.describe_statistics(solution.runtime)
+            report.describe_solution(self.plan.graph, self.plan.analysis, self.plan.groups, solution,
+                                     solution.settings.max_iter, solution.settings.tol)
+            by_id: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+            step_factors, plan, loaded = {}, [], []
+            for name, factor in factors.items():
+                targets = self.targets[name]
+                first = self.tensors[targets[0]]
+                full = torch.from_numpy(np.array(factor.full(tuple(first.shape)), dtype=np.float64))
+                value = _from_numpy(new_values[name], first.dtype)
+                for target in targets:
+                    plan.append((self.tensors[target], value))
+                    loaded.append(target)
+                    step_factors[target] = full
+                by_id[id(first)] = (first, full)
+            if optimizer is not None:
+                how, rules = _state_rule(optimizer, by_id, self.reset_state)
+                saved_state = _copy_state(optimizer, by_id)
+            rewritten = _with_tied_names(loaded, self.tensors)
+            before = {name: self.tensors[name].detach().clone() for name in rewritten}
+            _write(plan)
+            state_changed = carry_optimizer_state(optimizer, by_id, rules) if optimizer is not None else 0
+            moved = {name: _max_abs_log_factor(before[name], self.tensors[name]) for name in rewritten}
+            result = ConditionerStep(report=report, loaded=rewritten, max_abs_log_factor=moved, exporter=self.exporter,
+                                     factors=step_factors, state_changed=state_changed, reanalysed=reanalysed)
+            if self.check:
+                result.check = _check(module, self.args, reference, report, self.check_rtol, self.check_seed,
+                                      self.bn_statistics)
+        except BaseException:
+            found.restore()
+            if saved_state is not None:
+                _restore_state(optimizer, saved_state)
+            raise
+        found.restore_modes()
+        self.steps += 1
+        return result
+
+
+def _from_numpy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(np.asarray(array, dtype=np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(np.array(array, copy=True)).to(dtype)
+
+
+def _copy_state(optimizer: torch.optim.Optimizer, params: Dict[int, Tuple[torch.Tensor, torch.Tensor]]):
+    """The state of the given parameters, copied, to put back on a failure."""
+    saved = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) in params and p in optimizer.state:
+                saved[p] = {k: (v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v))
+                            for k, v in optimizer.state[p].items()}
+    return saved
+
+
+def _restore_state(optimizer: torch.optim.Optimizer, saved) -> None:
+    for p, state in saved.items():
+        current = optimizer.state[p]
+        current.clear()
+        current.update(state)

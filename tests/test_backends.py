@@ -12,7 +12,8 @@ from nets import cnn, mlp
 from onnx_pathcond import rescale
 from onnx_pathcond.api import analyse_model
 from onnx_pathcond.criteria.pathcond import ProblemBuilder
-from onnx_pathcond.solve import coordinate_descent, exact_minimiser
+from onnx_pathcond.criteria.pathcond import coordinate_descent
+from onnx_pathcond.solve import exact_minimiser
 from onnx_pathcond.stats import compute_diag_g, diag_g_by_tensor
 
 pytest.importorskip("onnxruntime")

@@ -30,7 +30,7 @@ from checks import assert_equivalent
 from nets import Net
 from onnx_pathcond import bounds, rescale, solve, stats
 from onnx_pathcond.api import analyse_model
-from onnx_pathcond.criteria.pathcond import ProblemBuilder
+from onnx_pathcond.criteria.pathcond import ProblemBuilder, coordinate_descent
 
 pytest.importorskip("onnxruntime")
 
@@ -84,7 +84,7 @@ def test_bn_statistics_solve_never_worse_than_no_rescaling_and_exact_below_defau
     problem, box = _problem(onnx.load(os.path.join(ROOT, "models", name)))
     assert box.variance.any()  # the running variances bound some groups
     f0 = problem.objective(np.zeros(problem.H))
-    cd = solve.coordinate_descent(problem, max_iter=10, tol=1e-2, bounds=box)
+    cd = coordinate_descent(problem, max_iter=10, tol=1e-2, bounds=box)
     exact = solve.exact_minimiser(problem, max_iter=1000, tol=1e-6, bounds=box, start=cd.u)
     for result in (cd, exact):
         assert np.all(box.lower <= result.u) and np.all(result.u <= box.upper)
@@ -148,7 +148,7 @@ def test_random_models_with_bn_statistics():
     assert len(cases) == 6
     for seed, problem, box in cases:
         f0 = problem.objective(np.zeros(problem.H))
-        cd = solve.coordinate_descent(problem, max_iter=10, tol=1e-2, bounds=box)
+        cd = coordinate_descent(problem, max_iter=10, tol=1e-2, bounds=box)
         exact = solve.exact_minimiser(problem, max_iter=1000, tol=1e-6, bounds=box, start=cd.u)
         assert cd.objective_after <= f0 and exact.objective_after <= cd.objective_after, seed
         assert np.all(box.clip(exact.u) == exact.u), seed
@@ -156,7 +156,7 @@ def test_random_models_with_bn_statistics():
             scale = _gradient_scale(problem)
             assert _finite_difference_kkt(problem, box, exact.u) <= 1e-3 * max(scale, 1e-12), seed
         else:  # stopped at the rounding floor: F cannot be lowered by any coordinate step
-            again = solve.coordinate_descent(problem, max_iter=1, tol=0.0, bounds=box)
+            again = coordinate_descent(problem, max_iter=1, tol=0.0, bounds=box)
             assert exact.objective_after <= again.objective_after + 1e-9 * abs(again.objective_after), seed
 
 

@@ -24,6 +24,7 @@ from nets import Net, mlp
 import onnx_pathcond
 from onnx_pathcond import options, rescale
 from onnx_pathcond.api import analyse_model
+from onnx_pathcond import criteria
 from onnx_pathcond.criteria import enorm
 from onnx_pathcond.solve import exact_minimiser
 
@@ -422,9 +423,9 @@ def test_api_and_command_line_take_the_same_enorm_defaults(tmp_path, solver, inv
     table = options.ENORM_SOLVERS[solver]
     assert (from_cli["max_iter"], from_cli["tol"]) == (report.solver.max_iter, report.solver.tol) == \
         (table.max_iter, table.tol)
-    assert options.solver_settings(solver, criterion="enorm") == table
+    assert criteria.solver_settings(solver, criterion="enorm") == table
     # PathCond's defaults are unchanged by the criterion's table
-    assert options.solver_settings(solver) == options.SOLVERS[solver]
+    assert criteria.solver_settings(solver) == options.SOLVERS[solver]
 
 
 # ---------------------------------------------------------------------------- each optimises its own objective

@@ -13,7 +13,7 @@ from checks import assert_equivalent
 from onnx_pathcond import rescale
 from onnx_pathcond.api import analyse_model
 from onnx_pathcond.criteria.pathcond import ProblemBuilder
-from onnx_pathcond.solve import coordinate_descent
+from onnx_pathcond.criteria.pathcond import coordinate_descent
 from onnx_pathcond.stats import compute_diag_g
 
 pytest.importorskip("onnxruntime")

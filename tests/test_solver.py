@@ -7,7 +7,7 @@ from nets import Net, cnn, mlp
 from onnx_pathcond import load_model
 from onnx_pathcond.api import analyse_model
 from onnx_pathcond.criteria.pathcond import ProblemBuilder
-from onnx_pathcond.solve import _layer_updates, _sequential_updates, coordinate_descent
+from onnx_pathcond.criteria.pathcond import _layer_updates, _sequential_updates, coordinate_descent
 from onnx_pathcond.stats import compute_diag_g
 
 

@@ -147,7 +147,7 @@ def test_mass_bytes_count_shared_arrays_once():
 
 
 def test_cell_reductions_match_numpy():
-    from onnx_pathcond.criteria import pathcond
+    from onnx_pathcond.criteria import cells
 
     rng = np.random.default_rng(3)
     g = rng.random((96, 40, 3, 3))
@@ -159,14 +159,14 @@ def test_cell_reductions_match_numpy():
              (rng.random((64, 64, 7, 7)), (2, 3)),  # many taps: numpy
              (rng.random((32, 16, 1, 1)), (2, 3))]  # one tap per cell
     for arr, axes in cases:
-        np.testing.assert_allclose(pathcond._cell_sum(arr, axes), arr.sum(axis=axes), rtol=1e-14, atol=0)
+        np.testing.assert_allclose(cells._cell_sum(arr, axes), arr.sum(axis=axes), rtol=1e-14, atol=0)
         if np.prod([arr.shape[a] for a in axes]) > 1:
-            assert np.array_equal(pathcond._cell_extreme(arr, axes, np.maximum), arr.max(axis=axes))
-            assert np.array_equal(pathcond._cell_extreme(arr, axes, np.minimum), arr.min(axis=axes))
+            assert np.array_equal(cells._cell_extreme(arr, axes, np.maximum), arr.max(axis=axes))
+            assert np.array_equal(cells._cell_extreme(arr, axes, np.minimum), arr.min(axis=axes))
     positive = g > 0
-    assert np.array_equal(np.rint(pathcond._cell_sum(positive, (2, 3))).astype(np.int64),
+    assert np.array_equal(np.rint(cells._cell_sum(positive, (2, 3))).astype(np.int64),
                           positive.sum(axis=(2, 3)))
-    assert pathcond._as_cells(g, (2, 3)) is not None  # the first case did take the blocked path
+    assert cells._as_cells(g, (2, 3)) is not None  # the first case did take the blocked path
 
 
 def _conv_uses():
@@ -184,7 +184,7 @@ def _conv_uses():
 
 @pytest.mark.parametrize("zeros", [0.0, 0.3, "cells"])
 def test_blocked_cell_reductions_build_the_same_problem(zeros, monkeypatch):
-    from onnx_pathcond.criteria import pathcond
+    from onnx_pathcond.criteria import cells
 
     analysis, groups = _conv_uses()
     rng = np.random.default_rng(5)
@@ -201,14 +201,14 @@ def test_blocked_cell_reductions_build_the_same_problem(zeros, monkeypatch):
         stream.append((use, g))
 
     def build():
-        builder = pathcond.ProblemBuilder(groups, analysis.uses, analysis.shared)
+        builder = cells.ProblemBuilder(groups, analysis.uses, analysis.shared)
         for use, g in stream:
             builder.add(Statistic(use, g.copy()))
         return builder.finish()
 
     fast = build()
-    assert any(pathcond._as_cells(g, (2, 3)) is not None for _, g in stream if g.ndim == 4)
-    monkeypatch.setattr(pathcond, "_as_cells", lambda g, reduced: None)
+    assert any(cells._as_cells(g, (2, 3)) is not None for _, g in stream if g.ndim == 4)
+    monkeypatch.setattr(cells, "_as_cells", lambda g, reduced: None)
     slow = build()
     assert (fast.p, fast.log_sum, fast.const_sum, fast.const_max, fast.const_min) == \
         (slow.p, slow.log_sum, slow.const_sum, slow.const_max, slow.const_min)

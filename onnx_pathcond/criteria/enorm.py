@@ -44,9 +44,11 @@ from ..pathnet.records import Statistic
 from ..records import CriterionSummary
 # the layer split and the per-layer sums of PathCond's coordinate descent serve ENorm's as they are
 from ..bounds import Bounds
-from ..solve import SolveResult, _layer_sums, _layers, finish
+from ..options import ENORM_SOLVERS
+from ..solve import SolveResult, finish
 from ..symmetry import Analysis, Groups
-from .pathcond import Problem, ProblemBuilder
+from .base import Criterion, register
+from .cells import Problem, ProblemBuilder, layer_sums, layers
 
 NAME = "enorm"
 OBJECTIVE = ("sum of the squared rescalable parameters, Σ θ² over the stored values of every weight, bias and "
@@ -105,6 +107,27 @@ class ENormProblem:
             name=NAME, entries=self.p, F_before=before, F_after=after, am_gm_before=None, am_gm_after=None,
             max_before=self.theta_max_before, min_before=self.theta_min_before, max_after=max_after,
             min_after=min_after, objective=OBJECTIVE)
+
+
+@register
+class ENorm(Criterion):
+    name = NAME
+    needs_diag_g = False
+    # A BatchNorm input's scale would move its running statistics, which are no weights: that
+    # group would have no outgoing norm to balance and its incoming weights would shrink
+    # without end.
+    supports_bn_statistics = False
+    solvers = ENORM_SOLVERS
+    objective = OBJECTIVE
+
+    def build(self, graph, analysis, groups, statistics, progress=None):
+        return build(graph, analysis, groups, progress=progress), None
+
+    def descend(self, problem, max_iter, tol, progress=None, bounds=None):
+        return coordinate_descent(problem, max_iter=max_iter, tol=tol, progress=progress, bounds=bounds)
+
+    def summary(self, problem, result):
+        return problem.summary(result.u, result.objective_before, result.objective_after)
 
 
 def stored_parameters(analysis: Analysis) -> list:
@@ -173,7 +196,7 @@ def coordinate_descent(problem: ENormProblem, max_iter: int, tol: float,
     if H == 0 or problem.p == 0 or max_iter == 0:
         return SolveResult(u_ext[:H].copy(), "coordinate-descent", 0, 0.0, H == 0 or problem.p == 0, e0, e0, [],
                            time.perf_counter() - t0, 0.0)
-    layers = _layers(cells)
+    groups_by_layer = layers(cells)
     free = np.append(problem.free, False)
     total = e0
     history: List[float] = []
@@ -181,11 +204,11 @@ def coordinate_descent(problem: ENormProblem, max_iter: int, tol: float,
     sweeps = 0
     for sweeps in range(1, max_iter + 1):
         change = 0.0
-        for layer in layers:
+        for layer in groups_by_layer:
             # the PathCond problem's sums at v = −u with v_h = 0: its "outgoing" sum is
             # Σ θ²·exp(u[in]) over the entries leaving h (out_h), its "incoming" Σ θ²·exp(−u[out])
             # over those entering h (in_h)
-            out_h, in_h = _layer_sums(cells, layer, -u_ext)
+            out_h, in_h = layer_sums(cells, layer, -u_ext)
             sl = slice(layer.start, layer.stop)
             old = u_ext[sl]
             new = np.where(free[sl], closed_form_step(in_h, out_h), 0.0)

@@ -1,495 +1,214 @@
-"""The PathCond criterion (docs/design.md §3) in a compact form the solver can sweep quickly.
+"""The PathCond criterion (docs/design.md §3) and its coordinate descent (§4.1).
 
-With u the log-rescalings of the H groups, entry i of diag(G) becomes g_i·exp((Bu)_i) where
-(Bu)_i = u[out(i)] − u[in(i)] (the group it is outgoing from, minus the one it is incoming
-to; a missing side counts as 0). PathCond minimises
+PathCond minimises, over the log-rescalings u of the H groups,
 
     F(u) = p·log Σ_i g_i·exp((Bu)_i) − Σ_i (Bu)_i,
 
-over the p entries with g_i > 0. Entries of one parameter tensor that share both groups
-(every tap of one conv kernel slice) are summed into one *cell*: a block of cells is a small
-matrix G[r, c] with a group for each row (incoming side) and column (outgoing side), so the
-sums the solver needs are matrix-vector products. Entries whose scale cannot change (both
-sides fixed, or the same group on both sides) are folded into constants.
+over the p entries of diag(G) with g_i > 0, (Bu)_i = u[out(i)] − u[in(i)]. The entries are
+held as cells (`cells.py`).
+
+`coordinate_descent` is the authors' published method: cyclic exact minimisation over one
+u_h at a time, groups in layer order, from u = 0, at most `max_iter` sweeps, stopping when a
+sweep's Σ|Δu_h| falls below `tol`. It reproduces the one-group-at-a-time sequence exactly,
+but computes it layer by layer:
+
+* groups of one layer touch disjoint parameters, so their incoming / outgoing sums B_h, C_h
+  do not change while the layer is swept: they are computed for the whole layer at once
+  (matrix-vector products over the parameter blocks);
+* what still couples the groups of a layer is the running total T = Σ g·exp(Bu): group k's
+  update depends on T after groups 0..k−1. That scalar recurrence T_{k+1} = T_k + δ_k(T_k)
+  is solved for the whole layer by Newton's method on the prefix sums of δ (a handful of
+  rounds to machine precision); if it has not converged after a bounded number of rounds the
+  layer falls back to the plain scalar loop.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+import math
+import time
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from ..channels import NO_POSITION, ParamUse
-from ..pathnet.records import Statistic
-from ..symmetry import Groups
+from ..bounds import Bounds
+from ..options import SOLVERS
+from ..records import CriterionSummary
+from ..solve import SolveResult, finish
+from .base import Criterion, register
+from .cells import Block, Problem, ProblemBuilder, layer_sums, layers  # noqa: F401  (Block, Problem: the cells' types)
+
+NAME = "pathcond"
+_PICARD_ROUNDS = 60
 
 
-@dataclass
-class Block:
-    """Cells of one parameter tensor. `row`/`col` hold group ids (H = fixed side).
+@register
+class PathCond(Criterion):
+    name = NAME
+    needs_diag_g = True
+    supports_bn_statistics = True
+    solvers = SOLVERS
+    objective = CriterionSummary.objective
 
-    `row` has shape (R, 1) or (R, C); `col` has shape (1, C) or (R, C). `gmax`/`gmin` are
-    the largest / smallest positive entry per cell, kept only where a cell sums several
-    entries (None: the cell is a single entry, equal to G).
+    def build(self, graph, analysis, groups, statistics, progress=None):
+        builder = ProblemBuilder(groups, analysis.uses, analysis.shared)
+        runtime = statistics(builder.add)
+        return builder.finish(), runtime
 
-    A large block of a dense layer may be kept *factored*: G = left @ rightᵀ with
-    left (R, P) and right (C, P), P the positions the layer's weights are used at (one for
-    a fully-connected layer). The statistics of such a layer are a sum of P outer products,
-    so when (R + C)·P < R·C the factors are smaller than G, and products with G cheaper.
+    def descend(self, problem, max_iter, tol, progress=None, bounds=None):
+        return coordinate_descent(problem, max_iter=max_iter, tol=tol, progress=progress, bounds=bounds)
+
+    def summary(self, problem, result):
+        u = result.u
+        max_after, min_after = problem.extremes(u)
+        return CriterionSummary(
+            name=NAME, entries=problem.p, F_before=result.objective_before, F_after=result.objective_after,
+            am_gm_before=float(np.exp(problem.log_am_gm(np.zeros(problem.H)))),
+            am_gm_after=float(np.exp(problem.log_am_gm(u))),
+            max_before=problem.g_max_before if problem.p else 0.0,
+            min_before=problem.g_min_before if problem.p else 0.0, max_after=max_after, min_after=min_after)
+
+
+def _quadratic_root(qa, qb, qc):
+    """The positive root of qa·X² + qb·X + qc = 0 (qa ≥ 0 ≥ qc), without cancellation."""
+    disc = np.sqrt(np.maximum(qb * qb - 4.0 * qa * qc, 0.0))
+    return np.where(qb > 0, -2.0 * qc / (qb + disc), (disc - qb) / (2.0 * qa))
+
+
+def positive_root(A, D, B, C, p):
+    """The positive root X of B(A+p)X² + A·D·X + C(A−p) = 0, the closed-form group update."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return _quadratic_root(B * (A + p), A * D, C * (A - p))
+
+
+def _no_box(low, high, n):
+    """Limits on exp(u): none where not given."""
+    return (np.zeros(n) if low is None else low), (np.full(n, np.inf) if high is None else high)
+
+
+def _sequential_updates(total, B, C, A, e_old, p, low=None, high=None):
+    """Plain loop: the reference recurrence, one group after another."""
+    low, high = _no_box(low, high, len(B))
+    X = e_old.copy()
+    for k in range(len(B)):
+        b, c, e = float(B[k]), float(C[k]), float(e_old[k])
+        if b <= 0.0 and c <= 0.0:
+            continue
+        d = total - b * e - c / e
+        x = min(max(float(positive_root(A[k], d, b, c, p)), float(low[k])), float(high[k]))
+        if not (math.isfinite(x) and x > 0.0):
+            continue
+        X[k] = x
+        total = d + b * x + c / x
+    return X, total
+
+
+def _layer_updates(total, B, C, A, e_old, p, low=None, high=None, guess=None):
+    """New exp(u_h) for a layer, and the running total after it, as the sequential loop gives.
+
+    Each group's step is the minimiser of F along u_h within [low, high] (its bounds, in
+    exp(u) terms): F is convex in u_h, so that is the unconstrained root clipped to the box,
+    and a clipped group's step does not depend on the total any more (slope 0 below).
+
+    The totals T_k seen by the groups solve T_{k+1} = T_k + δ_k(T_k) with T_0 = total. Each
+    round evaluates δ and its slope δ' at the current guess of every T_k, then corrects all
+    of them with the linearised recurrence e_{k+1} = (1 + δ'_k)·e_k − r_k (a cumulative
+    product and sum): Newton's method on the whole prefix at once, a few rounds to machine
+    precision. `guess` (last sweep's increments) starts it close.
     """
-
-    G: Optional[np.ndarray]
-    row: np.ndarray
-    col: np.ndarray
-    gmax: Optional[np.ndarray]
-    gmin: Optional[np.ndarray]
-    name: str
-    factors: Optional[Tuple[np.ndarray, np.ndarray]] = None
-
-    @property
-    def dense(self) -> bool:
-        return self.row.shape[1] == 1 and self.col.shape[0] == 1
-
-    @property
-    def shape(self) -> Tuple[int, int]:
-        if self.factors is not None:
-            return self.factors[0].shape[0], self.factors[1].shape[0]
-        return self.G.shape
-
-    def _mv(self, v: np.ndarray) -> np.ndarray:
-        """G @ v."""
-        if self.factors is not None:
-            left, right = self.factors
-            return left @ (v @ right)
-        return self.G @ v
-
-    def _rmv(self, v: np.ndarray) -> np.ndarray:
-        """v @ G."""
-        if self.factors is not None:
-            left, right = self.factors
-            return right @ (v @ left)
-        return v @ self.G
-
-    def incoming(self, u_ext: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Σ g·exp(u[col]) per row key: (keys, values) — the incoming sums at u_row = 0."""
-        if self.dense:
-            return self.row[:, 0], self._mv(np.exp(u_ext[self.col[0]]))
-        values = self.G * np.exp(u_ext[self.col])
-        return np.broadcast_to(self.row, values.shape).ravel(), values.ravel()
-
-    def outgoing(self, u_ext: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Σ g·exp(−u[row]) per column key: the outgoing sums at u_col = 0."""
-        if self.dense:
-            return self.col[0], self._rmv(np.exp(-u_ext[self.row[:, 0]]))
-        values = self.G * np.exp(-u_ext[self.row])
-        return np.broadcast_to(self.col, values.shape).ravel(), values.ravel()
-
-    def total(self, u_ext: np.ndarray) -> float:
-        if self.dense:
-            return float(np.exp(-u_ext[self.row[:, 0]]) @ self._mv(np.exp(u_ext[self.col[0]])))
-        return float((self.G * np.exp(u_ext[self.col] - u_ext[self.row])).sum())
-
-    def masses(self, u_ext: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Rescaled mass per incoming key and per outgoing key: (row keys, in, col keys, out)."""
-        if self.dense:
-            er, ec = np.exp(-u_ext[self.row[:, 0]]), np.exp(u_ext[self.col[0]])
-            return self.row[:, 0], er * self._mv(ec), self.col[0], self._rmv(er) * ec
-        w = self.G * np.exp(u_ext[self.col] - u_ext[self.row])
-        return (np.broadcast_to(self.row, w.shape).ravel(), w.ravel(),
-                np.broadcast_to(self.col, w.shape).ravel(), w.ravel())
-
-    def chunks(self, cells: int = 1 << 18):
-        """(row slice, cells) pieces of G of about `cells` cells each; a factored block's
-        pieces are multiplied out from its factors a few rows at a time."""
-        n_rows, n_cols = self.shape
-        step = max(1, cells // max(1, n_cols))
-        for start in range(0, n_rows, step):
-            rows = slice(start, start + step)
-            if self.factors is None:
-                yield rows, self.G[rows]
-            else:
-                left, right = self.factors
-                yield rows, left[rows] @ right.T
-
-    def extremes(self, u_ext: np.ndarray) -> Tuple[float, float]:
-        """Largest and smallest positive rescaled entry (two temporaries of one chunk's size)."""
-        high, low = 0.0, np.inf
-        for rows, G in self.chunks():
-            row = self.row[rows] if self.row.shape[0] > 1 else self.row
-            col = self.col[rows] if self.col.shape[0] > 1 else self.col
-            factor = np.exp(u_ext[col] - u_ext[row])
-            scaled = np.multiply(G if self.gmax is None else self.gmax[rows], factor)
-            high = max(high, float(scaled.max()))
-            bottom = G if self.gmin is None else self.gmin[rows]
-            np.multiply(bottom, factor, out=scaled)
-            scaled[bottom <= 0] = np.inf
-            low = min(low, float(scaled.min()))
-        return high, low
+    low, high = _no_box(low, high, len(B))
+    active = (B > 0) | (C > 0)
+    if not active.all():
+        idx = np.flatnonzero(active)
+        X = e_old.copy()
+        if idx.size:
+            X[idx], total = _layer_updates(total, B[idx], C[idx], A[idx], e_old[idx], p, low[idx], high[idx],
+                                           None if guess is None else guess[idx])
+        return X, total
+    own = B * e_old + C / e_old
+    n = len(B)
+    if guess is not None and guess.shape == (n,):
+        prefix = total + np.concatenate(([0.0], np.cumsum(guess[:-1])))
+    else:
+        prefix = np.full(n, total)
+    qa = B * (A + p)
+    qc = C * (A - p)
+    growth = np.ones(n)
+    correction = np.zeros(n)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for _ in range(_PICARD_ROUNDS):
+            D = prefix - own
+            qb = A * D
+            root = _quadratic_root(qa, qb, qc)
+            X = np.minimum(np.maximum(root, low), high)
+            if not np.all(np.isfinite(X) & (X > 0)):
+                break
+            delta = B * X + C / X - own
+            # residual of T_{k+1} = T_k + δ_k, and the slope of δ_k in T_k
+            residual = prefix[1:] - prefix[:-1] - delta[:-1]
+            if n == 1 or np.abs(residual).max() <= 4e-16 * abs(total):
+                return X, float(D[-1] + B[-1] * X[-1] + C[-1] / X[-1])
+            slope = np.where(X == root, (B - C / (X * X)) * (-A * X / (2.0 * qa * X + qb)), 0.0)
+            np.cumprod(1.0 + slope[:-1], out=growth[1:])
+            np.cumsum(-residual / growth[1:], out=correction[1:])
+            correction[1:] *= growth[1:]
+            if np.all(np.isfinite(correction)):
+                prefix = prefix + correction
+            else:  # fall back to a plain fixed-point round
+                prefix = total + np.concatenate(([0.0], np.cumsum(delta[:-1])))
+    return _sequential_updates(total, B, C, A, e_old, p, low, high)
 
 
-@dataclass
-class Problem:
-    H: int
-    blocks: List[Block]
-    n_in: np.ndarray  # per group: entries with g > 0 incoming to it
-    n_out: np.ndarray
-    p: int
-    const_sum: float  # Σ g over entries whose scale is fixed
-    const_max: float
-    const_min: float
-    log_sum: float  # Σ log g over all p entries
-    layer_of: np.ndarray  # per group: the node that created it (layer order)
-
-    @property
-    def A(self) -> np.ndarray:
-        """#in − #out per group: the coefficient of u_h in −Σ(Bu)_i."""
-        return (self.n_in - self.n_out).astype(np.float64)
-
-    def u_ext(self, u: np.ndarray) -> np.ndarray:
-        return np.append(np.asarray(u, dtype=np.float64), 0.0)
-
-    def total(self, u: np.ndarray) -> float:
-        ue = self.u_ext(u)
-        return self.const_sum + sum(b.total(ue) for b in self.blocks)
-
-    def objective(self, u: np.ndarray) -> float:
-        if self.p == 0:
-            return 0.0
-        return self.p * np.log(self.total(u)) + float(self.A @ u)
-
-    def log_am_gm(self, u: np.ndarray) -> float:
-        """log(arithmetic mean / geometric mean) of the rescaled diag(G); 0 when all equal."""
-        if self.p == 0:
-            return 0.0
-        log_am = np.log(self.total(u) / self.p)
-        log_gm = (self.log_sum - float(self.A @ u)) / self.p
-        return float(log_am - log_gm)
-
-    def extremes(self, u: np.ndarray) -> Tuple[float, float]:
-        ue = self.u_ext(u)
-        high, low = self.const_max, self.const_min
-        for b in self.blocks:
-            h, lo = b.extremes(ue)
-            high, low = max(high, h), min(low, lo)
-        return (high if self.p else 0.0), (low if self.p else 0.0)
-
-    def group_masses(self, u_ext: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
-        """Σ g·exp(Bu) over every entry (constants included), and its parts per group over the
-        entries incoming to it and outgoing from it (H + 1 long: the last, the fixed side)."""
-        total = self.const_sum
-        keys_in, vals_in, keys_out, vals_out = [], [], [], []
-        for b in self.blocks:
-            rk, rin, ck, cout = b.masses(u_ext)
-            keys_in.append(rk)
-            vals_in.append(rin)
-            keys_out.append(ck)
-            vals_out.append(cout)
-            total += float(rin.sum())
-        if not self.blocks:
-            return total, np.zeros(self.H + 1), np.zeros(self.H + 1)
-        # one bincount over all blocks: each is O(H), so not one per block
-        w_in = np.bincount(np.concatenate(keys_in), np.concatenate(vals_in), minlength=self.H + 1)
-        w_out = np.bincount(np.concatenate(keys_out), np.concatenate(vals_out), minlength=self.H + 1)
-        return total, w_in, w_out
-
-    def evaluate(self, u: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
-        """F(u), ∇F(u) = p·Bᵀw/Σw − Bᵀ1, and the rescaled mass touching each group, in one pass."""
-        total, w_in, w_out = self.group_masses(self.u_ext(u))
-        if self.p == 0 or total <= 0:
-            return 0.0, np.zeros(self.H), np.zeros(self.H)
-        F = self.p * np.log(total) + float(self.A @ u)
-        grad = self.p * (w_out[:self.H] - w_in[:self.H]) / total + self.A
-        return F, grad, (w_in[:self.H] + w_out[:self.H]) / total
-
-    def gradient(self, u: np.ndarray) -> np.ndarray:
-        return self.evaluate(u)[1]
+def _exp_box(bounds: Optional[Bounds], sl: slice, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The bounds of the groups in `sl` as limits on exp(u): [0, inf) where none."""
+    if bounds is None:
+        return np.zeros(n), np.full(n, np.inf)
+    return np.exp(bounds.lower[sl]), np.exp(bounds.upper[sl])
 
 
-def _sum_of_logs(values: np.ndarray, chunk: int = 1 << 20) -> float:
-    """Σ log(values), a chunk at a time (no temporary as large as a big weight tensor)."""
-    flat = values.reshape(-1)
-    return float(sum(np.log(flat[i:i + chunk]).sum() for i in range(0, flat.size, chunk)))
-
-
-# Cells of a convolution sum the taps of one kernel slice: g (o, i, kh, kw) reduced over its
-# trailing axes. numpy's reductions over a few trailing axes are slow (a short inner loop per
-# cell), so where those axes are trailing and contiguous, g is read as a (cells, taps) matrix:
-# sums are matrix-vector products with ones, extremes a running np.maximum / np.minimum over
-# the taps, both a block of cells at a time so that the block stays in cache.
-_CELLS_PER_BLOCK = 8192
-_MAX_TAPS = 32  # beyond this, a row of taps is long enough for numpy's own reduction
-
-
-def _as_cells(g: np.ndarray, reduced: Tuple[int, ...]) -> Optional[np.ndarray]:
-    """g as a (cells, taps) view when `reduced` are its trailing axes, it is C-contiguous and
-    has a few taps per cell; None otherwise (then numpy's reductions are used)."""
-    nd, r = g.ndim, len(reduced)
-    if not r or tuple(reduced) != tuple(range(nd - r, nd)) or not g.flags.c_contiguous:
-        return None
-    taps = int(np.prod(g.shape[nd - r:]))
-    if taps < 2 or taps > _MAX_TAPS or g.size < 2 * _CELLS_PER_BLOCK:
-        return None
-    return g.reshape(-1, taps)
-
-
-def _cell_sum(g: np.ndarray, reduced: Tuple[int, ...]) -> np.ndarray:
-    """g summed over the axes `reduced`, in float64."""
-    kept_shape = tuple(n for a, n in enumerate(g.shape) if a not in reduced)
-    if all(g.shape[a] == 1 for a in reduced):
-        return np.asarray(g.reshape(kept_shape), dtype=np.float64)  # one entry per cell: nothing to add
-    cells = _as_cells(g, reduced)
-    if cells is None:
-        return g.sum(axis=reduced, dtype=np.float64)
-    ones = np.ones(cells.shape[1])
-    out = np.empty(cells.shape[0])
-    for start in range(0, cells.shape[0], _CELLS_PER_BLOCK):
-        block = cells[start:start + _CELLS_PER_BLOCK]
-        np.matmul(np.asarray(block, dtype=np.float64), ones, out=out[start:start + _CELLS_PER_BLOCK])
-    return out.reshape(kept_shape)
-
-
-def _cell_extreme(g: np.ndarray, reduced: Tuple[int, ...], ufunc) -> np.ndarray:
-    """g reduced over the axes `reduced` with `ufunc` (np.maximum or np.minimum)."""
-    cells = _as_cells(g, reduced)
-    if cells is None:
-        return ufunc.reduce(g, axis=reduced)
-    out = np.empty(cells.shape[0], dtype=g.dtype)
-    for start in range(0, cells.shape[0], _CELLS_PER_BLOCK):
-        block, acc = cells[start:start + _CELLS_PER_BLOCK], out[start:start + _CELLS_PER_BLOCK]
-        ufunc(block[:, 0], block[:, 1], out=acc)
-        for tap in range(2, cells.shape[1]):
-            ufunc(acc, block[:, tap], out=acc)
-    return out.reshape(tuple(n for a, n in enumerate(g.shape) if a not in reduced))
-
-
-class ProblemBuilder:
-    """Collects (use, g) pairs from the statistics pass into a `Problem`."""
-
-    def __init__(self, groups: Groups, uses: List[ParamUse], shared: Optional[Dict[str, Tuple[int, np.ndarray]]] = None):
-        self.groups = groups
-        self.H = groups.count
-        self.blocks: List[Block] = []
-        self.n_in = np.zeros(self.H + 1)
-        self.n_out = np.zeros(self.H + 1)
-        self.p = 0
-        self.const_sum = 0.0
-        self.const_max = 0.0
-        self.const_min = np.inf
-        self.log_sum = 0.0
-        self.g_max_before = 0.0
-        self.g_min_before = np.inf
-        # A tensor read by several nodes is one set of parameters: sum its g over the uses.
-        # Its zero elements are not tied across the uses (see symmetry.reconcile_stored_tensors):
-        # each use keeps its own entries for them.
-        self._expected: Dict[str, int] = {}
-        for use in uses:
-            if use.ref is not None and not use.ignored:
-                self._expected[use.ref.name] = self._expected.get(use.ref.name, 0) + 1
-        self._nonzero = {name: mask for name, (_, mask) in (shared or {}).items()}
-        self._pending: Dict[str, Tuple[ParamUse, np.ndarray, int]] = {}
-
-    def group_ids(self, positions: np.ndarray) -> np.ndarray:
-        of = self.groups.of_position
-        ids = np.where(positions >= 0, of[np.maximum(positions, 0)] if of.size else NO_POSITION, NO_POSITION)
-        return np.where(ids >= 0, ids, self.H)
-
-    def add(self, stat: Statistic) -> None:
-        """Take one use's statistics (the sink of the statistics step). A dense layer's may
-        come as factors only: g is then formed only when the factors do not suffice."""
-        use, factors = stat.use, stat.factors
-        shared = use.ref is not None and self._expected.get(use.ref.name, 1) > 1
-        if stat.g is None and not shared and self._add_outer_product(use, factors):
-            return
-        g = stat.array()
-        if shared:
-            name = use.ref.name
-            nonzero = self._nonzero.get(name)
-            if nonzero is not None and not nonzero.all():
-                keep = use.ref.to_view(nonzero)
-                self._add_entries(use, np.where(keep, 0.0, g))  # zero elements: this use's own entries
-                g = np.where(keep, g, 0.0)
-            if name in self._pending:
-                first, acc, seen = self._pending[name]
-                acc += first.ref.to_view(use.ref.to_stored(g))
-                self._pending[name] = (first, acc, seen + 1)
-            else:
-                self._pending[name] = (use, g.copy(), 1)
-            first, acc, seen = self._pending[name]
-            if seen == self._expected[name]:
-                del self._pending[name]
-                self._add_entries(first, acc)
-            return
-        self._add_entries(use, g, factors)
-
-    def _add_outer_product(self, use: ParamUse, factors) -> bool:
-        """A fully-connected layer with a batch of one: g = l ⊗ r. Everything the criterion
-        needs follows from the two vectors, without forming g. False when the case is not
-        that simple (then g is formed and takes the general path)."""
-        left, right = factors
-        if left.ndim != 2 or left.shape[1] != 1 or len(use.view_shape) != 2:
-            return False
-        l, r = np.asarray(left[:, 0], dtype=np.float64), np.asarray(right[:, 0], dtype=np.float64)
-        H = self.H
-        # a side with no positions (a graph input, a graph output) is the fixed group H
-        rows = self.group_ids(use.rows) if use.rows is not None else np.full((1, 1), H)
-        cols = self.group_ids(use.cols) if use.cols is not None else np.full((1, 1), H)
-        if rows.shape == (1, 1):
-            rows = np.broadcast_to(rows, (l.size, 1))
-        if cols.shape == (1, 1):
-            cols = np.broadcast_to(cols, (1, r.size))
-        if rows.shape != (l.size, 1) or cols.shape != (1, r.size):
-            return False  # groups not one per row and one per column
-        row, col = rows[:, 0], cols[0]
-        if np.intersect1d(row[row < H], col[col < H]).size:
-            return False  # cells joining a group to itself: the general path handles them
-        l_pos, r_pos = l > 0, r > 0
-        nl, nr = int(l_pos.sum()), int(r_pos.sum())
-        if nl == 0 or nr == 0:
-            return True
-        self.p += nl * nr
-        self.log_sum += nr * float(np.log(l[l_pos]).sum()) + nl * float(np.log(r[r_pos]).sum())
-        high, low = float(l.max() * r.max()), float(l[l_pos].min() * r[r_pos].min())
-        self.g_max_before = max(self.g_max_before, high)
-        self.g_min_before = min(self.g_min_before, low)
-        if (row == H).all() and (col == H).all():
-            self.const_sum += float(l.sum() * r.sum())
-            self.const_max, self.const_min = max(self.const_max, high), min(self.const_min, low)
-            return True
-        self.n_in += np.bincount(row, weights=l_pos * float(nr), minlength=H + 1)
-        self.n_out += np.bincount(col, weights=r_pos * float(nl), minlength=H + 1)
-        label = use.ref.name if use.ref is not None else use.input_name
-        self.blocks.append(Block(None, rows, cols, None, None, label, factors=(l[:, None], r[:, None])))
-        return True
-
-    def _add_entries(self, use: ParamUse, g: np.ndarray, factors=None) -> None:
-        label = use.ref.name if use.ref is not None else use.input_name
-        n_pos = int(np.count_nonzero(g))  # g ≥ 0: non-zero means positive
-        if n_pos == 0:
-            return
-        dense_g = n_pos == g.size  # the common case: no mask needed anywhere below
-        positive = None if dense_g else g > 0
-        self.p += n_pos
-        self.log_sum += _sum_of_logs(g if dense_g else g[positive])
-        self.g_max_before = max(self.g_max_before, float(g.max()))
-        self.g_min_before = min(self.g_min_before, float(g.min() if dense_g else g[positive].min()))
-        rows = self.group_ids(use.rows)
-        cols = self.group_ids(use.cols)
-        H = self.H
-        if (rows == H).all() and (cols == H).all():  # nothing here can move: a constant
-            self.const_sum += float(g.sum())
-            self.const_max = max(self.const_max, float(g.max()))
-            self.const_min = min(self.const_min, float(g.min() if dense_g else g[positive].min()))
-            return
-        nd = g.ndim
-        kept = [a for a in range(nd) if rows.shape[a] > 1 or cols.shape[a] > 1]
-        reduced = tuple(a for a in range(nd) if a not in kept)
-        taps = int(np.prod([g.shape[a] for a in reduced])) if reduced else 1
-        cell_sum = _cell_sum(g, reduced) if reduced else g
-        if dense_g:  # every cell holds `taps` entries: a broadcast view, no array
-            cell_count = np.broadcast_to(np.int64(taps), cell_sum.shape)
-        else:
-            cell_count = np.rint(_cell_sum(positive, reduced)).astype(np.int64) if reduced \
-                else positive.astype(np.int64)
-        cell_max = _cell_extreme(g, reduced, np.maximum) if taps > 1 else None
-        cell_min = None
-        if taps > 1:
-            cell_min = _cell_extreme(g if dense_g else np.where(positive, g, np.inf), reduced, np.minimum)
-        if reduced:
-            rows, cols = rows.reshape([rows.shape[a] for a in kept]), cols.reshape([cols.shape[a] for a in kept])
-        G, row, col, gmax, gmin, count, turned = self._as_matrix(cell_sum, rows, cols, cell_max, cell_min,
-                                                                 cell_count)
-        # Cells whose row and column are the same group never change (λ/λ): constants. A group
-        # on both sides need not meet itself in a cell (per-cell groups: a depthwise convolution
-        # reading its tied channels permuted), hence the second test.
-        fixed = None
-        if np.intersect1d(row[row < H], col[col < H]).size:
-            fixed = np.broadcast_to((row == col) & (row < H), G.shape)
-            fixed = fixed if fixed.any() else None
-        if fixed is not None:
-            self.const_sum += float(G[fixed].sum())
-            self.const_max = max(self.const_max, float((G if gmax is None else gmax)[fixed].max()))
-            low = (G if gmin is None else gmin)[fixed]
-            low = low[low > 0]
-            if low.size:
-                self.const_min = min(self.const_min, float(low.min()))
-            G = np.where(fixed, 0.0, G)
-            count = np.where(fixed, 0, count)
-            if gmin is not None:
-                gmin = np.where(fixed, np.inf, gmin)
-                gmax = np.where(fixed, 0.0, gmax)
-        uniform = dense_g and fixed is None  # every cell counts `taps` entries
-        count = np.broadcast_to(count, G.shape)
-        stored = None
-        if factors is not None and taps == 1 and kept == [0, 1] and row.shape[1] == 1 and col.shape[0] == 1 \
-                and fixed is None:
-            left, right = (factors[1], factors[0]) if turned else factors
-            if (left.shape[0] + right.shape[0]) * left.shape[1] * 2 < G.size:
-                stored = (np.ascontiguousarray(left, dtype=np.float64), np.ascontiguousarray(right, dtype=np.float64))
-        if uniform:  # count cells rather than sum a broadcast array cell by cell
-            R, C = G.shape
-            in_keys = row[:, 0] if row.shape[1] == 1 else row.ravel()
-            out_keys = col[0] if col.shape[0] == 1 else np.broadcast_to(col, G.shape).ravel()
-            self.n_in += np.bincount(in_keys, minlength=H + 1) * float(taps * (C if row.shape[1] == 1 else 1))
-            self.n_out += np.bincount(out_keys, minlength=H + 1) * float(taps * (R if col.shape[0] == 1 else 1))
-        else:
-            if row.shape[1] == 1:
-                self.n_in += np.bincount(row[:, 0], weights=count.sum(axis=1), minlength=H + 1)
-            else:
-                self.n_in += np.bincount(row.ravel(), weights=count.ravel(), minlength=H + 1)
-            if col.shape[0] == 1:
-                self.n_out += np.bincount(col[0], weights=count.sum(axis=0), minlength=H + 1)
-            else:
-                self.n_out += np.bincount(np.broadcast_to(col, G.shape).ravel(), weights=count.ravel(),
-                                          minlength=H + 1)
-        if stored is not None:
-            self.blocks.append(Block(None, row, col, None, None, label, factors=stored))
-        else:
-            self.blocks.append(Block(G, row, col, gmax, gmin, label))
-
-    @staticmethod
-    def _as_matrix(G, rows, cols, gmax, gmin, count):
-        """Bring cells to 2-D with rows as (R,1) where possible (matrix-vector products)."""
-        if G.ndim == 0:
-            G, rows, cols = G.reshape(1, 1), rows.reshape(1, 1), cols.reshape(1, 1)
-            gmax = None if gmax is None else gmax.reshape(1, 1)
-            gmin = None if gmin is None else gmin.reshape(1, 1)
-            count = count.reshape(1, 1)
-        elif G.ndim == 1:
-            G, rows, cols = G[:, None], rows[:, None], cols[:, None]
-            gmax = None if gmax is None else gmax[:, None]
-            gmin = None if gmin is None else gmin[:, None]
-            count = count[:, None]
-        elif G.ndim > 2:
-            shape = G.shape
-            G = G.reshape(-1, 1)
-            rows = np.broadcast_to(rows, shape).reshape(-1, 1)
-            cols = np.broadcast_to(cols, shape).reshape(-1, 1)
-            gmax = None if gmax is None else gmax.reshape(-1, 1)
-            gmin = None if gmin is None else gmin.reshape(-1, 1)
-            count = count.reshape(-1, 1)
-        # Orient so that rows vary along axis 0 only when that makes the block dense.
-        turned = rows.shape[0] == 1 and cols.shape[1] == 1 and (rows.shape[1] > 1 or cols.shape[0] > 1)
-        if turned:
-            G, rows, cols, count = G.T, rows.T, cols.T, count.T
-            gmax = None if gmax is None else gmax.T
-            gmin = None if gmin is None else gmin.T
-        R, C = G.shape
-        if rows.shape[1] == 1 and cols.shape[0] == 1:
-            rows = np.broadcast_to(rows, (R, 1))
-            cols = np.broadcast_to(cols, (1, C))
-        else:  # per-cell groups (grouped convolutions)
-            rows = np.broadcast_to(rows, (R, C)) if rows.shape[1] != 1 else np.broadcast_to(rows, (R, 1))
-            cols = np.broadcast_to(cols, (R, C))
-        return (np.ascontiguousarray(G, dtype=np.float64), np.ascontiguousarray(rows), np.ascontiguousarray(cols),
-                gmax, gmin, np.asarray(count), turned)
-
-    def finish(self) -> Problem:
-        if self._pending:  # a shared tensor not reached by all its uses (off every path)
-            for name, (first, acc, _) in list(self._pending.items()):
-                self._add_entries(first, acc)
-            self._pending.clear()
-        return Problem(
-            H=self.H, blocks=self.blocks, n_in=self.n_in[:self.H], n_out=self.n_out[:self.H], p=self.p,
-            const_sum=self.const_sum, const_max=self.const_max, const_min=self.const_min,
-            log_sum=self.log_sum, layer_of=self.groups.layer_of)
+def coordinate_descent(problem: Problem, max_iter: int = 10, tol: float = 1e-2,
+                       progress: Optional[Callable[[int, float], None]] = None,
+                       bounds: Optional[Bounds] = None) -> SolveResult:
+    """The authors' cyclic coordinate descent, each group's step kept within its `bounds`."""
+    t0 = time.perf_counter()
+    u = np.zeros(problem.H)
+    f0 = problem.objective(u)
+    if problem.H == 0 or problem.p == 0:
+        return SolveResult(u, "coordinate-descent", 0, 0.0, True, f0, f0, [], time.perf_counter() - t0, 0.0)
+    groups_by_layer = layers(problem)
+    A = problem.A
+    p = float(problem.p)
+    u_ext = np.zeros(problem.H + 1)
+    history = []
+    change = math.inf
+    sweeps = 0
+    increments = {}  # per layer: the total's increments in the last sweep (a warm start)
+    boxes = {}
+    for sweep in range(1, max_iter + 1):
+        sweeps = sweep
+        total = problem.total(u_ext[:-1])
+        change = 0.0
+        for k, layer in enumerate(groups_by_layer):
+            B, C = layer_sums(problem, layer, u_ext)
+            sl = slice(layer.start, layer.stop)
+            if k not in boxes:
+                boxes[k] = _exp_box(bounds, sl, layer.stop - layer.start)
+            e_old = np.exp(u_ext[sl])
+            X, new_total = _layer_updates(total, B, C, A[sl], e_old, p, *boxes[k], increments.get(k))
+            increments[k] = B * X + C / X - (B * e_old + C / e_old)
+            total = new_total
+            new_u = np.log(X)
+            if bounds is not None:  # exp then log can step a hair outside a bound
+                new_u = np.where(X <= boxes[k][0], bounds.lower[sl], np.where(X >= boxes[k][1], bounds.upper[sl],
+                                                                              new_u))
+            change += float(np.abs(new_u - u_ext[sl]).sum())
+            u_ext[sl] = new_u
+        history.append(p * math.log(total) + float(A @ u_ext[:-1]))  # F from the running total
+        if progress is not None:
+            progress(sweeps, change)
+        if change < tol:
+            break
+    result = SolveResult(u_ext[:-1].copy(), "coordinate-descent", sweeps, change if history else 0.0,
+                         bool(history) and change < tol, f0, f0, history, 0.0)
+    result = finish(problem, result.u, result, bounds)
+    result.seconds = time.perf_counter() - t0
+    return result

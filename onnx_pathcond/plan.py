@@ -58,8 +58,27 @@ class TensorFactor:
     factor: np.ndarray
     offset: float = 0.0
 
+    incoming: Optional[np.ndarray] = None  # the two sides, when `factor` is their product
+    outgoing: Optional[np.ndarray] = None
+
     def full(self, shape: Tuple[int, ...]) -> np.ndarray:
         return np.broadcast_to(self.factor, shape)
+
+    def largest_log(self) -> float:
+        """max |log factor| over the elements, from the two sides' own values where they vary
+        along different axes (then the extremes of the sum of logs are the sums of extremes)."""
+        if self.incoming is None or self.outgoing is None or not self.factor.size:
+            return float(np.abs(np.log(self.factor)).max()) if self.factor.size else 0.0
+        a, b = _compact(self.incoming), _compact(self.outgoing)
+        if any(m > 1 and n > 1 for m, n in zip(a.shape, b.shape)):  # they share an axis
+            return float(np.abs(np.log(self.factor)).max())
+        la, lb = np.log(a), np.log(b)
+        return float(max(abs(la.max() + lb.max()), abs(la.min() + lb.min())))
+
+
+def _compact(view: np.ndarray) -> np.ndarray:
+    """The distinct values of a broadcast view: its axes of stride 0 cut to length 1."""
+    return view[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in view.strides)]
 
 
 class RescalingPlan:
@@ -173,8 +192,8 @@ class RescalingPlan:
     def factors(self, u: np.ndarray) -> Dict[str, TensorFactor]:
         """Per changed initializer or Constant tensor: its element-wise factor new/old
         (exact, in float64; defined where old is zero too)."""
-        return {item.name: TensorFactor(item.name, item.incoming * item.outgoing, item.offset)
-                for item in self.rewrite_items(u)}
+        return {item.name: TensorFactor(item.name, item.incoming * item.outgoing, item.offset, item.incoming,
+                                        item.outgoing) for item in self.rewrite_items(u)}
 
     def new_values(self, u: np.ndarray) -> Dict[str, np.ndarray]:
         """Per changed tensor: its rescaled value in its own dtype, as the rewrite writes it."""

@@ -662,9 +662,11 @@ _SOLVE_OPTIONS = ("criterion", "solver", "max_iter", "tol", "backend", "device")
 
 @dataclass
 class ConditionerStep(ModuleRescaling):
-    """What one `PathConditioner.rescale` did: `ModuleRescaling`'s fields, and `factors`
+    """What one `PathConditioner.rescale` did: `ModuleRescaling`'s fields (here
+    `max_abs_log_factor` is the largest |log f| over every element, zeros included), `factors`
     (module tensor name -> its element-wise factor new/old, float64 on the CPU, for every
-    changed tensor) and `state_changed` (optimizer state tensors carried or cleared)."""
+    changed tensor), `state_changed` (optimizer state tensors carried or cleared) and
+    `reanalysed` (the new values changed what the analysis had read: it ran again)."""
 
     factors: Dict[str, torch.Tensor] = field(default_factory=dict)
     state_changed: int = 0
@@ -790,7 +792,6 @@ class PathConditioner:
             reanalysed = self.plan.update(self._current_values())
             solution = self.plan.solve(**options)
             factors = self.plan.factors(solution.u)
-            new_values = self.plan.new_values(solution.u)
             report = Report(input=f"{type(module).__name__} (torch module, {self.exporter} export, step "
                                   f"{self.steps + 1})")
             report.describe_analysis(self.plan.graph, self.plan.analysis, self.plan.groups, external_tensors=0)
@@ -799,25 +800,28 @@ class PathConditioner:
             report.describe_solution(self.plan.graph, self.plan.analysis, self.plan.groups, solution,
                                      solution.settings.max_iter, solution.settings.tol)
             by_id: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-            step_factors, plan, loaded = {}, [], []
+            step_factors, plan, loaded, moved = {}, [], [], {}
             for name, factor in factors.items():
                 targets = self.targets[name]
                 first = self.tensors[targets[0]]
                 full = torch.from_numpy(np.array(factor.full(tuple(first.shape)), dtype=np.float64))
-                value = _from_numpy(new_values[name], first.dtype)
+                # the rewrite's arithmetic: in float64, cast back to the tensor's dtype
+                old = first.detach().to(device="cpu", dtype=torch.float64)
+                value = ((old + factor.offset) * full - factor.offset if factor.offset else old * full).to(first.dtype)
+                largest = factor.largest_log()
                 for target in targets:
                     plan.append((self.tensors[target], value))
                     loaded.append(target)
                     step_factors[target] = full
+                moved[id(first)] = largest
                 by_id[id(first)] = (first, full)
             if optimizer is not None:
-                how, rules = _state_rule(optimizer, by_id, self.reset_state)
+                _, rules = _state_rule(optimizer, by_id, self.reset_state)
                 saved_state = _copy_state(optimizer, by_id)
             rewritten = _with_tied_names(loaded, self.tensors)
-            before = {name: self.tensors[name].detach().clone() for name in rewritten}
             _write(plan)
             state_changed = carry_optimizer_state(optimizer, by_id, rules) if optimizer is not None else 0
-            moved = {name: _max_abs_log_factor(before[name], self.tensors[name]) for name in rewritten}
+            moved = {name: moved[id(self.tensors[name])] for name in rewritten}
             result = ConditionerStep(report=report, loaded=rewritten, max_abs_log_factor=moved, exporter=self.exporter,
                                      factors=step_factors, state_changed=state_changed, reanalysed=reanalysed)
             if self.check:

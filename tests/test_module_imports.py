@@ -126,3 +126,36 @@ def test_the_private_name_finder_finds_both_spellings():
     }
     assert _private_names_taken(sources) == [("user", 1, "helpers._hidden"), ("user", 3, "helpers._hidden"),
                                              ("user", 8, "helpers._late")]
+
+
+def _package_sources():
+    """{dotted module name: source} of every module of the onnx_pathcond package, its relative
+    imports written out as absolute ones (so that the finder sees `from .solve import _x`)."""
+    root = os.path.join(os.path.dirname(TESTS), "onnx_pathcond")
+    sources = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            parts = os.path.relpath(path, os.path.dirname(root))[:-3].split(os.sep)
+            package = parts[:-1]  # the package a relative import starts from (for __init__ too)
+            module = ".".join(parts if parts[-1] != "__init__" else parts[:-1])
+            tree = ast.parse(open(path, encoding="utf-8").read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    base = package[:len(package) - (node.level - 1)]
+                    node.module = ".".join(base + ([node.module] if node.module else []))
+                    node.level = 0
+            sources[module] = ast.unparse(tree)
+    return sources
+
+
+def test_package_modules_take_no_private_name_from_each_other():
+    sources = _package_sources()
+    assert {"onnx_pathcond.solve", "onnx_pathcond.criteria.enorm", "onnx_pathcond.criteria.cells"} <= set(sources)
+    assert "from onnx_pathcond.solve import SolveResult" in sources["onnx_pathcond.criteria.enorm"]  # `..solve`
+    assert _private_names_taken(sources) == []
+    planted = dict(sources)
+    planted["onnx_pathcond.criteria.enorm"] += "\nfrom onnx_pathcond.solve import _two_loop\n"
+    assert [t[2] for t in _private_names_taken(planted)] == ["onnx_pathcond.solve._two_loop"]

@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 
 from . import criteria, options, rewrite, verify
-from .errors import InputError, VerificationError
+from .errors import VerificationError
 from .graph import Graph, parse_input_shapes
 from .factors import PendingFactors
-from .modelfile import ModelFile, PendingSave, check_output_path, same_file
+from .modelfile import ModelFile, PendingSave, check_other_writes, check_output_path
 from .plan import RescalingPlan
 from .report import Report
 from .symmetry import analyse, build_groups, groups_freed_by_bn_statistics
@@ -84,6 +84,7 @@ def _load(model: ModelLike, lazy: bool, output: Optional[Union[str, os.PathLike]
     with clock("load"):
         if output is not None:  # an empty path or a directory, refused before any reading
             check_output_path(output, None, overwrite=True)
+        check_other_writes(output, also_writes)
         if isinstance(model, onnx.ModelProto):
             return ModelFile.copy_of(model)
         source = ModelFile.read(model, lazy=lazy)
@@ -150,17 +151,6 @@ def _verify(original, written, reference: onnx.ModelProto, shapes, seed: int, rt
     return check
 
 
-def _check_factors_path(factors, output) -> None:
-    """The factors file is neither the output model nor its data file, and its folder exists."""
-    path = os.fspath(factors)
-    if not path or os.path.isdir(path):
-        raise InputError(f"--factors '{path}' is not a file path")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise InputError(f"--factors directory '{os.path.dirname(path)}' does not exist")
-    if output is not None and any(same_file(path, target) for target in (os.fspath(output), os.fspath(output) + ".data")):
-        raise InputError(f"--factors '{path}' is the output model or its data file; choose another path")
-
-
 def _commit(pending: PendingSave, clock: _Clock) -> None:
     with clock("save", announce=False):
         pending.commit()
@@ -220,7 +210,6 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     clock = _Clock(progress)
 
     if factors is not None and not dry_run:
-        _check_factors_path(factors, output)
         also_writes = {**(also_writes or {}), "--factors": factors}
     source = _load(model, stream, output, also_writes, clock)
     plan, would_free = _analyse(source, input_shapes, bn_statistics, clock)

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
-
-
-def _exit_interrupted(signum: int, after: str = "") -> None:
-    """One line and the shell's exit code for a signal: 128 + its number (130 for Ctrl-C)."""
-    sys.stderr.write(f"error: interrupted ({signal.Signals(signum).name}){after}\n")
-    sys.stderr.flush()
-    sys.exit(128 + signum)
 
 
 def _interrupted_while_loading(signum, frame):
@@ -34,8 +26,6 @@ if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     except ValueError:  # imported from a thread other than the main one
         pass
 
-import threading  # noqa: E402
-
 import click  # noqa: E402
 
 from . import __version__  # noqa: E402
@@ -43,6 +33,7 @@ from .errors import InputError, PathCondError  # noqa: E402
 from .options import (BACKENDS, BN_STATISTICS, CRITERIA, DEFAULT_BACKEND, DEFAULT_CRITERION, DEFAULT_DEVICE,  # noqa: E402
                       DEFAULT_RTOL, DEFAULT_SEED, DEFAULT_SOLVER, DEVICES, ENORM_SOLVERS, NOISE_FACTOR, RTOL_CEILING,
                       SOLVERS)
+from .process import OneLineErrors, held_signals  # noqa: E402
 from .progress import Progress  # noqa: E402
 
 EXIT_CODES_HELP = """\b
@@ -63,120 +54,18 @@ def _fail(error: PathCondError) -> None:
     sys.exit(error.exit_code)
 
 
-class _Interrupted(BaseException):
-    """A signal asking the run to stop. Raised in the main thread by our handler, it unwinds
-    like KeyboardInterrupt, so every `finally` runs and the temporary folder next to OUT is
-    removed; unlike KeyboardInterrupt, click does not turn it into its own "Aborted!"."""
+class _NewFile(click.ParamType):
+    """A file the run will write: not a folder, in a folder that exists."""
 
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
+    name = "file"
 
-
-# SIGTERM (kill, a job scheduler) and SIGHUP (the terminal closed) would otherwise end the
-# process on the spot and leave the temporary folder behind; they take Ctrl-C's way out.
-_STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-
-
-class _SignalsStop:
-    """While in the block, the stop signals raise `_Interrupted` in the main thread; the
-    previous handlers are put back on leaving. A signal that was ignored when we started
-    (nohup, a background job) stays ignored. A second signal while the first one's cleanup
-    runs is ignored, so that the cleanup itself is not cut short.
-
-    Inside `deferred()` a signal is only noted, and raised when the block ends: an exception
-    raised while an extension module initialises can crash the interpreter (seen: onnx's
-    protobuf module, a segmentation fault), and one raised inside an import lock's callback is
-    swallowed ("Exception ignored"), so the run would go on as if Ctrl-C had not been pressed."""
-
-    active: "_SignalsStop | None" = None  # the instance whose handlers are installed
-
-    def __enter__(self):
-        self.previous = {}
-        self.stopping = False
-        self.deferring = False
-        self.pending = None
-        if threading.current_thread() is not threading.main_thread():
-            return self  # only the main thread may set handlers (the command run from a thread)
-        for signum in _STOP_SIGNALS:
-            previous = signal.getsignal(signum)
-            if previous is signal.SIG_IGN:
-                continue
-            self.previous[signum] = previous
-            signal.signal(signum, self._handle)
-        _SignalsStop.active = self
-        return self
-
-    def _handle(self, signum, frame):
-        if self.stopping or self.pending is not None:
-            return
-        self.pending = signum
-        if self.deferring:
-            return
-        self.stopping = True
-        raise _Interrupted(signum)
-
-    @contextlib.contextmanager
-    def deferred(self):
-        self.deferring = True
-        try:
-            yield
-        finally:
-            self.deferring = False
-        if self.pending is not None:
-            self.stopping = True
-            raise _Interrupted(self.pending)
-
-    def __exit__(self, *exc):
-        _SignalsStop.active = None
-        for signum, previous in self.previous.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        return False
-
-
-def _import_heavy_modules():
-    """numpy, onnx and onnxruntime, with any stop signal held until they are loaded (see
-    `_SignalsStop.deferred`). Imported here, not at the top, so that Ctrl-C during their
-    second or so of loading is answered by our handler at all."""
-    stop = _SignalsStop.active
-    with stop.deferred() if stop is not None else contextlib.nullcontext():
-        from . import api  # noqa: F401
-        import onnxruntime  # noqa: F401  (imported later by the checks; loaded here for the same reason)
-
-
-class _OneLineErrors(click.Command):
-    """click's usage errors, like ours, as one `error: ...` line (exit code 2); a stop
-    signal as one `error: interrupted (SIG...)` line and exit code 128 + its number."""
-
-    def main(self, *args, **kwargs):
-        kwargs["standalone_mode"] = False
-        try:
-            with _SignalsStop() as stop:
-                try:
-                    result = super().main(*args, **kwargs)
-                    if stop.stopping:  # our exception was swallowed (a callback's "Exception ignored")
-                        raise _Interrupted(stop.pending)
-                    return result
-                finally:
-                    modelfile = sys.modules.get(f"{__package__}.modelfile")
-                    if modelfile is not None:  # a temporary folder whose `finally` a signal came before
-                        modelfile.discard_unfinished()
-        except _Interrupted as e:
-            _exit_interrupted(e.signum, f"; '{_written[-1]}' was written" if _written else "; nothing was written")
-        except click.exceptions.Exit as e:
-            sys.exit(e.exit_code)
-        except click.ClickException as e:
-            click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
-            sys.exit(e.exit_code)
-        except click.Abort as e:
-            if isinstance(e.__context__, KeyboardInterrupt):  # raised by something other than our handler
-                _exit_interrupted(signal.SIGINT)
-            click.echo("error: aborted", err=True)
-            sys.exit(1)
-
-
-# The output once it is in place, so that a late interruption does not claim nothing was written.
-_written = []
+    def convert(self, value, param, ctx):
+        path = os.fspath(value)
+        if not path or os.path.isdir(path):
+            self.fail(f"'{path}' is a folder, not a file path", param, ctx)
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            self.fail(f"the folder of '{path}' does not exist", param, ctx)
+        return path
 
 
 class _Tolerance(click.ParamType):
@@ -197,7 +86,7 @@ class _Tolerance(click.ParamType):
         return number
 
 
-@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]},
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]},
                epilog=EXIT_CODES_HELP)
 @click.argument("input_path", metavar="IN", type=click.Path(dir_okay=True, path_type=str))
 @click.argument("output_path", metavar="OUT", required=False, type=click.Path(path_type=str))
@@ -236,9 +125,9 @@ class _Tolerance(click.ParamType):
 @click.option("--bn-statistics", is_flag=True, default=BN_STATISTICS,
               help="Also rescale the channels that feed a BatchNormalization, their scale carried by its running "
                    "mean and variance: exact in inference, in training mode only up to the BN's epsilon (see README). With the pathcond criterion only.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
+@click.option("--report", "report_path", type=_NewFile(),
               help="Write the full report as JSON to this file.")
-@click.option("--factors", "factors_path", type=click.Path(dir_okay=False, path_type=str),
+@click.option("--factors", "factors_path", type=_NewFile(),
               help="Also write, for every rewritten tensor, its element-wise factor new/old (float64, exact) to "
                    "this .npz file, under the tensor's name: for carrying an optimizer's state in another "
                    "framework (first moments divided by it, second moments by its square).")
@@ -254,24 +143,13 @@ def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol
     The output has the same graph, names, shapes and dtypes; only weight values change, so the
     rescaled weights load back into the original framework by name.
     """
-    del _written[:]
     try:
-        _import_heavy_modules()
-        from . import api
-        from .modelfile import same_file
+        with held_signals():  # numpy, onnx, onnxruntime: loaded here, so that Ctrl-C is ours from the start
+            from . import api
+            import onnxruntime  # noqa: F401  (the checks import it later; loaded now for the same reason)
 
         if output_path is None and not dry_run:
             raise InputError("missing OUT (the output path); use --dry-run to only analyse")
-        if report_path:
-            if not os.path.isdir(os.path.dirname(os.path.abspath(report_path))):
-                raise InputError(f"report directory '{os.path.dirname(report_path)}' does not exist")
-            written = [] if dry_run or not output_path else [output_path, output_path + ".data"]
-            if factors_path and not dry_run:
-                written.append(factors_path)
-            for other, what in ((input_path, "the input model"), *((path, "the output model, its data file or "
-                                                                           "the factors file") for path in written)):
-                if other and same_file(report_path, other):
-                    raise InputError(f"--report '{report_path}' is {what}; choose another file for the report")
         names = [spec.rpartition(":")[0] for spec in input_shapes]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
@@ -290,7 +168,7 @@ def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol
         finally:
             progress.close()
         if not dry_run:
-            _written[:] = [output_path]
+            click.get_current_context().command.written.append(output_path)
     except PathCondError as e:
         _fail(e)
     if report_path:

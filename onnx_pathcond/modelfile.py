@@ -23,7 +23,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from . import protoio
+from . import process, protoio
 from .errors import InputError, ModelError, SaveError
 
 # Float initializers with more elements than this stay in their file when read lazily.
@@ -266,6 +266,9 @@ def discard_unfinished() -> None:
         UNFINISHED.discard(work)
 
 
+process.on_stop(discard_unfinished)  # the command line runs it when a run ends, stopped or not
+
+
 # ---------------------------------------------------------------------------- checks
 def check_model(model: onnx.ModelProto) -> None:
     """onnx.checker with a one-line error, run on the weight-free skeleton of the model."""
@@ -293,6 +296,24 @@ def check_output_path(output: PathLike, input_path: Optional[str], overwrite: bo
     if input_path is not None and same_file(output, input_path) and not overwrite:
         raise InputError(f"output '{output}' is the input file; pass --overwrite to replace it")
     return output
+
+
+def check_other_writes(output: Optional[PathLike], also: Optional[Dict[str, PathLike]]) -> None:
+    """Refuse files the caller will write beside OUT ({"--report": path, "--factors": path})
+    that are not file paths in an existing folder, or that are OUT, its data file or each other.
+    (`ModelFile.check_output` refuses those that are files the input is read from.)"""
+    named = [(option, os.fspath(path)) for option, path in (also or {}).items() if path is not None]
+    targets = [] if output is None else [("the output model", os.fspath(output)),
+                                         ("the output model's data file", os.fspath(output) + ".data")]
+    for option, path in named:
+        if not path or os.path.isdir(path):
+            raise InputError(f"{option} '{path}' is not a file path")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise InputError(f"{option} folder '{os.path.dirname(path)}' does not exist")
+        for what, other in targets:
+            if same_file(path, other):
+                raise InputError(f"{option} '{path}' is {what}; choose another path")
+        targets.append((f"the file of {option}", path))
 
 
 # ---------------------------------------------------------------------------- helpers

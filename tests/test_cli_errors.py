@@ -179,11 +179,11 @@ def test_a_signal_while_the_heavy_modules_load_is_held_until_they_are_loaded():
     # interpreter (onnx's protobuf module: exit -11, one run in a hundred under load); inside
     # an import lock's callback it was swallowed and the run went on. So during that import
     # the signal is noted, and raised once the block is over.
-    from onnx_pathcond.cli import _Interrupted, _SignalsStop
+    from onnx_pathcond.process import Interrupted, SignalsStop
 
     reached_the_end_of_the_block = False
-    with pytest.raises(_Interrupted) as raised:
-        with _SignalsStop() as stop:
+    with pytest.raises(Interrupted) as raised:
+        with SignalsStop() as stop:
             with stop.deferred():
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.05)  # the handler runs in here, between two bytecodes

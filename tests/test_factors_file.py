@@ -89,3 +89,11 @@ def test_an_adam_state_carried_with_the_file_matches_the_rescaled_gradients(tmp_
     for n, s in state.items():
         assert np.abs(s["m"] - after[n]).max() <= 1e-4 * scale, n
         assert np.abs(s["v"] - after[n] ** 2).max() <= 1e-4 * scale ** 2, n
+
+
+def test_the_report_and_the_factors_are_two_files(tmp_path, run_cli):
+    src = os.path.join(ROOT, "models", "mlp.onnx")
+    same = tmp_path / "both"
+    proc = run_cli(src, tmp_path / "out.onnx", "--report", same, "--factors", same)
+    assert proc.returncode == 2 and "--factors" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not same.exists() and not (tmp_path / "out.onnx").exists()

@@ -66,3 +66,22 @@ def near_cancelling(seed=1, closeness=1e-3):
                           transB=1))
     w2 = np.concatenate([np.ones(8), -np.ones(8)]).astype(np.float32)[None]
     return net.model(net.node("Gemm", [h, net.param(None, value=w2)], transB=1))
+
+
+def dead_channel_bn_net(inputs, width, outputs, seed, scale, variance, mean, dtype=np.float32, eps=1e-5):
+    """Gemm → ReLU → BatchNormalization → ReLU → Gemm whose running variance is 0 on the first
+    half of the BN's channels (units that never fired) and `variance` on the others, the first
+    layer's weights `scale` times larger than usual, so that the criterion wants to shrink the
+    BN's input channels (which --bn-statistics must not do where the variance is 0)."""
+    from nets import Net
+
+    half = width // 2
+    net = Net([1, inputs], seed=seed, dtype=dtype)
+    h = net.relu(net.node("Gemm", [net.x, net.param([width, inputs], scale=scale), net.param([width], "b")],
+                          transB=1))
+    gamma, beta = net.param([width], "gamma"), net.param([width], "beta", scale=0.5)
+    running_mean = net.param([width], "mean", value=np.r_[np.zeros(half), np.full(width - half, mean)])
+    running_var = net.param([width], "var", value=np.r_[np.zeros(half), np.full(width - half, variance)])
+    y = net.relu(net.node("BatchNormalization", [h, gamma, beta, running_mean, running_var], epsilon=eps))
+    return net.model(net.node("Gemm", [y, net.param([outputs, width])], transB=1))
+

@@ -29,6 +29,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bruteforce import bruteforce_diag_g
+from builders import dead_channel_bn_net
 from checks import assert_equivalent, run
 from nets import Net
 from onnx_pathcond import bounds, rescale
@@ -453,15 +454,8 @@ def test_float64_statistics_follow_the_producers_scale():
 
 # ------------------------------------------------------------------------------ running variance
 def _dead_channel_net():
-    """Gemm → ReLU → BN whose running variance is 0 on half its channels (units that never
-    fired), with a first layer that the criterion wants to shrink a lot (λ down to 0.002)."""
-    net = Net([1, 6], seed=45)
-    h = net.relu(net.node("Gemm", [net.x, net.param([8, 6], scale=10.0), net.param([8], "b")], transB=1))
-    gamma, beta = net.param([8], "gamma"), net.param([8], "beta", scale=0.5)
-    mean = net.param([8], "mean", value=np.r_[np.zeros(4), np.full(4, 0.3)])
-    var = net.param([8], "var", value=np.r_[np.zeros(4), np.full(4, 2.0)])
-    y = net.relu(net.node("BatchNormalization", [h, gamma, beta, mean, var], epsilon=EPS))
-    return net.model(net.node("Gemm", [y, net.param([3, 8])], transB=1))
+    """8 BN channels, half of them never fired; λ of the first layer wanted down to 0.002."""
+    return dead_channel_bn_net(6, 8, 3, seed=45, scale=10.0, variance=2.0, mean=0.3, eps=EPS)
 
 
 def test_a_running_variance_never_turns_negative(monkeypatch):

@@ -25,9 +25,8 @@ import pytest
 from onnx import numpy_helper
 
 from bruteforce import bruteforce_diag_g
-from builders import unbalanced_mlp
+from builders import dead_channel_bn_net, unbalanced_mlp
 from checks import assert_equivalent
-from nets import Net
 from onnx_pathcond import bounds, rescale, solve, stats
 from onnx_pathcond.api import analyse_model
 from onnx_pathcond.criteria.pathcond import ProblemBuilder, coordinate_descent
@@ -162,15 +161,7 @@ def test_random_models_with_bn_statistics():
 
 # ------------------------------------------------------------------------------ tiny nets, brute force
 def _dead_channels_net(dtype=np.float32):
-    """Gemm → ReLU → BN (half of its channels never fired: var = 0) → ReLU → Gemm, the first
-    layer large so that the criterion wants to shrink the BN's input channels."""
-    net = Net([1, 5], seed=11, dtype=dtype)
-    h = net.relu(net.node("Gemm", [net.x, net.param([6, 5], scale=20.0), net.param([6], "b")], transB=1))
-    gamma, beta = net.param([6], "gamma"), net.param([6], "beta", scale=0.5)
-    mean = net.param([6], "mean", value=np.r_[np.zeros(3), np.full(3, 0.2)])
-    var = net.param([6], "var", value=np.r_[np.zeros(3), np.full(3, 1.5)])
-    y = net.relu(net.node("BatchNormalization", [h, gamma, beta, mean, var], epsilon=EPS))
-    return net.model(net.node("Gemm", [y, net.param([2, 6])], transB=1))
+    return dead_channel_bn_net(5, 6, 2, seed=11, scale=20.0, variance=1.5, mean=0.2, dtype=dtype, eps=EPS)
 
 
 def _pathcond_from_paths(g_before, g_after):

@@ -73,8 +73,6 @@ def dead_channel_bn_net(inputs, width, outputs, seed, scale, variance, mean, dty
     half of the BN's channels (units that never fired) and `variance` on the others, the first
     layer's weights `scale` times larger than usual, so that the criterion wants to shrink the
     BN's input channels (which --bn-statistics must not do where the variance is 0)."""
-    from nets import Net
-
     half = width // 2
     net = Net([1, inputs], seed=seed, dtype=dtype)
     h = net.relu(net.node("Gemm", [net.x, net.param([width, inputs], scale=scale), net.param([width], "b")],

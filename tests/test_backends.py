@@ -1,6 +1,5 @@
 """The onnxruntime backend gives the numpy backend's diag(G); the exact solver's minimiser."""
 
-import glob
 import os
 
 import numpy as np
@@ -15,6 +14,7 @@ from onnx_pathcond.criteria.pathcond import ProblemBuilder
 from onnx_pathcond.criteria.pathcond import coordinate_descent
 from onnx_pathcond.solve import exact_minimiser
 from onnx_pathcond.stats import compute_diag_g, diag_g_by_tensor
+import repo
 
 pytest.importorskip("onnxruntime")
 
@@ -25,7 +25,7 @@ def _resize(mode):
 
 SOURCES = {**CASES, **MORE_CASES}
 SOURCES.update({"resize_linear": _resize("linear"), "resize_cubic": _resize("cubic")})
-SOURCES.update({os.path.basename(p): (lambda p=p: onnx.load(p)) for p in sorted(glob.glob("models/*.onnx"))})
+SOURCES.update({os.path.basename(p): (lambda p=p: onnx.load(p)) for p in repo.shipped_models()})
 
 
 def _has_cuda():
@@ -58,7 +58,7 @@ def test_onnxruntime_cuda_matches_numpy(name):
 
 @pytest.mark.skipif(not _has_cuda(), reason="onnxruntime has no CUDA execution provider here")
 def test_cuda_run_reports_where_nodes_ran():
-    _, report = rescale(onnx.load("models/resnet.dynamo_bn.onnx"), backend="onnxruntime", device="cuda")
+    _, report = rescale(onnx.load(repo.model("resnet.dynamo_bn.onnx")), backend="onnxruntime", device="cuda")
     st = report.statistics
     assert st["providers"][0] == "CUDAExecutionProvider"
     assert not any("CUDA" in w for w in report.warnings), report.warnings
@@ -70,7 +70,7 @@ def test_cuda_run_reports_where_nodes_ran():
 
 def test_nodes_per_provider_are_counted():
     import onnxruntime as ort
-    _, report = rescale(onnx.load("models/resnet.dynamo_bn.onnx"), backend="onnxruntime")
+    _, report = rescale(onnx.load(repo.model("resnet.dynamo_bn.onnx")), backend="onnxruntime")
     st = report.statistics
     assert set(st["timings"]) == {"build", "session", "run", "criterion"}
     if not hasattr(ort.InferenceSession, "get_provider_graph_assignment_info"):
@@ -106,7 +106,7 @@ def _problem(model):
 
 
 @pytest.mark.parametrize("model", [lambda: mlp([30, 60, 40, 5], seed=41), lambda: cnn([3, 8, 8, 4], size=8, seed=42),
-                                   lambda: onnx.load("models/resnet.legacy_bn.onnx")],
+                                   lambda: onnx.load(repo.model("resnet.legacy_bn.onnx"))],
                          ids=["mlp", "cnn", "resnet_bn"])
 def test_exact_solver_reaches_the_minimiser(model):
     problem = _problem(model())
@@ -219,7 +219,7 @@ def _pretend_cuda_is_installed(monkeypatch, fails_to_start):
 @pytest.mark.parametrize("fails_to_start", [False, True], ids=["dropped", "raises"])
 def test_cuda_that_does_not_start_falls_back_to_the_cpu_form(monkeypatch, fails_to_start):
     """The CUDA form of the graph (float64 Conv) is written again for the CPU provider."""
-    model = onnx.load("models/resnet.dynamo_bn.onnx")
+    model = onnx.load(repo.model("resnet.dynamo_bn.onnx"))
     graph, analysis, _ = analyse_model(model)
     ref = diag_g_by_tensor(graph, analysis, backend="numpy")
     _pretend_cuda_is_installed(monkeypatch, fails_to_start)

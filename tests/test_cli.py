@@ -29,8 +29,9 @@ from onnx import helper, numpy_helper
 from nets import Net, mlp
 import onnx_pathcond
 from onnx_pathcond import options
+import repo
 
-ROOT = Path(__file__).resolve().parent.parent
+from repo import ROOT  # noqa: E402  (the repository, whatever the working directory)
 MODELS = ROOT / "models"
 MLP = MODELS / "mlp.onnx"  # Gemm-ReLU-Gemm-ReLU-Gemm, 784-512-256-10
 CNN = MODELS / "cnn.onnx"  # Conv-ReLU-MaxPool x2, Flatten, Gemm-ReLU-Gemm
@@ -802,7 +803,7 @@ def test_module_error_is_one_line_on_real_stderr(tmp_path, run_cli):
 def test_streamed_writer_gives_protobufs_own_bytes(tmp_path):
     import io
     from onnx_pathcond import protoio
-    for path in ["models/resnet.dynamo_bn.onnx", "models/helper_mlp.onnx", "models/mlp.onnx"]:
+    for path in [repo.model("resnet.dynamo_bn.onnx"), repo.model("helper_mlp.onnx"), repo.model("mlp.onnx")]:
         model = onnx.load(path)
         buf = io.BytesIO()
         protoio.write_model(model, buf)

@@ -23,7 +23,7 @@ zoo = pytest.importorskip("models.zoo")
 pt = pytest.importorskip("onnx_pathcond.torch")
 nn, F = torch.nn, torch.nn.functional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo import ROOT  # noqa: E402  (the repository, whatever the working directory)
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -33,7 +33,7 @@ from onnx_pathcond.criteria.pathcond import ProblemBuilder, coordinate_descent
 
 pytest.importorskip("onnxruntime")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo import ROOT  # noqa: E402  (the repository, whatever the working directory)
 BN_MODELS = ["densenet.dynamo_bn.onnx", "preact_resnet.dynamo_bn.onnx", "shufflenet.legacy_bn.onnx",
              "resnet.dynamo_bn.onnx", "mobilenet.legacy_bn.onnx"]
 EPS = 1e-5

@@ -28,7 +28,7 @@ from onnx_pathcond import criteria
 from onnx_pathcond.criteria import enorm
 from onnx_pathcond.solve import exact_minimiser
 
-ROOT = Path(__file__).resolve().parent.parent
+from repo import ROOT  # noqa: E402  (the repository, whatever the working directory)
 MODELS = sorted(glob.glob(str(ROOT / "models" / "*.onnx")))
 
 

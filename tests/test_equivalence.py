@@ -1,6 +1,5 @@
 """The rescaled model computes the same function: onnxruntime on random inputs."""
 
-import glob
 import json
 import os
 
@@ -11,8 +10,9 @@ import pytest
 from checks import assert_equivalent
 from nets import cnn, mlp
 from onnx_pathcond import rescale
+import repo
 
-MODELS = sorted(glob.glob("models/*.onnx"))
+MODELS = repo.shipped_models()
 
 
 def test_models_folder_is_not_empty():
@@ -30,7 +30,7 @@ def test_shipped_model_rescales_to_an_equivalent_model(path):
 
 
 def test_manifest_lists_every_shipped_model():
-    with open("models/MANIFEST.json") as f:
+    with open(repo.path("models", "MANIFEST.json")) as f:
         manifest = json.load(f)
     files = {entry["file"] for entry in manifest}
     assert {os.path.basename(p) for p in MODELS} == files

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from onnx_pathcond import factors as factor_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo import ROOT  # noqa: E402  (the repository, whatever the working directory)
 
 
 def _arrays(path):

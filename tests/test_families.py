@@ -10,12 +10,13 @@ import pytest
 from nets import Net
 from onnx_pathcond import rescale
 from onnx_pathcond.api import analyse_model
+import repo
 
 torch = pytest.importorskip("torch")
 zoo = pytest.importorskip("models.zoo")
 nn = torch.nn
 
-with open("models/MANIFEST.json") as f:
+with open(repo.path("models", "MANIFEST.json")) as f:
     MANIFEST = json.load(f)
 
 
@@ -84,7 +85,7 @@ TORCH_ENTRIES = [e for e in MANIFEST if e["exporter"] != "onnx.helper"]
 
 @pytest.mark.parametrize("entry", TORCH_ENTRIES, ids=[e["file"] for e in TORCH_ENTRIES])
 def test_group_counts_follow_the_architecture(entry):
-    assert tool_groups("models/" + entry["file"]) == expected_groups(entry["family"])
+    assert tool_groups(repo.path("models", entry["file"])) == expected_groups(entry["family"])
 
 
 BN_KEPT = [e for e in MANIFEST if e["has_batchnorm_nodes"] and e["names_match_state_dict"]]
@@ -92,7 +93,7 @@ BN_KEPT = [e for e in MANIFEST if e["has_batchnorm_nodes"] and e["names_match_st
 
 @pytest.mark.parametrize("entry", BN_KEPT, ids=[e["file"] for e in BN_KEPT])
 def test_training_mode_equivalence_after_loading_back_by_name(entry):
-    path = "models/" + entry["file"]
+    path = repo.path("models", entry["file"])
     rescaled, report = rescale(path)
     original = onnx.load(path)
     before, shape = zoo.build(entry["family"], seed=1)
@@ -116,14 +117,14 @@ def test_training_mode_equivalence_after_loading_back_by_name(entry):
 @pytest.mark.parametrize("entry", [e for e in TORCH_ENTRIES if e["has_batchnorm_nodes"] is False
                                    and e["family"] in zoo.BN_FAMILIES], ids=lambda e: e["file"])
 def test_folded_batchnorm_is_reported(entry):
-    _, report = rescale("models/" + entry["file"], verify_output=False)
+    _, report = rescale(repo.path("models", entry["file"]), verify_output=False)
     assert report.exporter["folded_batchnorm"]
     assert any("BatchNorm" in w for w in report.warnings)
 
 
 @pytest.mark.parametrize("file", ["mlp.onnx", "resnet.legacy_bn.onnx", "vgg_bn.dynamo_bn.onnx"])
 def test_no_folding_warning_where_bn_is_kept(file):
-    _, report = rescale("models/" + file, verify_output=False)
+    _, report = rescale(repo.path("models", file), verify_output=False)
     assert not report.exporter["folded_batchnorm"]
     assert not any("BatchNorm" in w for w in report.warnings)
 

@@ -1,7 +1,6 @@
 """Weights left in their file: the command line's path reads a weight-free skeleton of the
 model and each large weight when it is needed (`protoio.read_skeleton`, `FileWeights`)."""
 
-import glob
 import os
 
 import numpy as np
@@ -14,8 +13,9 @@ from nets import Net, cnn, mlp
 from onnx_pathcond import protoio, rescale
 from onnx_pathcond.modelfile import ModelFile
 from onnx_pathcond.errors import InputError, ModelError
+import repo
 
-SHIPPED = sorted(glob.glob("models/*.onnx"))
+SHIPPED = repo.shipped_models()
 FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
@@ -25,7 +25,7 @@ def _expected_in_file(model, min_elements):
             if t.HasField("raw_data") and t.data_type in FLOATS and int(np.prod(t.dims)) > min_elements}
 
 
-@pytest.mark.parametrize("path", SHIPPED)
+@pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
 @pytest.mark.parametrize("min_elements", [0, 4096])
 def test_skeleton_plus_file_weights_is_the_model(path, min_elements):
     eager = onnx.load(path)

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from onnx_pathcond import rescale
+import repo
 
-with open("models/MANIFEST.json") as f:
+with open(repo.path("models", "MANIFEST.json")) as f:
     WITH_EXPECTED = [e for e in json.load(f) if "expected" in e]
 
 
@@ -19,7 +20,7 @@ def test_the_new_families_carry_expected_counts():
 @pytest.mark.parametrize("entry", WITH_EXPECTED, ids=[e["file"] for e in WITH_EXPECTED])
 def test_analysis_finds_the_counts_the_manifest_expects(entry):
     expected = entry["expected"]["default"]  # no option
-    _, report = rescale("models/" + entry["file"], dry_run=True)
+    _, report = rescale(repo.path("models", entry["file"]), dry_run=True)
     assert report.groups["rescalable"] == expected["rescalable"]
     assert report.groups["frozen_by_category"] == expected["frozen"]
     assert not report.barrier_ops
@@ -28,6 +29,6 @@ def test_analysis_finds_the_counts_the_manifest_expects(entry):
 @pytest.mark.parametrize("entry", WITH_EXPECTED, ids=[e["file"] for e in WITH_EXPECTED])
 def test_with_bn_statistics_the_analysis_finds_the_counts_the_manifest_expects(entry):
     expected = entry["expected"]["bn_statistics"]  # every channel feeding a BatchNorm freed
-    _, report = rescale("models/" + entry["file"], dry_run=True, bn_statistics=True)
+    _, report = rescale(repo.path("models", entry["file"]), dry_run=True, bn_statistics=True)
     assert report.groups["rescalable"] == expected["rescalable"]
     assert report.groups["frozen_by_category"] == expected["frozen"]

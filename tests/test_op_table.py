@@ -6,10 +6,11 @@ import re
 from onnx import helper
 
 from onnx_pathcond.ops import rule_for, supported_op_types
+import repo
 
 
 def _table_rows():
-    text = open("README.md").read()
+    text = open(repo.path("README.md")).read()
     section = text.split("## Supported ops", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("|") and not line.startswith("| ---")]
     return {line.split("|")[1].strip(): set(re.findall(r"`((?:[a-z]+\.)*[A-Z][A-Za-z0-9]*)`", line))

@@ -7,7 +7,7 @@ import pytest
 
 import onnx_pathcond
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo import ROOT  # noqa: E402  (the repository, whatever the working directory)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import time
 
 from onnx_pathcond import progress as progress_module
 from onnx_pathcond.progress import Progress
+import repo
 
 
 class FakeTerminal(io.StringIO):
@@ -37,9 +38,9 @@ def test_fast_steps_show_nothing_on_a_terminal():
 
 
 def test_nothing_on_a_non_terminal_unless_verbose(tmp_path, invoke_cli):
-    quiet = invoke_cli("models/cnn.onnx", tmp_path / "a.onnx")
+    quiet = invoke_cli(repo.model("cnn.onnx"), tmp_path / "a.onnx")
     assert quiet.exit_code == 0 and quiet.stderr == ""
-    loud = invoke_cli("models/cnn.onnx", tmp_path / "b.onnx", "-v")
+    loud = invoke_cli(repo.model("cnn.onnx"), tmp_path / "b.onnx", "-v")
     assert loud.exit_code == 0
     for step in ("load", "analyse", "statistics", "solve", "rewrite", "verify", "save"):
         assert f"... {step}" in loud.stderr

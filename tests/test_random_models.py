@@ -47,7 +47,7 @@ COUNT = int(os.environ.get("PATHCOND_RANDOM_MODELS", "600"))
 START = int(os.environ.get("PATHCOND_RANDOM_START", "0"))
 CHUNK = 20
 CHUNKS = [list(range(s, min(s + CHUNK, START + COUNT))) for s in range(START, START + COUNT, CHUNK)]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo import ROOT  # noqa: E402  (the repository, whatever the working directory)
 
 
 def _report(outcome: randmodels.Outcome) -> str:
@@ -216,7 +216,7 @@ def _cli(in_path, out_path, options=None):
             flags += ["--criterion", str(value)]
         else:
             raise AssertionError(f"no flag for option {key}={value}")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "onnx_pathcond.cli", in_path, out_path, "-q"] + flags, cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
 

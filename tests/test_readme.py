@@ -2,10 +2,11 @@
 
 import os
 import re
+import repo
 
 
 def readme_commands():
-    text = open("README.md").read()
+    text = open(repo.path("README.md")).read()
     section = text.split("## Set-up", 1)[1].split("\n## ", 1)[0]
     return [line.strip() for line in section.splitlines() if line.startswith("    ")]
 
@@ -15,7 +16,7 @@ def test_readme_has_two_setup_commands():
 
 
 def test_ci_runs_the_readme_test_command():
-    ci = open(".ci/run").read()
+    ci = open(repo.path(".ci", "run")).read()
     assert readme_commands()[1] in ci
 
 

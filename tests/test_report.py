@@ -6,10 +6,11 @@ from onnx_pathcond import rescale
 from onnx_pathcond.pathnet.records import RuntimeInfo
 from onnx_pathcond.records import CriterionSummary, GroupCounts, ModelSummary, SolverSummary, VerificationSummary
 from onnx_pathcond.report import Report
+import repo
 
 
 def test_records_are_typed_and_are_what_the_json_says():
-    _, report = rescale("models/mlp.onnx")
+    _, report = rescale(repo.model("mlp.onnx"))
     assert isinstance(report.statistics, RuntimeInfo) and report.statistics.backend == "numpy"
     assert isinstance(report.model, ModelSummary) and isinstance(report.groups, GroupCounts)
     assert isinstance(report.criterion, CriterionSummary) and isinstance(report.solver, SolverSummary)
@@ -27,7 +28,7 @@ def test_records_are_typed_and_are_what_the_json_says():
 
 
 def test_dry_run_json_has_empty_records_and_layers_without_lambda():
-    _, report = rescale("models/cnn.onnx", dry_run=True)
+    _, report = rescale(repo.model("cnn.onnx"), dry_run=True)
     d = report.to_dict()
     assert d["statistics"] == d["criterion"] == d["solver"] == {} and d["rewritten"] == []
     assert d["verification"] is None

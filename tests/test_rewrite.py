@@ -1,5 +1,6 @@
 """Only values change, and each rescaled weight is the original times a per-group factor."""
 
+import os
 import numpy as np
 import onnx
 import pytest
@@ -8,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from checks import assert_equivalent
 from nets import Net, cnn, mlp
 from onnx_pathcond import rescale
+import repo
 
 
 def arrays(model):
@@ -25,8 +27,8 @@ def assert_same_structure(before, after):
     assert before.producer_name == after.producer_name and before.ir_version == after.ir_version
 
 
-@pytest.mark.parametrize("path", ["models/mlp.onnx", "models/cnn.dynamo.onnx", "models/resnet.dynamo_bn.onnx",
-                                  "models/helper_mlp.onnx"])
+@pytest.mark.parametrize("path", [repo.model("mlp.onnx"), repo.model("cnn.dynamo.onnx"), repo.model("resnet.dynamo_bn.onnx"),
+                                  repo.model("helper_mlp.onnx")], ids=os.path.basename)
 def test_only_values_change(path):
     before = onnx.load(path)
     after, _ = rescale(path)
@@ -104,8 +106,8 @@ def test_half_precision_weights_keep_their_dtype(dtype):
 
 
 def test_constant_node_weights_are_rewritten_in_place():
-    before = onnx.load("models/helper_mlp.onnx")
-    after, report = rescale("models/helper_mlp.onnx")
+    before = onnx.load(repo.model("helper_mlp.onnx"))
+    after, report = rescale(repo.model("helper_mlp.onnx"))
     consts_before = [n.attribute[0].t for n in before.graph.node if n.op_type == "Constant"]
     consts_after = [n.attribute[0].t for n in after.graph.node if n.op_type == "Constant"]
     assert [c.name for c in consts_before] == [c.name for c in consts_after]

@@ -9,6 +9,7 @@ from onnx_pathcond.api import analyse_model
 from onnx_pathcond.criteria.pathcond import ProblemBuilder
 from onnx_pathcond.criteria.pathcond import _layer_updates, _sequential_updates, coordinate_descent
 from onnx_pathcond.stats import compute_diag_g
+import repo
 
 
 def problem_and_entries(model):
@@ -108,8 +109,8 @@ MODELS = {
     "mlp_pruned": lambda: mlp([6, 9, 4, 3], seed=4, prune=0.5),
     "cnn": lambda: cnn([2, 4, 3], size=8, seed=5),
     "grouped_residual": _self_loop_residual,
-    "resnet_bn": lambda: load_model("models/resnet.legacy_bn.onnx"),
-    "mlp_unbalanced": lambda: load_model("models/mlp_unbalanced.onnx"),
+    "resnet_bn": lambda: load_model(repo.model("resnet.legacy_bn.onnx")),
+    "mlp_unbalanced": lambda: load_model(repo.model("mlp_unbalanced.onnx")),
 }
 
 

@@ -1,6 +1,7 @@
 """Checkpointed forward masses: the numpy statistics drop masses and recompute them in the
 backward pass; the result must not change, and the masses held must really shrink."""
 
+import os
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from onnx_pathcond.pathnet.numpy_executor import NumpyExecutor
 from onnx_pathcond.pathnet.records import Statistic
 from onnx_pathcond.pathnet.walk import PathWalk
 from onnx_pathcond.stats import numpy_walk
+import repo
 
 
 def _run(model, budget):
@@ -26,8 +28,8 @@ def _run(model, budget):
     return out, numpy_walk(graph, analysis, collect, budget=budget)
 
 
-@pytest.mark.parametrize("path", ["models/resnet.dynamo_bn.onnx", "models/densenet.legacy_bn.onnx",
-                                  "models/unet.dynamo_bn.onnx", "models/mobilenet.legacy_fused.onnx"])
+@pytest.mark.parametrize("path", [repo.model("resnet.dynamo_bn.onnx"), repo.model("densenet.legacy_bn.onnx"),
+                                  repo.model("unet.dynamo_bn.onnx"), repo.model("mobilenet.legacy_fused.onnx")], ids=os.path.basename)
 def test_checkpoints_leave_diag_g_unchanged_and_hold_less(path):
     model = load_model(path)
     everything, full = _run(model, math.inf)
@@ -79,9 +81,9 @@ def _same_g(a, b):
         assert np.array_equal(b[key], g), key  # the same rules on the same inputs: bitwise
 
 
-@pytest.mark.parametrize("path", ["models/resnet.legacy_fused.onnx", "models/densenet.dynamo_fused.onnx",
-                                  "models/unet.legacy_fused.onnx", "models/vgg_bn.dynamo_bn.onnx",
-                                  "models/mobilenet_relu6.legacy_bn.onnx", "models/cnn.onnx"])
+@pytest.mark.parametrize("path", [repo.model("resnet.legacy_fused.onnx"), repo.model("densenet.dynamo_fused.onnx"),
+                                  repo.model("unet.legacy_fused.onnx"), repo.model("vgg_bn.dynamo_bn.onnx"),
+                                  repo.model("mobilenet_relu6.legacy_bn.onnx"), repo.model("cnn.onnx")], ids=os.path.basename)
 def test_every_plan_gives_bitwise_the_same_g(path):
     model = load_model(path)
     everything, full = _run(model, math.inf)
@@ -106,7 +108,7 @@ def test_a_chain_recomputed_in_one_go_needs_no_recursion():
 
 
 def test_masses_held_follow_the_budget():
-    model = load_model("models/resnet.dynamo_bn.onnx")
+    model = load_model(repo.model("resnet.dynamo_bn.onnx"))
     _, full = _run(model, math.inf)
     _, tight = _run(model, 1.0)  # below any plan: the least budget that has one
     assert tight.checkpoints and tight.mass_bytes_peak <= 0.8 * full.mass_bytes_peak
@@ -117,7 +119,7 @@ def test_masses_held_follow_the_budget():
 
 
 def test_a_budget_above_all_masses_changes_nothing():
-    model = load_model("models/resnet.dynamo_bn.onnx")
+    model = load_model(repo.model("resnet.dynamo_bn.onnx"))
     _, full = _run(model, math.inf)
     for budget in (1e12, None):  # the default keeps small networks as they are
         _, net = _run(model, budget)

@@ -14,10 +14,11 @@ from checks import assert_equivalent
 from nets import cnn, mlp
 from onnx_pathcond import protoio, rescale
 from onnx_pathcond.errors import InputError
+import repo
 
 
-@pytest.mark.parametrize("path", ["models/mlp.onnx", "models/resnet.dynamo_bn.onnx", "models/helper_mlp.onnx",
-                                  "models/unet.legacy_bn.onnx"])
+@pytest.mark.parametrize("path", [repo.model("mlp.onnx"), repo.model("resnet.dynamo_bn.onnx"), repo.model("helper_mlp.onnx"),
+                                  repo.model("unet.legacy_bn.onnx")], ids=os.path.basename)
 def test_streamed_file_is_the_serialized_rescaled_model(tmp_path, path):
     in_memory, report_a = rescale(path)
     returned, report_b = rescale(path, output=tmp_path / "out.onnx", return_model=False)
@@ -57,7 +58,7 @@ def _external_copy(model, folder, name="ext.onnx"):
     return path
 
 
-@pytest.mark.parametrize("make", [lambda: onnx.load("models/helper_mlp.onnx"),
+@pytest.mark.parametrize("make", [lambda: onnx.load(repo.model("helper_mlp.onnx")),
                                   lambda: cnn([3, 6, 5], size=8, seed=4)])
 def test_streamed_save_keeps_external_data_external(tmp_path, make):
     src = _external_copy(make(), str(tmp_path))
@@ -121,7 +122,7 @@ def test_time_computing_rescaled_values_counts_as_rewrite_not_save(tmp_path, mon
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rewrite, "rescaled", slow)
-    _, report = rescale("models/mlp.onnx", output=tmp_path / "out.onnx", return_model=False, verify_output=False)
+    _, report = rescale(repo.model("mlp.onnx"), output=tmp_path / "out.onnx", return_model=False, verify_output=False)
     computed = 0.1 * len(report.rewritten)
     assert len(report.rewritten) == 5
     assert report.timings["rewrite"] >= computed

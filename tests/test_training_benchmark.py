@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 pytest.importorskip("onnx_pathcond.torch")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo import ROOT  # noqa: E402  (the repository, whatever the working directory)
 SCRIPT = os.path.join(ROOT, "benchmarks", "training", "bench_training.py")
 
 

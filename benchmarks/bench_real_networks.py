@@ -31,8 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-TORCHVISION = ["shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "densenet121", "resnet18"]
-TIMM = ["repvgg_a0", "resnest14d", "dpn68"]
+TORCHVISION = ["shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "densenet121", "resnet18", "resnet50"]
+TIMM = ["repvgg_a0", "resnest14d", "dpn68", "resnetv2_50"]
 EXPORTERS = ("legacy", "dynamo_bn")
 CATEGORIES = ("barrier", "before_bn", "graph_output", "shared_weight", "fixed_weight")
 

@@ -203,7 +203,11 @@ class Analysis:
         that no later step needs the value."""
         node, name = use.node, use.input_name
         source = self._computed_by(name)
-        if source is not None and source.op_type == "DequantizeLinear":
+        body = self.graph.in_function_body.get(name)
+        if body is not None:
+            why = (f"weight '{name}' of {node.op_type} '{node_label(node)}' is a constant inside the body of local "
+                   f"function {body}, which every call shares: its values cannot be rescaled")
+        elif source is not None and source.op_type == "DequantizeLinear":
             why = (f"weight '{name}' is computed by DequantizeLinear (a quantized model): "
                    f"its values cannot be rescaled")
         else:

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import InputError, ModelError
 from .modelfile import LEFT_IN_FILE_ABOVE, ModelFile
 from .nodes import attr, node_label
+from . import protoio
 from .protoio import FLOAT_TYPES  # noqa: F401  (the float element types; rules import them from here)
 
 # Tensors above this many elements are left out of the skeleton used for shape inference:
@@ -178,6 +179,34 @@ def _with_outer_reads(node: onnx.NodeProto) -> onnx.NodeProto:
     return seen
 
 
+def _calls_local_functions(model: onnx.ModelProto) -> bool:
+    local = {(f.domain, f.name) for f in model.functions}
+    return bool(local) and any((n.domain, n.op_type) in local for n in model.graph.node)
+
+
+def _inlined_nodes(model: onnx.ModelProto) -> Tuple[List[onnx.NodeProto], Dict[str, str]]:
+    """The main graph's nodes with every call of a model-local function replaced by its body
+    (recursively; onnx's inliner names each call's tensors apart and resolves the attributes a
+    body refers to), and the tensors those bodies compute -> why they are not the main graph's.
+
+    Inlined into a copy of the model without its weights: the analysis, the statistics and the
+    path network see plain nodes, while the weights stay those of the main graph (passed to the
+    calls as arguments, they are rescaled where they are stored). A body that cannot be inlined
+    (a recursive or malformed function) leaves its calls as they are: barriers, as any op the
+    analysis does not know."""
+    import onnx.inliner
+
+    try:
+        view = onnx.inliner.inline_local_functions(protoio.skeleton(model))
+    except Exception:
+        return list(model.graph.node), {}
+    main = {o for n in model.graph.node for o in n.output if o}
+    called = sorted({n.op_type for n in model.graph.node
+                     if (n.domain, n.op_type) in {(f.domain, f.name) for f in model.functions}})
+    inside = {o: ", ".join(f"'{c}'" for c in called) for n in view.graph.node for o in n.output if o and o not in main}
+    return list(view.graph.node), inside
+
+
 class Graph:
     """Read-only view of `model.graph` for a batch of one.
 
@@ -200,11 +229,21 @@ class Graph:
         self.model = model.proto
         g = self.model.graph
         self.initializers: Dict[str, TensorProto] = {t.name: t for t in g.initializer}
+        # Calls of the model's own functions are analysed through their bodies (inlined in the
+        # view; the model itself keeps them). Tensors a body computes -> the functions called.
+        self.in_function_body: Dict[str, str] = {}
+        nodes = list(g.node)
+        if _calls_local_functions(self.model):
+            nodes, self.in_function_body = _inlined_nodes(self.model)
+        self._source_nodes = nodes
         self.constant_nodes: Dict[str, onnx.NodeProto] = {}
-        for n in g.node:
-            if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1:
+        for n in nodes:
+            # a Constant inside a function body is not stored in the main graph: the body is
+            # shared by every call, so it is no weight the rewrite could change
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1 \
+                    and n.output[0] not in self.in_function_body:
                 self.constant_nodes[n.output[0]] = n
-        self.nodes: List[onnx.NodeProto] = self._topological([_with_outer_reads(n) for n in g.node])
+        self.nodes: List[onnx.NodeProto] = self._topological([_with_outer_reads(n) for n in nodes])
         self.node_index = {id(n): i for i, n in enumerate(self.nodes)}
         self.producer: Dict[str, onnx.NodeProto] = {}
         self.consumers: Dict[str, List[onnx.NodeProto]] = {}
@@ -348,12 +387,12 @@ class Graph:
         # and the inferred shape must win. The declared one serves where inference finds none.
         outputs = [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None)
                    if o.type.HasField("tensor_type") else o for o in g.output]
-        for _ in range(len(g.node) + 1):
+        for _ in range(len(self._source_nodes) + 1):
             # Each round starts afresh: a shape inferred in an earlier round, from a shape since
             # corrected, must not outlive a later round that cannot infer it.
             self.shapes = dict(stored)
             self.shapes.update((name, tuple(value.shape)) for name, value in folded.items())
-            nodes = [_standard_for_shapes(n) for n in g.node
+            nodes = [_standard_for_shapes(n) for n in self._source_nodes
                      if not (n.output and all(o in folded or o in runtime for o in n.output if o))]
             inits = base_inits + [numpy_helper.from_array(v, name) for name, v in folded.items()]
             inputs = base_inputs + [helper.make_tensor_value_info(name, self.elem_type.get(name, TensorProto.FLOAT),
@@ -363,7 +402,8 @@ class Graph:
             # the initializer is also a graph input, which the skeleton's are not.
             skeleton = helper.make_model(graph, opset_imports=list(self.model.opset_import),
                                          ir_version=max(self.model.ir_version, 4))
-            skeleton.functions.extend(self.model.functions)
+            if not self.in_function_body:  # inlined: the calls are gone
+                skeleton.functions.extend(self.model.functions)
             try:
                 inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
             except Exception:  # inference is best effort: rules needing a missing shape say so

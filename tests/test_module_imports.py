@@ -7,17 +7,19 @@ import ast
 import glob
 import os
 
-PACKAGE = "onnx_pathcond"
 TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+PACKAGE = "onnx_pathcond"
+PACKAGE_DIR = os.path.join(ROOT, PACKAGE)
 
 
 def _module_name(path):
-    rel = os.path.relpath(path, ".")[:-3].replace(os.sep, ".")
+    rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
     return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
 
 
 def _imports():
-    paths = [os.path.join(folder, name) for folder, _, files in os.walk(PACKAGE) for name in files
+    paths = [os.path.join(folder, name) for folder, _, files in os.walk(PACKAGE_DIR) for name in files
              if name.endswith(".py")]
     modules = {_module_name(p) for p in paths}
 

@@ -22,4 +22,4 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_run_command_uses_a_shipped_model():
     model = re.search(r"onnx-pathcond (models/\S+\.onnx)", readme_commands()[0]).group(1)
-    assert os.path.exists(model)
+    assert os.path.exists(repo.path(model))

@@ -18,7 +18,8 @@ import onnx
 
 from . import criteria, options, rewrite, verify
 from .errors import VerificationError
-from .graph import Graph, parse_input_shapes
+from .graph import Graph
+from .shapes import parse_input_shapes
 from .factors import PendingFactors
 from .modelfile import ModelFile, PendingSave, check_other_writes, check_output_path
 from .plan import RescalingPlan
@@ -194,7 +195,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     the weights at once. With `bn_statistics`, a BatchNormalization's input channel is
     rescaled too, its scale carried by the BN's running mean and variance: exact in
     inference, and in training mode up to the BN's ε (README, "BatchNorm statistics").
-    `also_writes` names files the caller will write after the run ({"--report": path}): the
+    `also_writes` names files the caller will write after the run ({"report": path}): the
     run is refused at once if the input is read from one of them. With `factors`, the
     element-wise factor new/old of every rewritten tensor is written to that .npz file
     (onnx_pathcond/factors.py), for carrying an optimizer's state in another framework; like
@@ -210,7 +211,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     clock = _Clock(progress)
 
     if factors is not None and not dry_run:
-        also_writes = {**(also_writes or {}), "--factors": factors}
+        also_writes = {**(also_writes or {}), "factors": factors}
     source = _load(model, stream, output, also_writes, clock)
     plan, would_free = _analyse(source, input_shapes, bn_statistics, clock)
     graph, analysis, groups = plan.graph, plan.analysis, plan.groups
@@ -227,7 +228,7 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         else:
             report.describe_statistics_skipped(criterion)
             if backend != options.DEFAULT_BACKEND or device != options.DEFAULT_DEVICE:
-                report.warnings.append(f"--backend {backend} and --device {device} have no effect with the {criterion} "
+                report.warnings.append(f"backend {backend} and device {device} have no effect with the {criterion} "
                                        f"criterion: no diag(G) is computed")
         report.describe_solution(graph, analysis, groups, solution, settings.max_iter, settings.tol)
         items = plan.rewrite_items(solution.u)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import sys
+from typing import Optional
 
 
 def _interrupted_while_loading(signum, frame):
@@ -29,7 +31,7 @@ if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
 import click  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .errors import InputError, PathCondError  # noqa: E402
+from .errors import InputError, PathCondError, keyword  # noqa: E402
 from .options import (BACKENDS, BN_STATISTICS, CRITERIA, DEFAULT_BACKEND, DEFAULT_CRITERION, DEFAULT_DEVICE,  # noqa: E402
                       DEFAULT_RTOL, DEFAULT_SEED, DEFAULT_SOLVER, DEVICES, ENORM_SOLVERS, NOISE_FACTOR, RTOL_CEILING,
                       SOLVERS)
@@ -49,8 +51,22 @@ def _short(x: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
+def _as_flag(name: str, value: Optional[str]) -> str:
+    """An option the library names by its keyword, spelled as this command's flag: `--device
+    cuda`, `--bn-statistics`, `--no-verify` (the keyword itself when no flag takes it)."""
+    param = next((p for p in main.params if p.name == name and isinstance(p, click.Option)), None)
+    if param is None:
+        return keyword(name, value)
+    if value is None:
+        return param.opts[0]
+    given = ast.literal_eval(value)
+    if isinstance(given, bool) and (param.is_flag or param.secondary_opts):
+        return param.opts[0] if given else (param.secondary_opts or [f"no {param.opts[0]}"])[0]
+    return f"{param.opts[0]} {given}"
+
+
 def _fail(error: PathCondError) -> None:
-    click.echo(f"error: {error}", err=True)
+    click.echo(f"error: {error.spelled(_as_flag)}", err=True)
     sys.exit(error.exit_code)
 
 
@@ -113,7 +129,7 @@ class _Tolerance(click.ParamType):
                    "the CPU, where it measured faster and leaner).")
 @click.option("--device", type=click.Choice(DEVICES), default=DEFAULT_DEVICE, show_default=True,
               help="cuda: run the onnxruntime backend on its CUDA execution provider (needs onnx-pathcond[gpu]).")
-@click.option("--verify/--no-verify", default=True, show_default=True,
+@click.option("--verify/--no-verify", "verify_output", default=True, show_default=True,
               help="Check on random inputs that the output computes the same function.")
 @click.option("--rtol", type=_Tolerance(), default=None,
               help=f"Largest accepted output difference relative to the output's scale "
@@ -125,9 +141,9 @@ class _Tolerance(click.ParamType):
 @click.option("--bn-statistics", is_flag=True, default=BN_STATISTICS,
               help="Also rescale the channels that feed a BatchNormalization, their scale carried by its running "
                    "mean and variance: exact in inference, in training mode only up to the BN's epsilon (see README). With the pathcond criterion only.")
-@click.option("--report", "report_path", type=_NewFile(),
+@click.option("--report", "report", type=_NewFile(),
               help="Write the full report as JSON to this file.")
-@click.option("--factors", "factors_path", type=_NewFile(),
+@click.option("--factors", "factors", type=_NewFile(),
               help="Also write, for every rewritten tensor, its element-wise factor new/old (float64, exact) to "
                    "this .npz file, under the tensor's name: for carrying an optimizer's state in another "
                    "framework (first moments divided by it, second moments by its square).")
@@ -136,8 +152,8 @@ class _Tolerance(click.ParamType):
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors and warnings.")
 @click.option("-v", "--verbose", is_flag=True, help="Print every layer and every frozen range.")
 @click.version_option(__version__, "--version")
-def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol, backend, device, verify, rtol, seed,
-         bn_statistics, report_path, factors_path, dry_run, overwrite, quiet, verbose):
+def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol, backend, device, verify_output, rtol,
+         seed, bn_statistics, report, factors, dry_run, overwrite, quiet, verbose):
     """Rescale the ReLU network in IN with PathCond (or ENorm) and write the equivalent model to OUT.
 
     The output has the same graph, names, shapes and dtypes; only weight values change, so the
@@ -158,26 +174,26 @@ def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol
             api.check_output_path(output_path, input_path if os.path.exists(input_path) else None, overwrite)
         progress = Progress(verbose=verbose)
         try:
-            model, report = api.rescale(input_path, input_shapes=list(input_shapes), criterion=criterion,
+            model, result = api.rescale(input_path, input_shapes=list(input_shapes), criterion=criterion,
                                         solver=solver, max_iter=max_iter,
-                                        tol=tol, verify_output=verify, rtol=rtol, seed=seed, dry_run=dry_run,
+                                        tol=tol, verify_output=verify_output, rtol=rtol, seed=seed, dry_run=dry_run,
                                         backend=backend, device=device, progress=progress,
                                         output=None if dry_run else output_path, return_model=False,
-                                        bn_statistics=bn_statistics, factors=factors_path,
-                                        also_writes={"--report": report_path} if report_path else None)
+                                        bn_statistics=bn_statistics, factors=factors,
+                                        also_writes={"report": report} if report else None)
         finally:
             progress.close()
         if not dry_run:
             click.get_current_context().command.written.append(output_path)
     except PathCondError as e:
         _fail(e)
-    if report_path:
-        with open(report_path, "w") as f:
-            f.write(report.to_json())
+    if report:
+        with open(report, "w") as f:
+            f.write(result.to_json())
     if not quiet:
-        click.echo(report.summary(verbose=verbose or dry_run))
+        click.echo(result.summary(verbose=verbose or dry_run))
     else:
-        for w in report.warnings:
+        for w in result.warnings:
             click.echo(f"warning: {w}", err=True)
 
 

@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from . import process, protoio
-from .errors import InputError, ModelError, SaveError
+from .errors import InputError, ModelError, SaveError, option
 
 # Float initializers with more elements than this stay in their file when read lazily.
 LEFT_IN_FILE_ABOVE = 4096
@@ -128,7 +128,7 @@ class ModelFile:
         Writing OUT writes OUT, and OUT + ".data" when tensors are kept as external data.
         OUT being the model file itself is `check_output_path`'s case (allowed with
         --overwrite: the input, its data file included, is then replaced as a whole).
-        `also` names other files the caller will write ({"--report": path}): none of them may
+        `also` names other files the caller will write ({"report": path}, by option): none of them may
         be a file the model is read from, the model file included."""
         if not self.files:
             return
@@ -136,7 +136,7 @@ class ModelFile:
         if output is not None and not same_file(os.fspath(output), self.files[0]):
             output = os.fspath(output)
             writes += [(path, f"'{output}'") for path in [output] + ([output + ".data"] if self.external else [])]
-        writes += [(os.fspath(path), f"{option} '{os.fspath(path)}'") for option, path in (also or {}).items()]
+        writes += [(os.fspath(path), f"{option(name)} '{os.fspath(path)}'") for name, path in (also or {}).items()]
         for target, named in writes:
             for source in self.files:
                 if same_file(target, source):
@@ -294,26 +294,27 @@ def check_output_path(output: PathLike, input_path: Optional[str], overwrite: bo
     if os.path.isdir(output):
         raise InputError(f"output '{output}' is a directory")
     if input_path is not None and same_file(output, input_path) and not overwrite:
-        raise InputError(f"output '{output}' is the input file; pass --overwrite to replace it")
+        raise InputError(f"output '{output}' is the input file; pass {option('overwrite', True)} to replace it")
     return output
 
 
 def check_other_writes(output: Optional[PathLike], also: Optional[Dict[str, PathLike]]) -> None:
-    """Refuse files the caller will write beside OUT ({"--report": path, "--factors": path})
-    that are not file paths in an existing folder, or that are OUT, its data file or each other.
-    (`ModelFile.check_output` refuses those that are files the input is read from.)"""
-    named = [(option, os.fspath(path)) for option, path in (also or {}).items() if path is not None]
+    """Refuse files the caller will write beside OUT ({"report": path, "factors": path}, by the
+    option that names each) that are not file paths in an existing folder, or that are OUT, its
+    data file or each other. (`ModelFile.check_output` refuses those that are files the input
+    is read from.)"""
+    named = [(option(name), os.fspath(path)) for name, path in (also or {}).items() if path is not None]
     targets = [] if output is None else [("the output model", os.fspath(output)),
                                          ("the output model's data file", os.fspath(output) + ".data")]
-    for option, path in named:
+    for mention, path in named:
         if not path or os.path.isdir(path):
-            raise InputError(f"{option} '{path}' is not a file path")
+            raise InputError(f"{mention} '{path}' is not a file path")
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise InputError(f"{option} folder '{os.path.dirname(path)}' does not exist")
+            raise InputError(f"{mention} folder '{os.path.dirname(path)}' does not exist")
         for what, other in targets:
             if same_file(path, other):
-                raise InputError(f"{option} '{path}' is {what}; choose another path")
-        targets.append((f"the file of {option}", path))
+                raise InputError(f"{mention} '{path}' is {what}; choose another path")
+        targets.append((f"the file of {mention}", path))
 
 
 # ---------------------------------------------------------------------------- helpers

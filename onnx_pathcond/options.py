@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from .errors import InputError
+from .errors import InputError, option
 
 
 @dataclass(frozen=True)
@@ -73,15 +73,15 @@ BN_STATISTICS = False
 BN_STATISTICS_TRAIN_RTOL = 1e-3
 
 
-def check_tolerance(option: str, value: Optional[float]) -> None:
+def check_tolerance(name: str, value: Optional[float]) -> None:
     """A tolerance is a finite number >= 0: NaN compares false with everything (a check
     against it never passes, or never stops), and an infinite one accepts anything."""
     if value is not None and not (0 <= value < float("inf")):
-        raise InputError(f"{option} must be a finite number >= 0, not {value}")
+        raise InputError(f"{option(name)} must be a finite number >= 0, not {value}")
 
 
 def check_backend(backend: str, device: str) -> None:
     if backend not in BACKENDS:
-        raise InputError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
+        raise InputError(f"unknown {option('backend')} '{backend}' (choose {', '.join(BACKENDS)})")
     if device not in DEVICES:
-        raise InputError(f"unknown device '{device}' (choose {' or '.join(DEVICES)})")
+        raise InputError(f"unknown {option('device')} '{device}' (choose {' or '.join(DEVICES)})")

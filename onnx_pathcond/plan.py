@@ -23,7 +23,9 @@ import onnx
 
 from . import bounds, criteria, options, rewrite, solve, stats
 from .errors import InputError, ModelError
-from .graph import Graph, node_label, parse_input_shapes
+from .graph import Graph
+from .nodes import node_label
+from .shapes import parse_input_shapes
 from .modelfile import ModelFile
 from .symmetry import analyse, build_groups
 

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .graph import Graph, stored_array
+from .graph import Graph
 from .records import RewrittenTensor
 from .symmetry import Groups, ParamUse
 
@@ -209,7 +209,7 @@ def _apply_one(graph: Graph, item: TensorRescale) -> RewrittenTensor:
                 del a.floats[:]
                 a.floats.extend(new.values.ravel().tolist())
             return _summary(item, new)
-    original = graph.stored_value(ref) if ref.kind == "initializer" else stored_array(tensor)
+    original = graph.stored_value(ref) if ref.kind == "initializer" else numpy_helper.to_array(tensor)
     new = rescaled(original, item.incoming, item.outgoing, item.offset)
     _write_values(tensor, new.values)
     return _summary(item, new)

@@ -71,7 +71,7 @@ def compute_diag_g(graph: Graph, analysis: Analysis, sink: Sink, backend: str = 
         if device == "cuda":
             notice = ("CUDA was asked for but onnxruntime has no CUDA execution provider here (install "
                       "onnx-pathcond[gpu]); diag(G) ran on the CPU with numpy") if requested == "auto" else \
-                "the numpy backend runs on the CPU only; --device cuda needs --backend onnxruntime"
+                "the numpy backend runs on the CPU only; device cuda needs backend onnxruntime"
         return RuntimeInfo(requested=device, backend="numpy", providers=["numpy"], notice=notice)
     return ort.compute_diag_g(graph, analysis, sink, device=device)
 

@@ -84,14 +84,14 @@ def test_weight_computed_by_a_node_that_cannot_be_evaluated(monkeypatch):
     # As if the folding could not run DequantizeLinear (an op or a type it does not know):
     # the Conv reading the weight is cut with that reason, and the run needs no value of it.
     from onnx_pathcond import rescale
+    from onnx_pathcond import constants
     from onnx_pathcond.errors import ModelError
-    from onnx_pathcond.graph import Graph
 
-    def cannot(self, node):
+    def cannot(graph, node):
         raise ModelError(f"cannot evaluate constant node '{node.name}': No implementation for operator")
 
-    monkeypatch.setattr(Graph, "_dequantize", cannot)
-    monkeypatch.setattr(Graph, "_evaluate_node", lambda self, node: cannot(self, node))
+    monkeypatch.setattr(constants, "_dequantize", cannot)
+    monkeypatch.setattr(constants, "_evaluate_node", cannot)
     model = qdq_cnn()
     _, report = rescale(model)
     reasons = [row.reason for row in report.frozen]

@@ -75,6 +75,6 @@ def test_api_refuses_also_writes_over_an_input_file(tmp_path):
     from onnx_pathcond.errors import InputError
 
     src = _external_input(tmp_path, "weights.bin")
-    with pytest.raises(InputError, match="--report .*weights.bin"):
-        rescale(str(src), output=str(tmp_path / "out.onnx"), also_writes={"--report": tmp_path / "weights.bin"})
+    with pytest.raises(InputError, match="report .*weights.bin"):
+        rescale(str(src), output=str(tmp_path / "out.onnx"), also_writes={"report": tmp_path / "weights.bin"})
     assert not (tmp_path / "out.onnx").exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Tuple
 
-from ..errors import InputError
+from ..errors import InputError, option
 from ..options import DEFAULT_CRITERION, DEFAULT_SOLVER, SOLVERS, SolverSettings, check_tolerance
 
 _REGISTRY: Dict[str, "Criterion"] = {}
@@ -59,13 +59,13 @@ def solver_settings(solver: str = DEFAULT_SOLVER, max_iter: Optional[int] = None
     they are None."""
     rule = get(criterion)
     if solver not in SOLVERS:
-        raise InputError(f"unknown solver '{solver}' (choose {' or '.join(SOLVERS)})")
+        raise InputError(f"unknown {option('solver')} '{solver}' (choose {' or '.join(SOLVERS)})")
     default = rule.solvers[solver]
     settings = SolverSettings(solver, default.max_iter if max_iter is None else max_iter,
                               default.tol if tol is None else tol)
     if settings.max_iter < 0:
-        raise InputError("--max-iter must not be negative")
-    check_tolerance("--tol", settings.tol)
+        raise InputError(f"{option('max_iter')} must not be negative")
+    check_tolerance("tol", settings.tol)
     return settings
 
 
@@ -73,4 +73,4 @@ def check_bn_statistics(bn_statistics: bool, criterion: str) -> None:
     """Only a criterion that says so works with bn_statistics (ENorm does not: see its rule)."""
     if bn_statistics and not get(criterion).supports_bn_statistics:
         able = [name for name in names() if get(name).supports_bn_statistics]
-        raise InputError(f"--bn-statistics works with the {' or '.join(able)} criterion only, not with {criterion}")
+        raise InputError(f"{option('bn_statistics', True)} works with the {' or '.join(able)} criterion only, not with {criterion}")

@@ -143,7 +143,7 @@ class MovementRule(OpRule):
         acts = [i for i in dict.fromkeys(node.input) if i and g.is_activation(i)]
         if any(g.shape(i) is None for i in acts) or any(o and g.shape(o) is None for o in node.output):
             an.cut(node, f"{node.op_type} '{node_label(node)}' has a tensor of unknown shape "
-                         f"(static shapes needed; see --input-shape)")
+                         f"(static shapes needed: give the input's shape)")
             return
         if node.op_type == "Pad" and not self._zero_padding(node, g):
             an.cut(node, f"Pad '{node_label(node)}' pads with a non-zero constant")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import split_to_sequence_pieces
+from ..shapes import split_to_sequence_pieces
 from ..nodes import attr, node_label
 from ..pathnet.primitives import Gather
 from .base import OpRule, register

@@ -73,9 +73,12 @@ def child_run(path: str, backend: Optional[str], device: Optional[str], solver: 
         inline = "output" in inspect.signature(onnx_pathcond.rescale).parameters and not separate_save
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
             target = os.path.join(tmp, "out.onnx")
-            if inline:
+            if inline and hasattr(onnx_pathcond, "rescale_file"):  # what the command line runs
+                report = onnx_pathcond.rescale_file(path, target, **kwargs)
+                timings = dict(report.timings)
+            elif inline:  # an older checkout: the same path through rescale's return_model=False
                 if "return_model" in inspect.signature(onnx_pathcond.rescale).parameters:
-                    kwargs["return_model"] = False  # what the command line does
+                    kwargs["return_model"] = False
                 model, report = onnx_pathcond.rescale(path, output=target, **kwargs)
                 timings = dict(report.timings)
             else:

@@ -10,13 +10,14 @@ __version__ = "0.1.0"
 # the command line does before anything else, stays cheap, so that the command can take
 # charge of Ctrl-C before onnx and onnxruntime (about a second) are loaded.
 _EXPORTS = {
-    "rescale": "api", "load_model": "api", "save_model": "api", "external_tensors": "api", "analyse_model": "api",
-    "Report": "report",
+    "rescale": "api", "rescale_file": "api", "load_model": "api", "save_model": "api", "external_tensors": "api", "analyse_model": "api",
+    "Report": "report", "RescaleOptions": "config", "SolveOptions": "config",
     "PathCondError": "errors", "InputError": "errors", "ModelError": "errors", "VerificationError": "errors",
 }
 
-__all__ = ["rescale", "load_model", "save_model", "external_tensors", "analyse_model", "Report", "PathCondError", "InputError",
-           "ModelError", "VerificationError", "__version__"]
+__all__ = ["rescale", "rescale_file", "load_model", "save_model", "external_tensors", "analyse_model", "Report",
+           "RescaleOptions", "SolveOptions", "PathCondError", "InputError", "ModelError", "VerificationError",
+           "__version__"]
 
 
 def __getattr__(name):

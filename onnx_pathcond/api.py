@@ -1,4 +1,5 @@
-"""The Python entry point: `rescale(model) -> (ModelProto, Report)`.
+"""The Python entry points: `rescale(model) -> (ModelProto, Report)`, and `rescale_file(IN, OUT)
+-> Report`, what the command line runs.
 
 A run is a pipeline: load → analyse → statistics → solve → rewrite → verify → save → report.
 Each step is one short function below that calls its module and hands the next steps only
@@ -11,13 +12,14 @@ import copy
 import os
 import time
 from contextlib import contextmanager
-from typing import Callable, Collection, Dict, FrozenSet, Optional, Sequence, Tuple, Union
+from typing import Callable, Collection, Dict, FrozenSet, Optional, Tuple, Union
 
 import numpy as np
 import onnx
 
-from . import criteria, options, rewrite, verify
-from .errors import VerificationError
+from . import options, rewrite, verify
+from .config import RescaleOptions
+from .errors import InputError, SaveError, VerificationError
 from .graph import Graph
 from .shapes import parse_input_shapes
 from .factors import PendingFactors
@@ -26,6 +28,7 @@ from .plan import RescalingPlan
 from .report import Report
 from .symmetry import analyse, build_groups, groups_freed_by_bn_statistics
 
+PathLike = Union[str, os.PathLike]
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
 
@@ -158,62 +161,97 @@ def _commit(pending: PendingSave, clock: _Clock) -> None:
 
 
 # ---------------------------------------------------------------------------- the pipeline
-def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[int, ...]], Sequence[str]]] = None,
-            solver: str = options.DEFAULT_SOLVER, max_iter: Optional[int] = None, tol: Optional[float] = None,
-            criterion: str = options.DEFAULT_CRITERION,
-            verify_output: bool = True, rtol: Optional[float] = None, seed: int = options.DEFAULT_SEED,
-            dry_run: bool = False, backend: str = options.DEFAULT_BACKEND, device: str = options.DEFAULT_DEVICE,
-            output: Optional[Union[str, os.PathLike]] = None,
-            progress: Optional[Callable[..., None]] = None,
-            return_model: bool = True,
-            bn_statistics: bool = options.BN_STATISTICS,
-            also_writes: Optional[Dict[str, Union[str, os.PathLike]]] = None,
-            factors: Optional[Union[str, os.PathLike]] = None
-            ) -> Tuple[Optional[onnx.ModelProto], Report]:
+def rescale(model: ModelLike, output: Optional[PathLike] = None, *, options: Optional[RescaleOptions] = None,
+            dry_run: bool = False, factors: Optional[PathLike] = None, progress: Optional[Callable[..., None]] = None,
+            **settings) -> Tuple[onnx.ModelProto, Report]:
     """Rescale a ReLU network with PathCond (or ENorm); returns the new model and a report.
 
-    `model` is a path or a ModelProto (a ModelProto is copied, never modified). The result
-    computes the same function; with `verify_output` that is checked on random inputs and a
-    mismatch above `rtol` raises `VerificationError`. `solver` is "cd" (the authors'
-    coordinate descent) or "exact"; `max_iter` and `tol` left None take that solver's own
-    defaults (`options.SOLVERS`: cd 10 sweeps and 1e-2, exact 1000 iterations and 1e-6).
-    `criterion` is "pathcond" (default) or "enorm": Equi-normalization, which minimises the
-    sum of the squared parameters, needs no diag(G) (the statistics step is skipped) and has
-    its own solver defaults (`options.ENORM_SOLVERS`).
-    `input_shapes` fixes dynamic input dimensions ({"x": (1, 3, 224, 224)} or
-    ["x:1x3x224x224"]). `progress(step, done=None, total=None)` is called when a step starts
-    and as it advances. With `dry_run`, only the analysis runs and the model is returned
-    unchanged. `backend` computes diag(G) with numpy or onnxruntime (`auto`: onnxruntime when
-    CUDA is asked for and available, numpy otherwise); `device="cuda"` asks onnxruntime for
-    its CUDA execution provider (the report says which providers really ran, and how many
-    nodes each). With `output`, the model is also saved there (never over a file the input
-    is read from, other than the input itself), and the file that is checked is the written
-    one: it only takes its place once it has passed. With `output` and `return_model=False` (what the
-    command line does) and a path as `model`, the large weights stay in the input file and
-    are read when a step needs them, the rescaled ones are computed one tensor at a time as
-    they are written, and None is returned in place of the model: the run never holds all
-    the weights at once. With `bn_statistics`, a BatchNormalization's input channel is
-    rescaled too, its scale carried by the BN's running mean and variance: exact in
-    inference, and in training mode up to the BN's ε (README, "BatchNorm statistics").
-    `also_writes` names files the caller will write after the run ({"report": path}): the
-    run is refused at once if the input is read from one of them. With `factors`, the
-    element-wise factor new/old of every rewritten tensor is written to that .npz file
-    (onnx_pathcond/factors.py), for carrying an optimizer's state in another framework; like
-    the output, it is only in place once the run has succeeded.
-    """
-    settings = criteria.solver_settings(solver, max_iter, tol, criterion)
-    criteria.check_bn_statistics(bn_statistics, criterion)
-    options.check_tolerance("rtol", rtol)
-    options.check_backend(backend, device)
-    if dry_run:
-        output = None
-    stream = output is not None and not return_model
-    clock = _Clock(progress)
+    `model` is a path or a ModelProto (a ModelProto is copied, never modified). The options are
+    those of `RescaleOptions` (onnx_pathcond/config.py), given as a record (`options=`) or as
+    keywords (`solver="exact"`), keywords replacing the record's fields:
 
+    - `criterion`: "pathcond" (default) or "enorm" (Equi-normalization: the sum of the squared
+      parameters; needs no diag(G), and has its own solver defaults, `options.ENORM_SOLVERS`);
+    - `solver`: "cd" (the authors' coordinate descent) or "exact"; `max_iter` and `tol` left
+      None take that solver's own defaults (`options.SOLVERS`: cd 10 sweeps and 1e-2, exact
+      1000 iterations and 1e-6);
+    - `backend` computes diag(G) with numpy or onnxruntime (`auto`: onnxruntime when CUDA is
+      asked for and available, numpy otherwise); `device="cuda"` asks onnxruntime for its CUDA
+      execution provider (the report says which providers really ran, and how many nodes each);
+    - `input_shapes` fixes dynamic input dimensions ({"x": (1, 3, 224, 224)} or ["x:1x3x224x224"]);
+    - `bn_statistics`: a BatchNormalization's input channel is rescaled too, its scale carried
+      by the BN's running mean and variance: exact in inference, and in training mode up to the
+      BN's ε (README, "BatchNorm statistics");
+    - `verify_output` (default True): the result is checked on random inputs drawn with `seed`,
+      and a mismatch above `rtol` raises `VerificationError`.
+
+    The result computes the same function. With `output`, the model is also saved there (never
+    over a file the input is read from, other than the input itself), and the file that is
+    checked is the written one: it only takes its place once it has passed. With `factors`, the
+    element-wise factor new/old of every rewritten tensor is written to that .npz file
+    (onnx_pathcond/factors.py), for carrying an optimizer's state in another framework; like the
+    output, it is only in place once the run has succeeded. `progress(step, done=None,
+    total=None)` is called when a step starts and as it advances. With `dry_run`, only the
+    analysis runs, nothing is written, and the model is returned unchanged.
+
+    To rescale a file into a file without holding its weights in memory, use `rescale_file`.
+    """
+    chosen = RescaleOptions.of(options, **settings)
+    return _run(model, None if dry_run else output, chosen, dry_run, factors, progress, stream=False)
+
+
+def rescale_file(model: PathLike, output: Optional[PathLike] = None, *, options: Optional[RescaleOptions] = None,
+                 dry_run: bool = False, factors: Optional[PathLike] = None, report: Optional[PathLike] = None,
+                 overwrite: bool = False, progress: Optional[Callable[..., None]] = None, **settings) -> Report:
+    """What the command line runs: rescale the ONNX file `model` into the file `output` and
+    return the report (options, `factors`, `progress` and `dry_run` as for `rescale`).
+
+    The large weights stay in the input file and are read when a step needs them, the rescaled
+    ones are computed one tensor at a time as they are written, and the input is let go before
+    the written file is checked: the run never holds all the weights at once. `output` may be
+    the input file itself only with `overwrite` (it is then replaced as a whole, its data file
+    included). With `report`, the report is also written there as JSON, once the run has
+    succeeded (a dry run's too). Every file the run will write is checked before any work: none
+    may be a file the input is read from, and none another of them.
+    """
+    chosen = RescaleOptions.of(options, **settings)
+    if output is None and not dry_run:
+        raise InputError("no output path given: pass one, or dry_run=True to only analyse")
+    model = os.fspath(model)
+    if output is not None and not dry_run:
+        check_output_path(output, model if os.path.exists(model) else None, overwrite)
+    _, result = _run(model, None if dry_run else output, chosen, dry_run, factors, progress, stream=True,
+                     also_writes={"report": report} if report is not None else None)
+    if report is not None:
+        _write_text(report, result.to_json())
+    return result
+
+
+def _write_text(path: PathLike, text: str) -> None:
+    """Write a small file atomically: a temporary file beside it, renamed (nothing partial)."""
+    path = os.fspath(path)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except OSError as e:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise SaveError(f"could not write '{path}': {e.strerror or e}") from None
+
+
+def _run(model: ModelLike, output: Optional[PathLike], chosen: RescaleOptions, dry_run: bool,
+         factors: Optional[PathLike], progress, stream: bool, also_writes: Optional[Dict[str, PathLike]] = None
+         ) -> Tuple[Optional[onnx.ModelProto], Report]:
+    """The pipeline. With `stream` (and an output), the weights are read lazily, the new ones
+    computed as they are written, and None is returned in place of the model."""
+    stream = stream and output is not None
+    clock = _Clock(progress)
     if factors is not None and not dry_run:
         also_writes = {**(also_writes or {}), "factors": factors}
     source = _load(model, stream, output, also_writes, clock)
-    plan, would_free = _analyse(source, input_shapes, bn_statistics, clock)
+    plan, would_free = _analyse(source, chosen.input_shapes, chosen.bn_statistics, clock)
     graph, analysis, groups = plan.graph, plan.analysis, plan.groups
     report = Report(input=source.path, timings=clock.timings)
     report.describe_analysis(graph, analysis, groups, external_tensors=len(source.external))
@@ -221,15 +259,16 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
     if dry_run:
         return source.proto, report
 
+    settings = chosen.settings
     if groups.count:
-        solution = plan.solve(criterion, solver, settings.max_iter, settings.tol, backend, device, clock, clock.say)
+        solution = plan.solve(chosen.solve_options(), clock=clock, say=clock.say)
         if solution.runtime is not None:
             report.describe_statistics(solution.runtime)
         else:
-            report.describe_statistics_skipped(criterion)
-            if backend != options.DEFAULT_BACKEND or device != options.DEFAULT_DEVICE:
-                report.warnings.append(f"backend {backend} and device {device} have no effect with the {criterion} "
-                                       f"criterion: no diag(G) is computed")
+            report.describe_statistics_skipped(chosen.criterion)
+            if chosen.backend != options.DEFAULT_BACKEND or chosen.device != options.DEFAULT_DEVICE:
+                report.warnings.append(f"backend {chosen.backend} and device {chosen.device} have no effect with "
+                                       f"the {chosen.criterion} criterion: no diag(G) is computed")
         report.describe_solution(graph, analysis, groups, solution, settings.max_iter, settings.tol)
         items = plan.rewrite_items(solution.u)
         del solution  # the statistics are summarised: free them before the weights are copied
@@ -237,11 +276,12 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
         report.describe_no_solution(settings.max_iter, settings.tol)
         items = []
 
+    verify_output = chosen.verify_output
     original = None
     if verify_output:  # the input file itself when there is one: no copy of the weights
         original = source.path if source.path is not None else (copy.deepcopy(source.proto) if items else source.proto)
     factor_file = None
-    if factors is not None and not dry_run:
+    if factors is not None:
         with clock("save", announce=False):
             factor_file = PendingFactors(factors, items)
     rewritten = _rewrite(graph, items, stream, clock)
@@ -259,9 +299,9 @@ def rescale(model: ModelLike, *, input_shapes: Optional[Union[Dict[str, Tuple[in
             reference = result_model = source.proto
         if verify_output:
             written = pending.model_path if pending is not None else reference
-            report.describe_verification(_verify(original, written, reference, shapes, seed, rtol, precision,
-                                                 parameters, clock),
-                                         seed)
+            report.describe_verification(_verify(original, written, reference, shapes, chosen.seed, chosen.rtol,
+                                                 precision, parameters, clock),
+                                         chosen.seed)
         if pending is not None:
             _commit(pending, clock)
             report.output = os.fspath(output)

@@ -166,30 +166,19 @@ def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol
 
         if output_path is None and not dry_run:
             raise InputError("missing OUT (the output path); use --dry-run to only analyse")
-        names = [spec.rpartition(":")[0] for spec in input_shapes]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise InputError(f"--input-shape given more than once for '{repeated[0]}'")
-        if output_path is not None and not dry_run:
-            api.check_output_path(output_path, input_path if os.path.exists(input_path) else None, overwrite)
         progress = Progress(verbose=verbose)
         try:
-            model, result = api.rescale(input_path, input_shapes=list(input_shapes), criterion=criterion,
-                                        solver=solver, max_iter=max_iter,
-                                        tol=tol, verify_output=verify_output, rtol=rtol, seed=seed, dry_run=dry_run,
-                                        backend=backend, device=device, progress=progress,
-                                        output=None if dry_run else output_path, return_model=False,
-                                        bn_statistics=bn_statistics, factors=factors,
-                                        also_writes={"report": report} if report else None)
+            result = api.rescale_file(input_path, output_path, input_shapes=list(input_shapes), criterion=criterion,
+                                      solver=solver, max_iter=max_iter, tol=tol, verify_output=verify_output,
+                                      rtol=rtol, seed=seed, backend=backend, device=device,
+                                      bn_statistics=bn_statistics, dry_run=dry_run, factors=factors, report=report,
+                                      overwrite=overwrite, progress=progress)
         finally:
             progress.close()
         if not dry_run:
             click.get_current_context().command.written.append(output_path)
     except PathCondError as e:
         _fail(e)
-    if report:
-        with open(report, "w") as f:
-            f.write(result.to_json())
     if not quiet:
         click.echo(result.summary(verbose=verbose or dry_run))
     else:

@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 
 from . import bounds, criteria, options, rewrite, solve, stats
+from .config import SolveOptions
+from .options import DEFAULT_SOLVER
 from .errors import InputError, ModelError
 from .graph import Graph
 from .nodes import node_label
@@ -154,15 +156,15 @@ class RescalingPlan:
         return False
 
     # ------------------------------------------------------------------ solving
-    def solve(self, criterion: str = options.DEFAULT_CRITERION, solver: str = options.DEFAULT_SOLVER,
-              max_iter: Optional[int] = None, tol: Optional[float] = None, backend: str = options.DEFAULT_BACKEND,
-              device: str = options.DEFAULT_DEVICE, clock: Clock = _no_clock,
-              say: Callable[..., None] = lambda step, done=None, total=None: None) -> Solution:
-        """Statistics (or norms), bounds and solver on the values held now."""
-        settings = criteria.solver_settings(solver, max_iter, tol, criterion)
+    def solve(self, options: Optional[SolveOptions] = None, *, clock: Clock = _no_clock,
+              say: Callable[..., None] = lambda step, done=None, total=None: None, **settings) -> Solution:
+        """Statistics (or norms), bounds and solver on the values held now, with `options` (a
+        `SolveOptions`; keywords replace its fields: `solve(solver="exact")`)."""
+        chosen = SolveOptions.of(options, **settings)
+        settings = chosen.settings
+        criterion, backend, device = chosen.criterion, chosen.backend, chosen.device
         rule = criteria.get(criterion)
         criteria.check_bn_statistics(self.bn_statistics, criterion)
-        options.check_backend(backend, device)
         graph, analysis, groups = self.graph, self.analysis, self.groups
         step = "statistics" if rule.needs_diag_g else "norms"
 
@@ -177,7 +179,7 @@ class RescalingPlan:
             limits = bounds.solve_bounds(graph, analysis.uses, groups)
             progress = lambda k, _: say("solve", k, settings.max_iter)  # noqa: E731
             if settings.solver == "exact":  # from the default solver's result: it can only end at or below it
-                default = criteria.solver_settings(options.DEFAULT_SOLVER, None, None, criterion)
+                default = criteria.solver_settings(DEFAULT_SOLVER, None, None, criterion)
                 start = rule.descend(problem, default.max_iter, default.tol, bounds=limits)
                 result = solve.exact_minimiser(problem, max_iter=settings.max_iter, tol=settings.tol, bounds=limits,
                                                start=start.u, progress=progress)

@@ -74,6 +74,8 @@ def parse_input_shapes(specs: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
         if elements > MAX_INPUT_ELEMENTS:
             raise InputError(f"{SHAPES} '{spec}' makes {elements:,} elements, too many for one input "
                              f"(at most {MAX_INPUT_ELEMENTS:,})")
+        if name in shapes:
+            raise InputError(f"{SHAPES} given more than once for '{name}'")
         shapes[name] = shape
     return shapes
 

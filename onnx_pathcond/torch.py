@@ -41,6 +41,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from . import api
+from .config import SolveOptions
 from .errors import InputError, ModelError, VerificationError
 from .options import BN_STATISTICS_TRAIN_RTOL, DEFAULT_RTOL
 from .report import Report
@@ -52,8 +53,7 @@ EXPORTERS = ("legacy", "dynamo")
 DEFAULT_EXPORTER = "legacy"
 
 # The options of `rescale` that make no sense here: the module must get a rescaled model back.
-_REFUSED_OPTIONS = {"dry_run": "a dry run rescales nothing", "return_model": "the rescaled model is needed",
-                    "input_shapes": "the shapes come from the example input"}
+_REFUSED_OPTIONS = {"dry_run": "a dry run rescales nothing", "input_shapes": "the shapes come from the example input"}
 
 _TORCH_DTYPES = {TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64,
                  TensorProto.FLOAT16: torch.float16, TensorProto.BFLOAT16: torch.bfloat16}
@@ -655,9 +655,8 @@ def carry_optimizer_state(optimizer: torch.optim.Optimizer, factors: Dict[int, T
 
 
 # ---------------------------------------------------------------------------- PathConditioner
-# The options of plan.solve that a conditioner passes on; the others of `rescale` make no sense
-# here (there is no ONNX file to write or check: the module itself is checked).
-_SOLVE_OPTIONS = ("criterion", "solver", "max_iter", "tol", "backend", "device")
+# A conditioner passes on the options of a solve (config.SolveOptions); the others of `rescale`
+# make no sense here (there is no ONNX file to write or check: the module itself is checked).
 
 
 @dataclass
@@ -706,7 +705,7 @@ class PathConditioner:
 
         if exporter not in EXPORTERS:
             raise InputError(f"unknown exporter '{exporter}' (choose {' or '.join(EXPORTERS)})")
-        self._check_options(options)
+        self.options = self._check_options(SolveOptions(), options)
         if check_rtol is not None and not 0 <= check_rtol < math.inf:
             raise InputError(f"check_rtol must be a finite number >= 0, not {check_rtol}")
         self.module, self.optimizer = module, optimizer
@@ -714,7 +713,6 @@ class PathConditioner:
         self.exporter, self.reset_state = exporter, reset_state
         self.check, self.check_rtol, self.check_seed = check, check_rtol, check_seed
         self.bn_statistics = bn_statistics
-        self.options = dict(options)
         if optimizer is not None:  # refused now, not at the first rescale
             _state_rule(optimizer, {}, reset_state)
         self.tensors = _module_tensors(module)
@@ -758,11 +756,13 @@ class PathConditioner:
         self.steps = 0
 
     @staticmethod
-    def _check_options(options: dict) -> None:
-        unknown = [key for key in options if key not in _SOLVE_OPTIONS]
+    def _check_options(given: SolveOptions, changes: dict) -> SolveOptions:
+        """`given` with `changes`, which must be options of a solve (checked as SolveOptions are)."""
+        unknown = [key for key in changes if key not in SolveOptions.names()]
         if unknown:
-            raise InputError(f"PathConditioner does not take {unknown[0]}= (it takes {', '.join(_SOLVE_OPTIONS)}, "
+            raise InputError(f"PathConditioner does not take {unknown[0]}= (it takes {', '.join(SolveOptions.names())}, "
                              f"bn_statistics, exporter, reset_state, check, check_rtol, check_seed)")
+        return given.replace(**changes)
 
     def _current_values(self) -> Dict[str, np.ndarray]:
         """Every exported tensor's value in the module now, as the plan's dtype."""
@@ -780,8 +780,7 @@ class PathConditioner:
         """Rescale the module's current parameters in place (see the class); returns what changed."""
         if "bn_statistics" in overrides:
             raise InputError("bn_statistics shapes the analysis: give it when making the PathConditioner")
-        self._check_options(overrides)
-        options = {**self.options, **overrides}
+        options = self._check_options(self.options, overrides)
         module, optimizer = self.module, self.optimizer
         found = _Snapshot(module)
         saved_state = None
@@ -790,7 +789,7 @@ class PathConditioner:
             if self.check:
                 reference["train"] = _run(module, self.args, True, self.check_seed, found)
             reanalysed = self.plan.update(self._current_values())
-            solution = self.plan.solve(**options)
+            solution = self.plan.solve(options)
             factors = self.plan.factors(solution.u)
             report = Report(input=f"{type(module).__name__} (torch module, {self.exporter} export, step "
                                   f"{self.steps + 1})")

@@ -1670,7 +1670,7 @@ def check_seed(seed: int, workdir: str) -> Outcome:
     digest = _sha(in_path)
     try:
         try:
-            onnx_pathcond.rescale(in_path, output=out_path, return_model=False, **options)
+            onnx_pathcond.rescale_file(in_path, out_path, **options)
         except onnx_pathcond.PathCondError as e:
             outcome.kind = "refused"
             outcome.exit_code = e.exit_code

@@ -27,7 +27,7 @@ from onnx import numpy_helper
 from bruteforce import bruteforce_diag_g
 from builders import dead_channel_bn_net, unbalanced_mlp
 from checks import assert_equivalent
-from onnx_pathcond import bounds, rescale, solve, stats
+from onnx_pathcond import bounds, rescale, rescale_file, solve, stats
 from onnx_pathcond.api import analyse_model
 from onnx_pathcond.criteria.pathcond import ProblemBuilder, coordinate_descent
 
@@ -103,7 +103,7 @@ def test_written_bn_statistics_model_keeps_variances_and_outputs(name, tmp_path)
     reports = {}
     for solver in ("cd", "exact"):
         out = tmp_path / f"{solver}.onnx"
-        _, report = rescale(path, bn_statistics=True, solver=solver, output=out, return_model=False)
+        report = rescale_file(path, out, bn_statistics=True, solver=solver)
         written = onnx.load(out)
         assert all(np.all(v >= 0) for v in _variances(written).values())
         assert report.verification.passed

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from checks import assert_equivalent
 from nets import Net, cnn, mlp
-from onnx_pathcond import protoio, rescale
+from onnx_pathcond import protoio, rescale, rescale_file
 from onnx_pathcond.modelfile import ModelFile
 from onnx_pathcond.errors import InputError, ModelError
 import repo
@@ -77,8 +77,8 @@ def test_streamed_run_from_the_file_matches_the_in_memory_run(tmp_path, dtype):
     snapshot = src.read_bytes()
     assert set(ModelFile.read(str(src), lazy=True).weights.raw) == {"w0", "w1", "w2"}
     in_memory, report_a = rescale(str(src), rtol=3e-2)
-    returned, report_b = rescale(str(src), output=tmp_path / "out.onnx", return_model=False, rtol=3e-2)
-    assert returned is None and report_b.verification.passed
+    report_b = rescale_file(str(src), tmp_path / "out.onnx", rtol=3e-2)
+    assert report_b.verification.passed
     assert (tmp_path / "out.onnx").read_bytes() == in_memory.SerializeToString()
     assert report_b.rewritten == report_a.rewritten and len(report_b.rewritten) == 3
     assert src.read_bytes() == snapshot
@@ -100,7 +100,7 @@ def test_external_data_is_not_read_into_memory(tmp_path):
     out_a.parent.mkdir()
     out_b.parent.mkdir()
     rescale(src, output=out_a)  # the in-memory path
-    rescale(src, output=out_b, return_model=False)
+    rescale_file(src, out_b)
     assert out_a.read_bytes() == out_b.read_bytes()
     assert (out_a.parent / "out.onnx.data").read_bytes() == (out_b.parent / "out.onnx.data").read_bytes()
     assert_equivalent(model, onnx.load(str(out_b)))
@@ -140,7 +140,7 @@ def test_bad_external_data_is_an_input_error(tmp_path, change, fragment):
 def test_weight_of_the_wrong_size_is_a_model_error(tmp_path):
     src = _external_with(tmp_path, length=80 * 80 * 4 - 4)  # one float short
     with pytest.raises(ModelError, match="needs"):
-        rescale(src, output=tmp_path / "out.onnx", return_model=False)
+        rescale_file(src, tmp_path / "out.onnx")
     assert not os.path.exists(tmp_path / "out.onnx")
 
 
@@ -150,7 +150,7 @@ def test_inline_weight_of_the_wrong_size_is_a_model_error(tmp_path, streamed):
     model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-4]
     onnx.save(model, tmp_path / "bad.onnx")
     with pytest.raises(ModelError, match=model.graph.initializer[0].name):
-        rescale(str(tmp_path / "bad.onnx"), output=tmp_path / "out.onnx", return_model=not streamed)
+        (rescale_file if streamed else rescale)(str(tmp_path / "bad.onnx"), tmp_path / "out.onnx")
     assert not os.path.exists(tmp_path / "out.onnx")
 
 

@@ -4,7 +4,7 @@
 op of README's Supported ops table, which is the rule registry `onnx_pathcond.ops.
 supported_op_types()`, with barriers, fixed or dynamic batches, float16/32/64 and opsets 13-21).
 Each model is written to a temporary folder and rescaled the way the command line does it
-(in-process: `rescale(IN, output=OUT, return_model=False, **randmodels.seed_options(seed))`: one
+(in-process: `rescale_file(IN, OUT, **randmodels.seed_options(seed))`: one
 seed in six with bn_statistics, another one in six with criterion="enorm"), and the outcome is
 checked independently of the tool's own verification (`randmodels.check_seed`):
 

@@ -70,11 +70,13 @@ def test_report_elsewhere_is_written_and_the_input_kept(tmp_path, run_cli):
     assert {k: v for k, v in _digests(tmp_path).items() if k in before} == before
 
 
-def test_api_refuses_also_writes_over_an_input_file(tmp_path):
-    from onnx_pathcond.api import rescale
+def test_api_refuses_a_report_over_an_input_file(tmp_path):
+    from onnx_pathcond.api import rescale_file
     from onnx_pathcond.errors import InputError
 
     src = _external_input(tmp_path, "weights.bin")
+    before = (tmp_path / "weights.bin").read_bytes()
     with pytest.raises(InputError, match="report .*weights.bin"):
-        rescale(str(src), output=str(tmp_path / "out.onnx"), also_writes={"report": tmp_path / "weights.bin"})
+        rescale_file(str(src), str(tmp_path / "out.onnx"), report=tmp_path / "weights.bin")
     assert not (tmp_path / "out.onnx").exists()
+    assert (tmp_path / "weights.bin").read_bytes() == before

@@ -1,5 +1,5 @@
 """The command line's save path: rescaled weights computed one tensor at a time as they are
-written (`rescale(..., output=, return_model=False)`), checked against the in-memory path
+written (`rescale_file(IN, OUT)`), checked against the in-memory path
 (rewrite the ModelProto, then serialize it with protobuf's own writer)."""
 
 import os
@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from checks import assert_equivalent
 from nets import cnn, mlp
-from onnx_pathcond import protoio, rescale
+from onnx_pathcond import protoio, rescale, rescale_file
 from onnx_pathcond.errors import InputError
 import repo
 
@@ -21,8 +21,7 @@ import repo
                                   repo.model("unet.legacy_bn.onnx")], ids=os.path.basename)
 def test_streamed_file_is_the_serialized_rescaled_model(tmp_path, path):
     in_memory, report_a = rescale(path)
-    returned, report_b = rescale(path, output=tmp_path / "out.onnx", return_model=False)
-    assert returned is None
+    report_b = rescale_file(path, tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx").read_bytes() == in_memory.SerializeToString()
     assert report_b.rewritten == report_a.rewritten and report_b.rewritten
     assert report_b.verification.passed
@@ -43,7 +42,7 @@ def test_streamed_save_keeps_storage_styles(tmp_path):
     src = tmp_path / "in.onnx"
     onnx.save(model, src)
     in_memory, _ = rescale(str(src))
-    rescale(str(src), output=tmp_path / "out.onnx", return_model=False)
+    rescale_file(str(src), tmp_path / "out.onnx")
     written = onnx.load(tmp_path / "out.onnx")
     assert written.SerializeToString() == in_memory.SerializeToString()
     assert len(written.graph.initializer[0].float_data) > 0 and not written.graph.initializer[0].raw_data
@@ -67,7 +66,7 @@ def test_streamed_save_keeps_external_data_external(tmp_path, make):
     out_a.parent.mkdir()
     out_b.parent.mkdir()
     in_memory, _ = rescale(src, output=out_a)
-    rescale(src, output=out_b, return_model=False)
+    rescale_file(src, out_b)
     assert (out_a.parent / "out.onnx.data").read_bytes() == (out_b.parent / "out.onnx.data").read_bytes()
     assert out_a.read_bytes() == out_b.read_bytes()
     skeleton = onnx.load(str(out_b), load_external_data=False)
@@ -105,7 +104,7 @@ def test_output_over_the_inputs_data_file_is_refused(tmp_path, streamed):
     onnx.save(model, src)
     before = (open(src, "rb").read(), (tmp_path / "out.onnx.data").read_bytes())
     with pytest.raises(InputError, match="out.onnx.data"):
-        rescale(src, output=tmp_path / "out.onnx", return_model=not streamed)
+        (rescale_file if streamed else rescale)(src, tmp_path / "out.onnx")
     assert (open(src, "rb").read(), (tmp_path / "out.onnx.data").read_bytes()) == before
     assert sorted(os.listdir(tmp_path)) == ["in.onnx", "out.onnx.data"]
 
@@ -122,7 +121,7 @@ def test_time_computing_rescaled_values_counts_as_rewrite_not_save(tmp_path, mon
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rewrite, "rescaled", slow)
-    _, report = rescale(repo.model("mlp.onnx"), output=tmp_path / "out.onnx", return_model=False, verify_output=False)
+    report = rescale_file(repo.model("mlp.onnx"), tmp_path / "out.onnx", verify_output=False)
     computed = 0.1 * len(report.rewritten)
     assert len(report.rewritten) == 5
     assert report.timings["rewrite"] >= computed

@@ -91,12 +91,12 @@ def child_run(path: str, backend: Optional[str], device: Optional[str], solver: 
                 raise RuntimeError("no output file was written")
         d = report.to_dict() if hasattr(report, "to_dict") else {}
         result.update(ok=True, import_s=t_import, timings=timings, save_mode="rescale(output=)" if inline else "save_model",
-                      parameters=(report.model or {}).get("parameters"),
-                      groups=(report.groups or {}).get("rescalable"), frozen=(report.groups or {}).get("frozen"),
+                      parameters=(d.get("model") or {}).get("parameters"),
+                      groups=(d.get("groups") or {}).get("rescalable"), frozen=(d.get("groups") or {}).get("frozen"),
                       statistics=d.get("statistics"),
                       solver={k: d.get("solver", {}).get(k) for k in ("method", "sweeps", "F_before", "F_after")},
                       am_gm=[d.get("criterion", {}).get("am_gm_before"), d.get("criterion", {}).get("am_gm_after")],
-                      max_rel=(getattr(report, "verification", None) or {}).get("max_rel"),
+                      max_rel=(d.get("verification") or {}).get("max_rel"),
                       warnings=list(getattr(report, "warnings", []) or []))
     except BaseException as e:  # noqa: BLE001 -- reported in the table
         result.update(error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}", traceback=traceback.format_exc())

@@ -33,7 +33,7 @@ DEFAULT_SOLVER = "cd"
 # What the rescaling minimises: a criterion registered in `criteria/` (PathCond, the paper's
 # criterion on diag(G), or ENorm, the squared norm of the parameters; docs/design.md §3.5).
 # CRITERIA is what the command line offers, named here so that `--help` needs no numpy or
-# onnx import; tests/test_conditioner.py keeps it equal to the registry.
+# onnx import; tests/pytorch/test_conditioner.py keeps it equal to the registry.
 CRITERIA = ("pathcond", "enorm")
 DEFAULT_CRITERION = "pathcond"
 

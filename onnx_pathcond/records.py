@@ -1,8 +1,7 @@
 """The typed records a `Report` holds, one per thing a run found or did.
 
-Each record's `as_dict()` is its object in the JSON report. A record also reads like that
-object (`report.solver["converged"]`, `report.model.get("parameters")`), so that code written
-when the report held plain dicts keeps working.
+Each record is read by its fields (`report.solver.converged`, `report.model.parameters`); its
+`as_dict()` is its object in the JSON report (`report.to_dict()`).
 """
 
 from __future__ import annotations
@@ -14,16 +13,10 @@ from .verify import OutputDifference
 
 
 class Record:
-    """Base of the report's records: JSON form and read access by its keys."""
+    """Base of the report's records: their JSON form."""
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-    def __getitem__(self, key: str):
-        return self.as_dict()[key]
-
-    def get(self, key: str, default=None):
-        return self.as_dict().get(key, default)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Test plumbing shared by the test modules: running the command line, in a subprocess or in
-process. Model builders live in plain modules (nets.py, cases.py, builders.py, ...); what is
-here is only how the tests reach the code under test.
+process. Model builders and checks live in the `support` package (support/nets.py, support/cases.py,
+...); what is here is only how the tests reach the code under test.
 
 Fixtures
 --------
@@ -30,16 +30,47 @@ with its own environment) builds it locally, from `checkout_env` where it starts
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from repo import ROOT  # noqa: E402  (the repository, whatever the working directory)
+from support.repo import ROOT  # noqa: E402  (the repository, whatever the working directory)
 TIMEOUT_S = 120  # a hung child fails its test instead of stalling the run
+
+# Code that needs PyTorch: `import torch`, `from torch ...`, `pytest.importorskip("torch")`.
+_USES_TORCH = re.compile(r"^\s*(import torch\b|from torch\b|.*importorskip\([\"']torch[\"']\))", re.M)
+
+
+def _uses_torch(item, modules: dict) -> bool:
+    """Whether a test needs PyTorch: its module imports it at the top, or the test itself, or a
+    function of its module that it calls, does."""
+    module = item.module
+    if module not in modules:
+        source = inspect.getsource(module)
+        top = "\n".join(line for line in source.splitlines() if not line.startswith((" ", "\t", ")")))
+        helpers = [name for name, value in vars(module).items() if inspect.isfunction(value)
+                   and value.__module__ == module.__name__ and _USES_TORCH.search(inspect.getsource(value))]
+        modules[module] = (bool(_USES_TORCH.search(top)),
+                           re.compile(r"\b(" + "|".join(map(re.escape, helpers)) + r")\b") if helpers else None)
+    at_top, helpers = modules[module]
+    function = getattr(item, "function", None)
+    if at_top or function is None:
+        return at_top
+    body = inspect.getsource(function)
+    return bool(_USES_TORCH.search(body) or (helpers is not None and helpers.search(body)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `torch` every test that needs PyTorch (`-m "not torch"` runs the rest)."""
+    modules: dict = {}
+    for item in items:
+        if _uses_torch(item, modules):
+            item.add_marker(pytest.mark.torch)
 
 
 @pytest.fixture

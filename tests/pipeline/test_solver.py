@@ -1,0 +1,201 @@
+"""The solver reproduces a plain coordinate-descent loop, decreases F, and reaches the minimiser."""
+
+import numpy as np
+import pytest
+
+from support.nets import Net, cnn, mlp
+from onnx_pathcond import load_model
+from onnx_pathcond.api import analyse_model
+from onnx_pathcond.criteria.pathcond import ProblemBuilder
+from onnx_pathcond.criteria.pathcond import _layer_updates, _sequential_updates, coordinate_descent
+from onnx_pathcond.stats import compute_diag_g
+from support import repo
+
+
+def problem_and_entries(model):
+    """The tool's Problem, and the same entries written out one per parameter element."""
+    graph, analysis, groups = analyse_model(model)
+    builder = ProblemBuilder(groups, analysis.uses, analysis.shared)
+    entries = []
+
+    def both(stat):
+        builder.add(stat)  # g may come as factors only: the builder may use them alone
+        use, g = stat.use, stat.array()
+        of = groups.of_position
+
+        def gid(pos):
+            pos = np.broadcast_to(pos, use.view_shape)
+            return np.where(pos >= 0, of[np.maximum(pos, 0)], -1)
+
+        entries.append((g.ravel().copy(), gid(use.rows).ravel(), gid(use.cols).ravel()))
+
+    compute_diag_g(graph, analysis, both)
+    problem = builder.finish()
+    assert any(b.factors is not None for b in problem.blocks) or name_has_no_dense_layer(model)
+    g = np.concatenate([e[0] for e in entries])
+    gin = np.concatenate([e[1] for e in entries])
+    gout = np.concatenate([e[2] for e in entries])
+    keep = g > 0
+    return problem, groups.count, g[keep], gin[keep], gout[keep]
+
+
+def name_has_no_dense_layer(model):
+    return not any(n.op_type in ("Gemm", "MatMul") for n in model.graph.node)
+
+
+def exact_root(A, B, C, D, p):
+    """Positive root of B(A+p)X² + A·D·X + C(A−p) = 0, straight from the formula."""
+    if B > 0:
+        return (-A * D + np.sqrt(A * A * D * D - 4 * (A + p) * B * (A - p) * C)) / (2 * (A + p) * B)
+    return (p - A) * C / (A * D)  # B = 0: the equation is linear
+
+
+def plain_coordinate_descent(g, gin, gout, H, sweeps, tol=0.0):
+    """The authors' method written the obvious way: one group at a time, full sums each time."""
+    p = g.size
+    u = np.zeros(H)
+    history = []
+    for _ in range(sweeps):
+        change = 0.0
+        for h in range(H):
+            ue = np.append(u, 0.0)
+            w = g * np.exp(ue[gout] - ue[gin])
+            outgoing = (gout == h) & (gin != h)
+            incoming = (gin == h) & (gout != h)
+            if not (outgoing.any() or incoming.any()):
+                continue
+            B = w[outgoing].sum() * np.exp(-u[h])
+            C = w[incoming].sum() * np.exp(u[h])
+            D = w.sum() - w[outgoing].sum() - w[incoming].sum()
+            A = incoming.sum() - outgoing.sum()
+            new = np.log(exact_root(A, B, C, D, p))
+            change += abs(new - u[h])
+            u[h] = new
+        history.append(u.copy())
+        if change < tol:
+            break
+    return history
+
+
+def objective(g, gin, gout, u):
+    ue = np.append(u, 0.0)
+    bu = ue[gout] - ue[gin]
+    return g.size * np.log((g * np.exp(bu)).sum()) - bu.sum()
+
+
+def gradient(g, gin, gout, u):
+    H = u.size
+    ue = np.append(u, 0.0)
+    bu = ue[gout] - ue[gin]
+    w = g * np.exp(bu)
+    bw = np.bincount(np.where(gout >= 0, gout, H), w, H + 1)[:H] - np.bincount(np.where(gin >= 0, gin, H), w, H + 1)[:H]
+    b1 = np.bincount(np.where(gout >= 0, gout, H), None, H + 1)[:H] - np.bincount(np.where(gin >= 0, gin, H), None, H + 1)[:H]
+    return g.size * bw / w.sum() - b1
+
+
+def _self_loop_residual():
+    # y = x + conv(x) with no activation in between: conv weights join two groups of the
+    # same residual stream (and its diagonal joins a group to itself).
+    net = Net([1, 3, 4, 4], seed=9)
+    s = net.relu(net.conv(net.x, 3, 4, 3, pad=1))
+    s = net.relu(net.node("Add", [s, net.conv(s, 4, 4, 1)]))
+    s = net.relu(net.node("Add", [s, net.conv(s, 4, 4, 3, pad=1, group=4)]))
+    return net.model(net.conv(s, 4, 2, 1))
+
+
+MODELS = {
+    "mlp": lambda: mlp([6, 8, 5, 3], seed=2),
+    "mlp_large_scale": lambda: mlp([5, 7, 7, 2], seed=3, scale=8.0),
+    "mlp_pruned": lambda: mlp([6, 9, 4, 3], seed=4, prune=0.5),
+    "cnn": lambda: cnn([2, 4, 3], size=8, seed=5),
+    "grouped_residual": _self_loop_residual,
+    "resnet_bn": lambda: load_model(repo.model("resnet.legacy_bn.onnx")),
+    "mlp_unbalanced": lambda: load_model(repo.model("mlp_unbalanced.onnx")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_reproduces_plain_loop_sweep_by_sweep(name):
+    problem, H, g, gin, gout = problem_and_entries(MODELS[name]())
+    sweeps = 4 if g.size > 20000 else 6
+    reference = plain_coordinate_descent(g, gin, gout, H, sweeps)
+    for k, expected in enumerate(reference, start=1):
+        got = coordinate_descent(problem, max_iter=k, tol=0.0).u
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9, err_msg=f"sweep {k}")
+        assert problem.objective(got) == pytest.approx(objective(g, gin, gout, expected), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "grouped_residual", "mlp_pruned"])
+def test_objective_never_increases_and_am_gm_drops(name):
+    problem, H, g, gin, gout = problem_and_entries(MODELS[name]())
+    result = coordinate_descent(problem, max_iter=30, tol=0.0)
+    values = [result.objective_before] + result.history
+    assert all(b <= a + 1e-9 * abs(a) for a, b in zip(values, values[1:]))
+    assert problem.log_am_gm(result.u) <= problem.log_am_gm(np.zeros(H)) + 1e-12
+    # The objective and the extremes of the rescaled diag(G) agree with the per-element formula.
+    assert result.objective_after == pytest.approx(objective(g, gin, gout, result.u), rel=1e-12)
+    ue = np.append(result.u, 0.0)
+    rescaled = g * np.exp(ue[gout] - ue[gin])
+    high, low = problem.extremes(result.u)
+    assert high == pytest.approx(rescaled.max(), rel=1e-12) and low == pytest.approx(rescaled.min(), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "grouped_residual"])
+def test_long_run_reaches_the_minimiser(name):
+    problem, H, g, gin, gout = problem_and_entries(MODELS[name]())
+    result = coordinate_descent(problem, max_iter=20000, tol=1e-12)
+    assert result.converged
+    grad = gradient(g, gin, gout, result.u)
+    assert np.abs(grad).max() < 1e-6 * g.size
+    np.testing.assert_allclose(problem.gradient(result.u), grad, atol=1e-8 * g.size)
+
+
+def test_stopping_rule_uses_sum_of_changes():
+    problem, H, g, gin, gout = problem_and_entries(MODELS["mlp"]())
+    result = coordinate_descent(problem, max_iter=1000, tol=1e-2)
+    reference = plain_coordinate_descent(g, gin, gout, H, 1000, tol=1e-2)
+    assert result.sweeps == len(reference)
+    assert result.last_change < 1e-2
+    np.testing.assert_allclose(result.u, reference[-1], atol=1e-9)
+
+
+def test_layer_recurrence_matches_the_scalar_loop():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n = int(rng.integers(1, 400))
+        B = rng.random(n) * 10 ** rng.uniform(-3, 3, n)
+        C = rng.random(n) * 10 ** rng.uniform(-3, 3, n)
+        B[rng.random(n) < 0.1] = 0.0
+        A = rng.integers(-50, 50, n).astype(float)
+        e_old = np.exp(rng.normal(0, 1, n))
+        p = 5000.0
+        total = float((B * e_old + C / e_old).sum()) * (1 + rng.random() * 3)
+        X1, T1 = _layer_updates(total, B, C, A, e_old, p)
+        X2, T2 = _sequential_updates(total, B, C, A, e_old, p)
+        np.testing.assert_allclose(X1, X2, rtol=1e-12)
+        assert T1 == pytest.approx(T2, rel=1e-12)
+
+
+def test_bounded_layer_recurrence_matches_the_scalar_loop():
+    """With a box on some groups the vectorised layer step still gives the one-group-at-a-time
+    sequence, each step clipped to its box (the 1-D minimiser of a convex function within it)."""
+    rng = np.random.default_rng(1)
+    clipped = 0
+    for trial in range(20):
+        n = int(rng.integers(1, 400))
+        B = rng.random(n) * 10 ** rng.uniform(-3, 3, n)
+        C = rng.random(n) * 10 ** rng.uniform(-3, 3, n)
+        A = rng.integers(-50, 50, n).astype(float)
+        e_old = np.ones(n)
+        p = 5000.0
+        total = float((B + C).sum()) * (1 + rng.random() * 3)
+        free, _ = _layer_updates(total, B, C, A, e_old, p)
+        low = np.where(rng.random(n) < 0.3, np.exp(-rng.random(n)), 0.0)
+        high = np.where(rng.random(n) < 0.3, np.exp(rng.random(n)), np.inf)
+        X1, T1 = _layer_updates(total, B, C, A, e_old, p, low, high)
+        X2, T2 = _sequential_updates(total, B, C, A, e_old, p, low, high)
+        np.testing.assert_allclose(X1, X2, rtol=1e-12)
+        assert T1 == pytest.approx(T2, rel=1e-12)
+        assert np.all((X1 >= low) & (X1 <= high))
+        clipped += int(((free < low) | (free > high)).sum())
+    assert clipped > 50  # the boxes did cut many unconstrained steps

@@ -144,11 +144,12 @@ class _Snapshot:
     """A copy of every parameter and buffer, and the training flag of every submodule, to put
     back exactly as they were."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, only: Optional[Iterable[torch.Tensor]] = None):
+        """Every parameter and buffer, or only the tensors in `only` (those a step will write)."""
         self.modes = [(m, m.training) for m in module.modules()]
         seen = set()
         self.values = []
-        for tensor in _module_tensors(module).values():
+        for tensor in (_module_tensors(module).values() if only is None else only):
             if id(tensor) not in seen:
                 seen.add(id(tensor))
                 self.values.append((tensor, tensor.detach().clone()))
@@ -782,12 +783,13 @@ class PathConditioner:
             raise InputError("bn_statistics shapes the analysis: give it when making the PathConditioner")
         options = self._check_options(self.options, overrides)
         module, optimizer = self.module, self.optimizer
-        found = _Snapshot(module)
+        # Without the check only the rescaled tensors change: they are copied once known, below.
+        found = _Snapshot(module) if self.check else _Snapshot(module, only=())
         saved_state = None
         try:
-            reference = {"eval": _run(module, self.args, False, self.check_seed)}
             if self.check:
-                reference["train"] = _run(module, self.args, True, self.check_seed, found)
+                reference = {"eval": _run(module, self.args, False, self.check_seed),
+                             "train": _run(module, self.args, True, self.check_seed, found)}
             reanalysed = self.plan.update(self._current_values())
             solution = self.plan.solve(options)
             factors = self.plan.factors(solution.u)
@@ -818,6 +820,8 @@ class PathConditioner:
                 _, rules = _state_rule(optimizer, by_id, self.reset_state)
                 saved_state = _copy_state(optimizer, by_id)
             rewritten = _with_tied_names(loaded, self.tensors)
+            if not self.check:
+                found = _Snapshot(module, only=[target for target, _ in plan])
             _write(plan)
             state_changed = carry_optimizer_state(optimizer, by_id, rules) if optimizer is not None else 0
             moved = {name: moved[id(self.tensors[name])] for name in rewritten}

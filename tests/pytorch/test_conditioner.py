@@ -214,6 +214,34 @@ def test_a_failed_check_puts_module_and_optimizer_back():
     assert [m.training for m in module.modules()] == modes
 
 
+def test_without_the_check_a_failure_after_the_write_puts_module_and_optimizer_back(monkeypatch):
+    """check=False runs no reference forwards and copies only the tensors it writes: a failure
+    once they are written (here, carrying the optimizer's state) still leaves everything as found."""
+    module, shape = zoo.build("resnet")
+    x = _batch(shape)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    _gradients(module, x)
+    optimizer.step()
+    module.train()
+    cond = pt.PathConditioner(module, x[:1], optimizer, check=False)
+    saved_values = {k: v.clone() for k, v in module.state_dict().items()}
+    saved_state = _state_copy(optimizer)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("carrying failed")
+
+    monkeypatch.setattr(pt, "carry_optimizer_state", fails)
+    with pytest.raises(RuntimeError, match="carrying failed"):
+        cond.rescale()
+    assert all(torch.equal(v, saved_values[k]) for k, v in module.state_dict().items())
+    _assert_state_equal(optimizer, saved_state)
+    assert all(m.training for m in module.modules())
+    monkeypatch.undo()
+    step = cond.rescale()  # and then it works, in the module's own mode
+    assert step.loaded and step.check is None and all(m.training for m in module.modules())
+    assert not all(torch.equal(v, saved_values[k]) for k, v in module.state_dict().items())
+
+
 def test_options_are_checked():
     module, shape = zoo.build("mlp_unbalanced")
     x = _batch(shape)

@@ -171,9 +171,9 @@ def rescale(model: ModelLike, output: Optional[PathLike] = None, *, options: Opt
     keywords (`solver="exact"`), keywords replacing the record's fields:
 
     - `criterion`: "pathcond" (default) or "enorm" (Equi-normalization: the sum of the squared
-      parameters; needs no diag(G), and has its own solver defaults, `options.ENORM_SOLVERS`);
+      parameters; needs no diag(G), and has its own solver defaults, `onnx_pathcond.options.ENORM_SOLVERS`);
     - `solver`: "cd" (the authors' coordinate descent) or "exact"; `max_iter` and `tol` left
-      None take that solver's own defaults (`options.SOLVERS`: cd 10 sweeps and 1e-2, exact
+      None take that solver's own defaults (`onnx_pathcond.options.SOLVERS`: cd 10 sweeps and 1e-2, exact
       1000 iterations and 1e-6);
     - `backend` computes diag(G) with numpy or onnxruntime (`auto`: onnxruntime when CUDA is
       asked for and available, numpy otherwise); `device="cuda"` asks onnxruntime for its CUDA

@@ -59,7 +59,10 @@ def _as_flag(name: str, value: Optional[str]) -> str:
         return keyword(name, value)
     if value is None:
         return param.opts[0]
-    given = ast.literal_eval(value)
+    try:
+        given = ast.literal_eval(value)
+    except (ValueError, SyntaxError):  # a repr that is no literal (a numpy scalar's): as it reads
+        given = value
     if isinstance(given, bool) and (param.is_flag or param.secondary_opts):
         return param.opts[0] if given else (param.secondary_opts or [f"no {param.opts[0]}"])[0]
     return f"{param.opts[0]} {given}"
@@ -141,9 +144,9 @@ class _Tolerance(click.ParamType):
 @click.option("--bn-statistics", is_flag=True, default=BN_STATISTICS,
               help="Also rescale the channels that feed a BatchNormalization, their scale carried by its running "
                    "mean and variance: exact in inference, in training mode only up to the BN's epsilon (see README). With the pathcond criterion only.")
-@click.option("--report", "report", type=_NewFile(),
+@click.option("--report", type=_NewFile(),
               help="Write the full report as JSON to this file.")
-@click.option("--factors", "factors", type=_NewFile(),
+@click.option("--factors", type=_NewFile(),
               help="Also write, for every rewritten tensor, its element-wise factor new/old (float64, exact) to "
                    "this .npz file, under the tensor's name: for carrying an optimizer's state in another "
                    "framework (first moments divided by it, second moments by its square).")

@@ -128,6 +128,7 @@ def _shapes(given: InputShapes) -> Dict[str, Tuple[int, ...]]:
 
 
 def _dims(name: str, dims) -> Sequence[int]:
-    if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__") or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+    whole = (lambda d: isinstance(d, numbers.Integral) and not isinstance(d, bool))  # noqa: E731
+    if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__") or not all(whole(d) for d in dims):
         raise InputError(f"{option('input_shapes')} for '{name}' must be a tuple of positive integers, not {dims!r}")
     return dims

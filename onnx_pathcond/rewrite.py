@@ -29,6 +29,8 @@ from .symmetry import Groups, ParamUse
 
 # Elements rescaled per float64 temporary: the temporaries stay a few MB whatever the tensor.
 _CHUNK = 1 << 20
+# Bytes of rescaled values handed to the writer at once (see `_Chunks`).
+_OUT_BLOCK = 1 << 25
 
 
 @dataclass
@@ -98,7 +100,7 @@ class Rescaled:
 class _Chunks:
     """original × incoming × outgoing (float64 arithmetic, cast back to original's dtype), a
     block of rows at a time: iterate to get the blocks in order (flat, in the tensor's
-    dtype); `summary()` once they have all been made. The float64 temporaries are one
+    dtype; each valid until the next is asked for); `summary()` once they have all been made. The float64 temporaries are one
     block's size and reused from block to block (a fresh temporary as large as the tensor
     would cost a page fault per page)."""
 
@@ -121,6 +123,14 @@ class _Chunks:
         plain = self.dtype.kind == "f"  # float16/32/64: cast to float64 inside the product
         factor = np.empty(block) if original.size else None
         values = np.empty(block) if original.size else None
+        # The blocks handed out are gathered into one larger buffer of the tensor's dtype
+        # (reused, and overwritten once the caller asks for the next block): the writer then
+        # makes few large writes, which measured several times faster than many of 4 MB.
+        count = original.size
+        staging = None
+        if values is not None and count > values.size:  # more than one block
+            staging = np.empty(min(count, _OUT_BLOCK // max(1, self.dtype.itemsize)), dtype=self.dtype)
+        filled = 0
         for start in range(0, original.shape[0], rows):
             part = slice(start, start + rows)
             n = len(range(*part.indices(original.shape[0])))
@@ -133,7 +143,16 @@ class _Chunks:
                 v += self.offset * (f - 1.0)
             self.high = max(self.high, float(max(v.max(), -v.min())))
             self.low_f, self.high_f = min(self.low_f, float(f.min())), max(self.high_f, float(f.max()))
-            yield v.astype(self.dtype).reshape(-1)  # cast back to the tensor's dtype
+            if staging is None or v.size > staging.size:
+                yield v.astype(self.dtype).reshape(-1)  # cast back to the tensor's dtype
+                continue
+            if filled + v.size > staging.size:
+                yield staging[:filled]
+                filled = 0
+            staging[filled:filled + v.size] = v.reshape(-1)  # cast back to the tensor's dtype
+            filled += v.size
+        if filled:
+            yield staging[:filled]
 
     def summary(self, values: Optional[np.ndarray] = None) -> "Rescaled":
         low_f, high_f = (self.low_f, self.high_f) if self.original.size else (1.0, 1.0)

@@ -3,6 +3,7 @@
     python benchmarks/bench_large.py            # both (about 5 minutes, 10 GB of memory, 5 GB of disk)
     python benchmarks/bench_large.py --only solver
     python benchmarks/bench_large.py --only external
+    python benchmarks/bench_large.py --only external --keep --tools /path/to/base /path/to/new --repeat 2
 
 * `solver`: an MLP of 101 layers of width 1000 (10⁵ hidden neurons, 10⁸ weights), built with
   onnx.helper, its weights in external data. Runs the statistics once, then the exact solver
@@ -104,15 +105,24 @@ def bench_solver(keep: bool) -> None:
         os.remove(path + ".data")
 
 
-def bench_external(keep: bool) -> None:
+def bench_external(keep: bool, tools=None, repeat: int = 1) -> None:
+    """The command line on a 2 GiB MLP. `tools`: checkouts (folders holding onnx_pathcond) to
+    run it with, each through PYTHONPATH, alternated `repeat` times (side by side on one
+    machine); None: the onnx_pathcond this interpreter imports. The model is kept (and
+    reused by the next run) with `keep`."""
     os.makedirs(CACHE, exist_ok=True)
     src = os.path.join(CACHE, "mlp_2gb.onnx")
     out = os.path.join(CACHE, "mlp_2gb.rescaled.onnx")
     report_path = os.path.join(CACHE, "mlp_2gb.report.json")
     t0 = time.perf_counter()
-    params = build_mlp(src, [8192] * 9 + [10], seed=1)
+    if keep and os.path.exists(src) and os.path.exists(src + ".data"):
+        params = sum(int(np.prod(t.dims)) for t in onnx.load(src, load_external_data=False).graph.initializer)
+        how = "reused"
+    else:
+        params = build_mlp(src, [8192] * 9 + [10], seed=1)
+        how = "built"
     size = os.path.getsize(src) + os.path.getsize(src + ".data")
-    print(f"built {src}: {params:,} parameters, {size / 2**30:.2f} GiB on disk, in {time.perf_counter() - t0:.1f} s")
+    print(f"{how} {src}: {params:,} parameters, {size / 2**30:.2f} GiB on disk, in {time.perf_counter() - t0:.1f} s")
     command = [sys.executable, "-c",
                # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's peak (it is
                # kept across fork and exec), and this process has just built a 2 GB model
@@ -122,40 +132,56 @@ def bench_external(keep: bool) -> None:
                "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
                "    print('peak_rss_mb', int(hwm) / 1024, file=sys.stderr)",
                src, out, "--report", report_path, "-q"]
-    t0 = time.perf_counter()
-    run = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    print(f"exit code {run.returncode}, wall {wall:.1f} s")
-    if run.returncode != 0:
-        print(run.stderr)
-        return
-    peak = [line for line in run.stderr.splitlines() if line.startswith("peak_rss_mb")]
-    report = json.load(open(report_path))
-    print("steps:", "  ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items()))
-    print(f"peak memory {float(peak[0].split()[1]):.0f} MB for a {size / 2**20:.0f} MB model "
-          f"({float(peak[0].split()[1]) * 2**20 / size:.2f}x)")
-    print(f"verification: {report['verification']['engine']}, max relative difference "
-          f"{report['verification']['max_rel']:.2e}")
-    written = onnx.load(out, load_external_data=False)
-    big = [t for t in written.graph.initializer if np.prod(t.dims) > 1024]
-    print(f"output: {os.path.getsize(out) / 2**20:.2f} MB model file + "
-          f"{os.path.getsize(out + '.data') / 2**30:.2f} GiB data file; "
-          f"{sum(t.data_location == TensorProto.EXTERNAL for t in big)}/{len(big)} large tensors external")
-    if not keep:
-        for f in (src, src + ".data", out, out + ".data", report_path):
-            if os.path.exists(f):
-                os.remove(f)
+    runs = [(tool, k) for k in range(max(repeat, 1)) for tool in (tools or [None])]
+    results = []
+    for tool, k in runs:
+        env = dict(os.environ)
+        if tool is not None:
+            env["PYTHONPATH"] = os.path.abspath(tool)
+        t0 = time.perf_counter()
+        # from the cache folder: `python -c` puts the working directory first on sys.path
+        run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=CACHE)
+        wall = time.perf_counter() - t0
+        label = tool or "this interpreter's onnx_pathcond"
+        print(f"[{label}, run {k + 1}] exit code {run.returncode}, wall {wall:.1f} s = {size / 1e6 / wall:.0f} MB/s")
+        if run.returncode != 0:
+            print(run.stderr)
+            continue
+        peak = float([line for line in run.stderr.splitlines() if line.startswith("peak_rss_mb")][0].split()[1])
+        report = json.load(open(report_path))
+        print("  steps:", "  ".join(f"{k} {v:.2f}s" for k, v in report["timings"].items()))
+        print(f"  peak memory {peak:.0f} MB for a {size / 2**20:.0f} MB model ({peak * 2**20 / size:.2f}x)")
+        print(f"  verification: {report['verification']['engine']}, max relative difference "
+              f"{report['verification']['max_rel']:.2e}")
+        written = onnx.load(out, load_external_data=False)
+        big = [t for t in written.graph.initializer if np.prod(t.dims) > 1024]
+        print(f"  output: {os.path.getsize(out) / 2**20:.2f} MB model file + "
+              f"{os.path.getsize(out + '.data') / 2**30:.2f} GiB data file; "
+              f"{sum(t.data_location == TensorProto.EXTERNAL for t in big)}/{len(big)} large tensors external")
+        results.append((label, wall, peak, report["timings"]))
+    if len(results) > 1:
+        print(f"\n{'tool':<40} {'wall s':>7} {'MB/s':>6} {'peak/file':>9}  steps (s)")
+        for label, wall, peak, timings in results:
+            print(f"{label[-40:]:<40} {wall:>7.1f} {size / 1e6 / wall:>6.0f} {peak * 2**20 / size:>9.2f}  "
+                  + "  ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    for f in ([] if keep else [src, src + ".data"]) + [out, out + ".data", report_path]:
+        if os.path.exists(f):
+            os.remove(f)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["solver", "external"])
-    parser.add_argument("--keep", action="store_true", help="keep the generated models")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the generated models (and, for external, reuse the kept one)")
+    parser.add_argument("--tools", nargs="+", metavar="DIR",
+                        help="external: checkouts to run, each through PYTHONPATH, alternated (A/B)")
+    parser.add_argument("--repeat", type=int, default=1, help="external: runs per checkout (default 1)")
     args = parser.parse_args()
     if args.only in (None, "solver"):
         bench_solver(args.keep)
     if args.only in (None, "external"):
-        bench_external(args.keep)
+        bench_external(args.keep, args.tools, args.repeat)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Time every step of `onnx_pathcond.rescale` on a table of models, with peak memory.
 
     python benchmarks/bench_pipeline.py                      # models/*.onnx + benchmark models
-    python benchmarks/bench_pipeline.py --quick              # the same without resnet50
+    python benchmarks/bench_pipeline.py --quick              # the same without resnet50 and vgg16
     python benchmarks/bench_pipeline.py --models mlp_k8 resnet18 --json out.json
 
 One row per model and per statistics backend (numpy and onnxruntime when `rescale` takes a
@@ -42,7 +42,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = HERE / ".cache"
 STEPS = ("load", "analyse", "statistics", "solve", "rewrite", "verify", "save")
-GENERATED = [f"mlp_k{k}" for k in range(3, 9)] + ["cifar_fcn", "resnet18", "resnet50"]
+GENERATED = [f"mlp_k{k}" for k in range(3, 9)] + ["cifar_fcn", "resnet18", "resnet50", "vgg16"]
+BIG = ("resnet50", "vgg16")  # left out by --quick
 
 
 # ---------------------------------------------------------------------------- children
@@ -197,7 +198,7 @@ def available_models(quick: bool) -> Dict[str, Path]:
     for p in sorted((ROOT / "models").glob("*.onnx")):
         table[p.name[:-len(".onnx")]] = p
     for name in GENERATED:
-        if quick and name == "resnet50":
+        if quick and name in BIG:
             continue
         table[name] = CACHE / f"{name}.onnx"
     return table
@@ -262,7 +263,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Time each step of onnx_pathcond.rescale per model.")
     ap.add_argument("--models", nargs="+", metavar="NAME",
                     help="model names (file stems in models/ or generated names) or .onnx paths")
-    ap.add_argument("--quick", action="store_true", help="skip resnet50")
+    ap.add_argument("--quick", action="store_true", help="skip resnet50 and vgg16")
     ap.add_argument("--backends", nargs="+", choices=["numpy", "onnxruntime", "auto"],
                     help="statistics backends (default: numpy and onnxruntime when the API has `backend`)")
     ap.add_argument("--device", choices=["cpu", "cuda"], help="passed to rescale(device=...) when it exists")

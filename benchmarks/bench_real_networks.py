@@ -11,8 +11,12 @@ The second mode runs each file in a fresh subprocess of the same interpreter (so
 and time are its own, and PYTHONPATH picks the onnx_pathcond under test: the same folder can be
 measured with two checkouts). For each file it runs the analysis (`rescale(..., dry_run=True)`,
 what `--dry-run` prints) and, for files below `--full-below` MB, the full rescale with its
-verification. It prints one row per file: nodes, rescalable groups, frozen groups by reason
-class, the barrier ops, and whether the check passed ("-" when only the analysis ran).
+verification (the command line's path: `rescale_file(path, out)`, the
+written file checked). It prints one row per file: nodes, rescalable groups, frozen groups by
+reason class, the barrier ops, whether the check passed ("-" when only the analysis ran), the
+tool's time and, for fully rescaled files, the baseline's (`onnx.load` + `onnx.save` + one
+onnxruntime CPU inference, session creation included, in its own fresh subprocess right
+after the tool's; `--no-baseline` skips it) and their ratio.
 
 Exports (`--export`): static batch 1, 3×224×224 input, eval mode, random weights (BatchNorm
 statistics too, as a trained network has them); each network twice:
@@ -122,9 +126,23 @@ def _measure_one(path: str, full: bool, options: dict = None) -> dict:
     row = {"file": os.path.basename(path), "size_mb": round(os.path.getsize(path) / 1e6, 1),
            "tool": os.path.dirname(os.path.abspath(onnx_pathcond.__file__))}
     row["nodes"] = len(onnx.load(path, load_external_data=False).graph.node)
-    t0 = time.perf_counter()
-    _, report = rescale(path, dry_run=not full, **(options or {}))
-    row["seconds"] = round(time.perf_counter() - t0, 1)
+    import inspect
+    import tempfile
+
+    params = inspect.signature(rescale).parameters
+    with tempfile.TemporaryDirectory() as tmp:
+        kwargs = dict(options or {})
+        if full and "output" in params:  # the command line's path: written, then the written file checked
+            kwargs["output"] = os.path.join(tmp, "out.onnx")
+            if "return_model" in params:
+                kwargs["return_model"] = False
+        t0 = time.perf_counter()
+        if full and hasattr(onnx_pathcond, "rescale_file"):  # what the command line runs
+            kwargs.pop("output", None)
+            report = onnx_pathcond.rescale_file(path, os.path.join(tmp, "out.onnx"), **kwargs)
+        else:  # an analysis, or an older checkout (rescale's return_model=False was the same path)
+            _, report = rescale(path, dry_run=not full, **kwargs)
+        row["seconds"] = round(time.perf_counter() - t0, 2)
     d = report.to_dict()
     groups = d["groups"]
     row["rescalable"] = groups["rescalable"]
@@ -140,10 +158,45 @@ def _measure_one(path: str, full: bool, options: dict = None) -> dict:
     return row
 
 
-def _run_child(path: Path, full: bool, timeout: float, options: dict) -> dict:
+def _baseline_one(path: str) -> dict:
+    """Runs in the child process: the baseline that the tool's time is set against, as in
+    bench_pipeline.py: onnx.load + onnx.save + one onnxruntime CPU inference (session
+    creation included) on a random input, in seconds."""
+    import tempfile
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    model = onnx.load(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(model, os.path.join(tmp, "out.onnx"))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in i.shape]
+        dtype = {"tensor(double)": np.float64, "tensor(float16)": np.float16}.get(i.type, np.float32)
+        feeds[i.name] = rng.standard_normal(shape).astype(dtype)
+    session.run(None, feeds)
+    return {"baseline_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _run_child(path: Path, full: bool, timeout: float, options: dict, baseline: bool = False) -> dict:
+    """The tool on one file in a fresh subprocess; with `baseline`, then the baseline in another."""
+    row = _child(f"b._measure_one({str(path.resolve())!r}, {full}, {options!r})", path, timeout)
+    if baseline and full and "error" not in row:
+        base = _child(f"b._baseline_one({str(path.resolve())!r})", path, timeout)
+        row["baseline_seconds"] = base.get("baseline_seconds")
+        if "error" in base:
+            row["baseline_error"] = base["error"]
+    return row
+
+
+def _child(call: str, path: Path, timeout: float) -> dict:
     here = Path(__file__).resolve().parent
-    code = (f"import json; import bench_real_networks as b; "
-            f"print('ROW' + json.dumps(b._measure_one({str(path.resolve())!r}, {full}, {options!r})))")
+    code = f"import json; import bench_real_networks as b; print('ROW' + json.dumps({call}))"
     try:
         # run from this folder: `python -c` puts the working directory first on sys.path, and
         # the repository root there would shadow the onnx_pathcond that PYTHONPATH names
@@ -160,7 +213,7 @@ def _run_child(path: Path, full: bool, timeout: float, options: dict) -> dict:
 
 def _table(rows) -> str:
     head = ["model", "MB", "nodes", "rescalable", "frozen"] + [c.replace("_", " ") for c in CATEGORIES] \
-        + ["check", "s", "barrier ops"]
+        + ["check", "s", "base s", "tool/base", "barrier ops"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         if "error" in r:
@@ -170,7 +223,9 @@ def _table(rows) -> str:
         check = {True: "passed", False: "FAILED", None: "-"}[r["check"]]
         ops = ", ".join(f"{k} {v}" for k, v in sorted(r["barrier_ops"].items())) or "-"
         cells = [r["file"], f"{r['size_mb']}", str(r["nodes"]), str(r["rescalable"]), str(r["frozen"])] \
-            + [str(by.get(c, 0)) for c in CATEGORIES] + [check, f"{r['seconds']}", ops]
+            + [str(by.get(c, 0)) for c in CATEGORIES] + [check, f"{r['seconds']}"]
+        base = r.get("baseline_seconds")
+        cells += [f"{base}" if base else "-", f"{r['seconds'] / base:.2f}" if base else "-", ops]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -185,6 +240,9 @@ def main(argv=None) -> int:
                     help="rescale and check files below this many MB (default 60); larger ones: analysis only")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per file (default 900)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
+                    help="skip the baseline run (onnx.load + onnx.save + one onnxruntime inference) of each "
+                         "fully rescaled file")
     ap.add_argument("--bn-statistics", action="store_true",
                     help="rescale with bn_statistics=True (a checkout that has the option)")
     args = ap.parse_args(argv)
@@ -200,10 +258,12 @@ def main(argv=None) -> int:
     rows = []
     for path in files:
         full = path.stat().st_size / 1e6 < args.full_below
-        row = _run_child(path, full, args.timeout, options)
+        row = _run_child(path, full, args.timeout, options, args.baseline)
         rows.append(row)
         print(f"  {path.name}: " + (row["error"] if "error" in row else
-                                      f"{row['rescalable']} rescalable, {row['frozen']} frozen, {row['seconds']} s"),
+                                      f"{row['rescalable']} rescalable, {row['frozen']} frozen, {row['seconds']} s"
+                                      + (f" (baseline {row['baseline_seconds']} s)" if row.get("baseline_seconds")
+                                         else "")),
               flush=True)
     tools = sorted({r["tool"] for r in rows if "tool" in r})
     print(f"onnx_pathcond from: {', '.join(tools)}")

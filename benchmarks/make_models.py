@@ -10,6 +10,8 @@ Models (float32, batch 1 static, seeded random weights):
 * ``cifar_fcn``: fully convolutional CIFAR net 128-128-128-M-256-256-256-M-320-320-10 on
   3×32×32, 3×3 convs with ReLU, two 2×2 max-pools, last conv to 10 channels, global average
   pool, Flatten; no BatchNorm.
+* ``vgg16``: torchvision's VGG-16 layout (13 3×3 convs + ReLU, 5 max-pools, adaptive average
+  pool 7×7, classifier 25088-4096-4096-1000 with ReLU), 138 M parameters, 528 MB (legacy).
 * ``resnet18``, ``resnet50``: torchvision-layout ResNets (written here: torchvision is not a
   dependency) on 1×3×224×224, BatchNorm kept (dynamo exporter, ``optimize=False``; legacy with
   ``TrainingMode.PRESERVE`` and no constant folding if dynamo fails).
@@ -149,6 +151,26 @@ def _resnet_classes():
     return BasicBlock, Bottleneck, ResNet
 
 
+def vgg16():
+    """torchvision's vgg16 layout (configuration D, no BatchNorm): 13 3×3 convs with ReLU in
+    five stages of 64-128-256-512-512 channels, each ended by a 2×2 max-pool, an adaptive
+    average pool to 7×7, and the classifier 25088→4096→4096→1000 with ReLU (its dropouts do
+    nothing in eval mode and are left out)."""
+    nn = _torch().nn
+    plan = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    layers: List = []
+    cin = 3
+    for item in plan:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(cin, item, 3, padding=1), nn.ReLU()]
+            cin = item
+    layers += [nn.AdaptiveAvgPool2d((7, 7)), nn.Flatten(),
+               nn.Linear(512 * 7 * 7, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1000)]
+    return nn.Sequential(*layers), (1, 3, 224, 224)
+
+
 def resnet18():
     BasicBlock, _, ResNet = _resnet_classes()
     return ResNet(BasicBlock, [2, 2, 2, 2]), (1, 3, 224, 224)
@@ -165,6 +187,7 @@ MODELS: Dict[str, Tuple[Callable, str]] = {
     "cifar_fcn": (cifar_fcn, "legacy"),
     "resnet18": (resnet18, "dynamo"),
     "resnet50": (resnet50, "dynamo"),
+    "vgg16": (vgg16, "legacy"),
 }
 
 

@@ -30,9 +30,9 @@ from .errors import InputError, ModelError, SaveError, option
 LEFT_IN_FILE_ABOVE = 4096
 
 PathLike = Union[str, os.PathLike]
-# New values of initializers, by name: each function returns the array to store, computed
-# when the writer reaches that tensor.
-NewValues = Dict[str, Callable[[], np.ndarray]]
+# New values of initializers, by name: each function returns the array to store (or an
+# iterator of flat blocks of it, in order), computed when the writer reaches that tensor.
+NewValues = Dict[str, Callable[[], protoio.NewRaw]]
 
 
 class ModelFile:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
@@ -23,6 +23,9 @@ from .errors import ModelError
 
 # Element types of floating-point tensors: the weights that may stay in their file.
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+# New raw data of a tensor: an array, or an iterator of flat blocks of it in order.
+NewRaw = Union[np.ndarray, Iterator[np.ndarray]]
 
 _MODEL_GRAPH_FIELD = 7
 _GRAPH_INITIALIZER_FIELD = 5
@@ -142,14 +145,15 @@ def _raw_bytes(values) -> memoryview:
 
 
 def write_model(model: onnx.ModelProto, f: BinaryIO, replace: Optional[Dict[str, onnx.TensorProto]] = None,
-                new_raw: Optional[Dict[str, Callable[[], np.ndarray]]] = None,
+                new_raw: Optional[Dict[str, Callable[[], NewRaw]]] = None,
                 weights: Optional["FileWeights"] = None) -> None:
     """Write `model` as `model.SerializeToString()` would, holding one initializer at a time.
 
     Initializers named in `replace` are written as the given tensor instead (e.g. a stub that
     points to external data). Those named in `new_raw` are written with the raw data of the
-    array the function returns (same dtype and element count: computed just before it is
-    written, so a rescaled copy of the weights never exists all at once). Those whose bytes
+    array the function returns, or of the blocks of the iterator it returns (same dtype and
+    element count: computed as it is written, so a rescaled copy of the weights never exists
+    all at once). Those whose bytes
     `weights` keeps in the input file are copied from there, a piece at a time.
     """
     replace = replace or {}
@@ -162,7 +166,10 @@ def write_model(model: onnx.ModelProto, f: BinaryIO, replace: Optional[Dict[str,
     _copy_except(model.graph, graph_shell, {"initializer"})
     graph_lo, graph_hi = _split_before(graph_shell.SerializeToString(), _GRAPH_INITIALIZER_FIELD + 1)
     sizes: List[int] = []
+    raw_lengths: Dict[str, int] = {}
     for t in model.graph.initializer:
+        if t.name in new_raw and t.name not in replace:
+            raw_lengths[t.name] = weights.raw[t.name].length if t.name in in_file else len(t.raw_data)
         if t.name in replace:
             sizes.append(replace[t.name].ByteSize())
         elif t.name in in_file and t.name in new_raw:
@@ -183,7 +190,7 @@ def write_model(model: onnx.ModelProto, f: BinaryIO, replace: Optional[Dict[str,
             if t.name in replace:
                 f.write(replace[t.name].SerializeToString())
             elif t.name in new_raw:
-                _write_with_raw(f, t, new_raw[t.name], n)
+                _write_with_raw(f, t, new_raw[t.name], n, raw_lengths[t.name])
             elif t.name in in_file:
                 weights.copy_message(t.name, f)
             else:
@@ -192,17 +199,30 @@ def write_model(model: onnx.ModelProto, f: BinaryIO, replace: Optional[Dict[str,
     f.write(model_hi)
 
 
-def _write_with_raw(f: BinaryIO, tensor: onnx.TensorProto, produce: Callable[[], np.ndarray], size: int) -> None:
-    """`tensor` serialized with new raw data: its other fields around a new field 9."""
+def _write_with_raw(f: BinaryIO, tensor: onnx.TensorProto, produce: Callable[[], NewRaw], size: int,
+                    raw_length: int) -> None:
+    """`tensor` serialized with new raw data (`raw_length` bytes, as the old): its other
+    fields around a new field 9."""
     lo, hi = _split_before(tensor_metadata(tensor).SerializeToString(), _TENSOR_RAW_DATA_FIELD + 1)
-    raw = _raw_bytes(produce())
-    head = _field(_TENSOR_RAW_DATA_FIELD, raw.nbytes)
-    if len(lo) + len(head) + raw.nbytes + len(hi) != size:
+    head = _field(_TENSOR_RAW_DATA_FIELD, raw_length)
+    if len(lo) + len(head) + raw_length + len(hi) != size:
         raise ValueError(f"new values of '{tensor.name}' do not have the size of the old ones")
     f.write(lo)
     f.write(head)
-    f.write(raw)
+    if _write_blocks(f, produce()) != raw_length:
+        raise ValueError(f"new values of '{tensor.name}' do not have the size of the old ones")
     f.write(hi)
+
+
+def _write_blocks(out: BinaryIO, values: NewRaw) -> int:
+    """Write new values (an array, or an iterator of flat blocks in order) as raw data;
+    returns the bytes written."""
+    written = 0
+    for block in ([values] if isinstance(values, np.ndarray) else values):
+        raw = _raw_bytes(block)
+        out.write(raw)
+        written += raw.nbytes
+    return written
 
 
 def external_stub(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
@@ -216,12 +236,12 @@ def external_stub(tensor: onnx.TensorProto, location: str, offset: int, length: 
     return stub
 
 
-def write_raw(out: BinaryIO, tensor: onnx.TensorProto, new_raw: Optional[Dict[str, Callable[[], np.ndarray]]] = None,
+def write_raw(out: BinaryIO, tensor: onnx.TensorProto, new_raw: Optional[Dict[str, Callable[[], NewRaw]]] = None,
               weights: Optional["FileWeights"] = None) -> None:
     """Write the raw data to store for `tensor`: its new values if `new_raw` has them, else its
     own (from its file when `weights` keeps it there)."""
     if new_raw and tensor.name in new_raw:
-        out.write(_raw_bytes(new_raw[tensor.name]()))
+        _write_blocks(out, new_raw[tensor.name]())
     elif weights is not None and tensor.name in weights:
         weights.copy_raw(tensor.name, out)
     else:
@@ -250,8 +270,9 @@ class FileWeights:
     data: `raw[name]` says where those bytes are (in the model file itself, or in an
     external data file), and `message[name]`, for those stored inside the model file, where
     the whole serialized TensorProto is (written out verbatim when it is left unchanged).
-    Each read makes a fresh array, freed when the caller drops it: the process never holds
-    all the weights at once.
+    Each read maps the tensor's bytes from its file as a read-only array, unmapped when the
+    caller drops it: the process never holds all the weights at once, and reading a weight
+    again costs no copy.
     """
 
     def __init__(self) -> None:
@@ -270,12 +291,7 @@ class FileWeights:
             if source.length != count * np.dtype(plain).itemsize:
                 raise ModelError(f"initializer '{tensor.name}' holds {source.length} bytes where its shape "
                                  f"{list(shape)} needs {count * np.dtype(plain).itemsize}")
-            with open(source.path, "rb") as f:
-                f.seek(source.offset)
-                values = np.fromfile(f, dtype=plain, count=count)
-            if values.size != count:
-                raise ModelError(f"initializer '{tensor.name}' is cut short in '{source.path}'")
-            return values.reshape(shape)
+            return _mapped(tensor.name, source, plain, count).reshape(shape)
         full = tensor_metadata(tensor)  # other types (bfloat16): onnx's own conversion
         del full.external_data[:]
         full.data_location = onnx.TensorProto.DEFAULT
@@ -316,6 +332,23 @@ class FileWeights:
 
     def copy_message(self, name: str, out: BinaryIO) -> None:
         self._copy(self.message[name], out)
+
+
+def _mapped(name: str, source: StoredBytes, dtype: str, count: int) -> np.ndarray:
+    """The `count` values at `source`, read-only, mapped from the file rather than copied:
+    the pages come from the page cache as they are read, and go with the array (its base
+    holds the map). A copy would cost a fresh allocation as large as the tensor at every
+    read, and several steps read each weight."""
+    import mmap
+
+    if count == 0:
+        return np.empty(0, dtype=dtype)
+    with open(source.path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < source.offset + source.length:
+            raise ModelError(f"initializer '{name}' is cut short in '{source.path}'")
+        start = source.offset - source.offset % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(f.fileno(), source.offset + source.length - start, offset=start, access=mmap.ACCESS_READ)
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=source.offset - start)
 
 
 def _lazy_tensor(buf, start: int, end: int, min_elements: int):

@@ -1,9 +1,12 @@
 """Numerical equivalence of the input and the rescaled model (docs/design.md §7).
 
 Both models run on the same seeded random inputs, with onnxruntime on the CPU and every
-graph optimisation off (so both run the same kernels), or with onnx's reference evaluator
-when onnxruntime is not installed. Per output we report the largest absolute difference and
-that difference relative to the output's scale (its largest magnitude).
+graph optimisation off (so both run the same kernels; weight pre-packing off too: one run
+does not repay a packed copy of the weights), or with onnx's reference evaluator when
+onnxruntime is not installed. A model given as a file is run from that file, its large
+weights mapped from it where they lie (`mapped_model`): what is checked is the file's bytes.
+Per output we report the largest absolute difference and that difference relative to the
+output's scale (its largest magnitude).
 
 The tolerance, unless given, follows the precision the model computes in (float16 weights
 behind float32 inputs and outputs compute in float16). A rescaled model differs from its
@@ -124,19 +127,72 @@ def _ort_source(model: Union[str, onnx.ModelProto]):
 _PROTOBUF_LIMIT = 2_000_000_000
 
 
+def mapped_model(path: str) -> Optional[Tuple[bytes, str]]:
+    """The model in the file at `path`, as onnxruntime can map it: its graph read from the
+    file, and each large float initializer (inline or external) turned into an external-data
+    reference to the very bytes that hold its value in the file (offset and length into the
+    model file itself for an inline one). onnxruntime then maps those bytes from the file
+    instead of parsing them into a ModelProto and copying them into its own tensors: the
+    session holds the file's pages, not two copies of the weights. Returns the serialized
+    model and the folder its locations are relative to, or None when the file has no weight
+    to map (or cannot be walked so: the plain path is used then)."""
+    from . import protoio
+    from .modelfile import LEFT_IN_FILE_ABOVE
+
+    try:
+        skeleton, weights = protoio.read_skeleton(path, min_elements=LEFT_IN_FILE_ABOVE)
+        folder = os.path.dirname(os.path.abspath(path))
+        protoio.add_external_sources(skeleton, folder, weights)
+    except Exception:  # noqa: BLE001 -- onnxruntime reads the file itself and says what is wrong
+        return None
+    mapped = False
+    for tensor in skeleton.graph.initializer:
+        source = weights.raw.get(tensor.name)
+        if source is None:
+            continue
+        location = os.path.relpath(source.path, folder)
+        tensor.CopyFrom(protoio.external_stub(tensor, location, source.offset, source.length))
+        mapped = True
+    if not mapped:
+        return None
+    return skeleton.SerializeToString(), folder
+
+
+def _session_options(ort, folder: Optional[str] = None):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.enable_cpu_mem_arena = False  # give memory back as soon as the run is over
+    options.log_severity_level = 3
+    # No pre-packed copy of the Gemm/MatMul weights: for one run, packing them costs a second
+    # copy of the largest weights (memory and time); the kernels pack as they go instead.
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    if folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    return options
+
+
 def _run(model: Union[str, onnx.ModelProto], feeds: Dict[str, np.ndarray]) -> Tuple[List[np.ndarray], str]:
     try:
         import onnxruntime as ort
     except ImportError:
         ort = None
     if ort is not None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.enable_cpu_mem_arena = False  # give memory back as soon as the run is over
-        options.log_severity_level = 3
+        mapped = mapped_model(model) if isinstance(model, str) else None
+        if mapped is not None:
+            try:
+                session = ort.InferenceSession(mapped[0], _session_options(ort, mapped[1]),
+                                               providers=["CPUExecutionProvider"])
+            except Exception:  # noqa: BLE001 -- the file as it is, below, gives the error to report
+                session = None
+            del mapped
+            if session is not None:
+                try:
+                    return session.run(None, feeds), "onnxruntime"
+                except Exception as e:
+                    raise ModelError(f"onnxruntime cannot run the model: {str(e).splitlines()[0]}") from None
         try:
             with _ort_source(model) as source:
-                session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+                session = ort.InferenceSession(source, _session_options(ort), providers=["CPUExecutionProvider"])
             return session.run(None, feeds), "onnxruntime"
         except Exception as e:
             raise ModelError(f"onnxruntime cannot run the model: {str(e).splitlines()[0]}") from None

@@ -114,6 +114,9 @@ class Block:
 
     def extremes(self, u_ext: np.ndarray) -> Tuple[float, float]:
         """Largest and smallest positive rescaled entry (two temporaries of one chunk's size)."""
+        outer = self._outer_extremes(u_ext)
+        if outer is not None:
+            return outer
         high, low = 0.0, np.inf
         for rows, G in self.chunks():
             row = self.row[rows] if self.row.shape[0] > 1 else self.row
@@ -126,6 +129,25 @@ class Block:
             scaled[bottom <= 0] = np.inf
             low = min(low, float(scaled.min()))
         return high, low
+
+
+    def _outer_extremes(self, u_ext: np.ndarray) -> Optional[Tuple[float, float]]:
+        """For a dense block factored as one outer product of non-negative factors (a fully
+        connected layer at one position): entry [r, c] rescaled is a[r]·b[c] with
+        a = left·exp(−u[row]) and b = right·exp(u[col]), both ≥ 0, so its largest entry is
+        max a · max b and its smallest positive one min(a > 0) · min(b > 0), from R + C
+        numbers instead of R·C. None where that does not hold."""
+        if self.factors is None or not self.dense or self.gmax is not None or self.gmin is not None:
+            return None
+        left, right = self.factors
+        if left.shape[1] != 1 or not left.size or not right.size or left.min() < 0 or right.min() < 0:
+            return None
+        a = left[:, 0] * np.exp(-u_ext[self.row[:, 0]])
+        b = right[:, 0] * np.exp(u_ext[self.col[0]])
+        a_pos, b_pos = a[a > 0], b[b > 0]
+        if not a_pos.size or not b_pos.size:
+            return 0.0, np.inf
+        return float(a.max() * b.max()), float(a_pos.min() * b_pos.min())
 
 
 @dataclass

@@ -148,10 +148,14 @@ def squared_product(w: np.ndarray, x: np.ndarray, w_left: bool, transposed: bool
         out = np.zeros(x.shape[:-2] + ((n1 if transposed else n0), x.shape[-1]))
     else:
         out = np.zeros(x.shape[:-1] + ((n0 if transposed else n1),))
+    # One float64 block for the squares, reused from block to block: a fresh one per block
+    # would be allocated (and page-faulted) anew each time.
+    square = np.empty((min(step, n0), n1))
     for start in range(0, n0, step):
         rows = slice(start, start + step)
         part = w[rows]
-        part = np.square(part.astype(np.float32) if part.dtype.name == "bfloat16" else part, dtype=np.float64)
+        part = np.square(part.astype(np.float32) if part.dtype.name == "bfloat16" else part, dtype=np.float64,
+                         out=square[:part.shape[0]])
         if w_left and not transposed:  # rows of M are rows of w
             out[..., rows, :] = np.matmul(part, x)
         elif w_left:  # Mᵀ: rows of w are columns of M

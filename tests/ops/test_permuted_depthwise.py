@@ -105,7 +105,7 @@ def _problem_and_parameters(model):
 def test_its_criterion_is_the_per_element_formula():
     """The Problem built for it agrees with the criterion written one parameter element at a
     time, and its coordinate descent with the plain loop (test_solver.py's references)."""
-    from test_solver import objective, plain_coordinate_descent
+    from support.reference_criterion import objective, plain_coordinate_descent
 
     problem, H, g, gin, gout = _problem_and_parameters(_tied_depthwise_reading_permuted_channels())
     assert H == 3 and problem.p == g.size

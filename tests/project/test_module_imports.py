@@ -161,3 +161,16 @@ def test_package_modules_take_no_private_name_from_each_other():
     planted = dict(sources)
     planted["onnx_pathcond.criteria.enorm"] += "\nfrom onnx_pathcond.solve import _two_loop\n"
     assert [t[2] for t in _private_names_taken(planted)] == ["onnx_pathcond.solve._two_loop"]
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in tests/support: a test module that imported another would only
+    find it when pytest had put that one's folder on the path (running its folder alone fails)."""
+    taken = []
+    for path in glob.glob(os.path.join(TESTS, "**", "test_*.py"), recursive=True):
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            taken += [(os.path.relpath(path, TESTS), n) for n in names if n.split(".")[0].startswith("test_")]
+    assert taken == []

@@ -38,6 +38,9 @@ def source_map(node, graph):
     Flat indices run over the activation inputs one after another. Returns None when the op
     is not a pure copy (an output value that is not an input element).
     """
+    direct = _direct_map(node, graph)
+    if direct is not None:
+        return direct
     from onnx.reference import ReferenceEvaluator
 
     feeds, offset, inputs = {}, 0, []
@@ -68,6 +71,49 @@ def source_map(node, graph):
             return None, offset
         maps.append(idx.astype(np.int64) - 1)
     return maps, offset
+
+
+def _direct_map(node, graph):
+    """`source_map` of a Flatten, Reshape or Transpose of one non-empty activation, written
+    with numpy the way onnx's reference evaluator computes these ops (onnx/reference/ops:
+    op_flatten, op_reshape, op_transpose) on the index tensor; None for anything else, or
+    when numpy refuses (the evaluator then decides)."""
+    if node.op_type not in ("Flatten", "Reshape", "Transpose") or not node.input \
+            or not graph.is_activation(node.input[0]) or len([o for o in node.output if o]) != 1:
+        return None
+    x = node.input[0]
+    shape = tuple(graph.shape(x))
+    size = int(np.prod(shape))
+    if size == 0:
+        return None
+    if node.op_type == "Reshape":
+        if len(node.input) != 2 or not node.input[1] or graph.is_activation(node.input[1]) \
+                or attr(node, "allowzero", 0) != 0 or node.input[1] == x:
+            return None
+        target = np.asarray(graph.constant_value(node.input[1]))
+        if target.dtype != np.int64 or target.ndim != 1:
+            return None
+    elif len(node.input) != 1:
+        return None
+    index = np.arange(size, dtype=np.int64).reshape(shape)
+    try:
+        if node.op_type == "Flatten":
+            i = attr(node, "axis", 1)
+            out = index.reshape((1, -1) if i == 0 else (np.prod(shape[:i]).astype(int), -1))
+        elif node.op_type == "Reshape":
+            new_shape = np.copy(target)
+            zeros = np.where(target == 0)
+            new_shape[zeros] = np.array(shape)[zeros]
+            out = np.reshape(index, new_shape)
+        else:
+            perm = attr(node, "perm", None)
+            perm = None if perm is None or len(perm) == 0 else list(perm)
+            if perm is not None and len(perm) != len(shape):
+                return None
+            out = np.transpose(index) if perm is None else np.transpose(index, axes=perm)
+    except Exception:
+        return None
+    return [np.ascontiguousarray(out)], size
 
 
 def element_labels(names, an, relabel=None):

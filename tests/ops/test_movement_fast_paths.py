@@ -29,8 +29,9 @@ from support.repo import MODELS
 class _Graph:
     """What the movement rule reads of a graph: activations with their shapes, one node."""
 
-    def __init__(self, shapes, opset=17):
+    def __init__(self, shapes, opset=17, constants=None):
         self.shapes = dict(shapes)
+        self.constants = dict(constants or {})
         self.model = helper.make_model(helper.make_graph([], "g", [], []),
                                        opset_imports=[helper.make_opsetid("", opset)])
 
@@ -44,7 +45,10 @@ class _Graph:
         return 0
 
     def is_constant(self, name):
-        return False
+        return name in self.constants
+
+    def constant_value(self, name):
+        return self.constants[name]
 
 
 class _Analysis:
@@ -181,6 +185,66 @@ def test_channel_concat_is_taken_for_plain_channel_joins():
     assert an.layouts["y"].pos.tolist() == [0, 1, 2, 5, -1, 0, 1, 2]
     general = _run(node, shapes, layouts, False)
     assert np.array_equal(an.node_data[0][0], general.node_data[0][0])
+
+
+def _reference_map(node, graph, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(movement, "_direct_map", lambda *a: None)
+        return movement.source_map(node, graph)
+
+
+def _random_move(rng):
+    """A random Flatten, Reshape or Transpose of one tensor: (node, graph)."""
+    rank = int(rng.integers(1, 6))
+    shape = tuple(int(d) for d in rng.integers(1, 5, size=rank))
+    op = rng.choice(["Flatten", "Reshape", "Transpose"])
+    constants = {}
+    if op == "Flatten":
+        node = helper.make_node("Flatten", ["x"], ["y"], axis=int(rng.integers(-rank, rank + 1))) \
+            if rng.random() < 0.8 else helper.make_node("Flatten", ["x"], ["y"])
+    elif op == "Transpose":
+        perm = [int(p) for p in rng.permutation(rank)]
+        if rng.random() < 0.1:
+            perm = perm[:-1] or [0, 0]  # wrong length: left to the evaluator
+        node = helper.make_node("Transpose", ["x"], ["y"], perm=perm) if rng.random() < 0.8 \
+            else helper.make_node("Transpose", ["x"], ["y"])
+    else:
+        size = int(np.prod(shape))
+        dims = []
+        rest = size
+        for f in (2, 3, 2, 4):
+            if rest % f == 0 and rng.random() < 0.5:
+                dims.append(f)
+                rest //= f
+        dims.append(rest)
+        dims = list(rng.permutation(dims))
+        if rng.random() < 0.3:
+            dims[int(rng.integers(len(dims)))] = -1
+        if rng.random() < 0.3 and len(dims) <= rank:
+            k = int(rng.integers(len(dims)))
+            if dims[k] == shape[k]:
+                dims[k] = 0  # copies the input's dimension
+        if rng.random() < 0.05:
+            dims[0] += 1  # a wrong size: the evaluator fails, the node is not a copy
+        constants["s"] = np.array(dims, dtype=np.int64)
+        node = helper.make_node("Reshape", ["x", "s"], ["y"])
+    return node, _Graph({"x": shape}, constants=constants)
+
+
+def test_direct_maps_match_the_reference_evaluator(monkeypatch):
+    taken = 0
+    for seed in range(300):
+        node, graph = _random_move(np.random.default_rng(3000 + seed))
+        taken += movement._direct_map(node, graph) is not None
+        (got, got_n), (want, want_n) = movement.source_map(node, graph), _reference_map(node, graph, monkeypatch)
+        assert got_n == want_n, seed
+        if want is None:
+            assert got is None, seed
+            continue
+        assert got is not None and len(got) == len(want), seed
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), seed
+    assert taken > 200
 
 
 def _random_labels(rng):

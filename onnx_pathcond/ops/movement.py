@@ -38,6 +38,9 @@ def source_map(node, graph):
     Flat indices run over the activation inputs one after another. Returns None when the op
     is not a pure copy (an output value that is not an input element).
     """
+    direct = _direct_map(node, graph)
+    if direct is not None:
+        return direct
     from onnx.reference import ReferenceEvaluator
 
     feeds, offset, inputs = {}, 0, []
@@ -70,31 +73,80 @@ def source_map(node, graph):
     return maps, offset
 
 
+def _direct_map(node, graph):
+    """`source_map` of a Flatten, Reshape or Transpose of one non-empty activation, written
+    with numpy the way onnx's reference evaluator computes these ops (onnx/reference/ops:
+    op_flatten, op_reshape, op_transpose) on the index tensor; None for anything else, or
+    when numpy refuses (the evaluator then decides)."""
+    if node.op_type not in ("Flatten", "Reshape", "Transpose") or not node.input \
+            or not graph.is_activation(node.input[0]) or len([o for o in node.output if o]) != 1:
+        return None
+    x = node.input[0]
+    shape = tuple(graph.shape(x))
+    size = int(np.prod(shape))
+    if size == 0:
+        return None
+    if node.op_type == "Reshape":
+        if len(node.input) != 2 or not node.input[1] or graph.is_activation(node.input[1]) \
+                or attr(node, "allowzero", 0) != 0 or node.input[1] == x:
+            return None
+        target = np.asarray(graph.constant_value(node.input[1]))
+        if target.dtype != np.int64 or target.ndim != 1:
+            return None
+    elif len(node.input) != 1:
+        return None
+    index = np.arange(size, dtype=np.int64).reshape(shape)
+    try:
+        if node.op_type == "Flatten":
+            i = attr(node, "axis", 1)
+            out = index.reshape((1, -1) if i == 0 else (np.prod(shape[:i]).astype(int), -1))
+        elif node.op_type == "Reshape":
+            new_shape = np.copy(target)
+            zeros = np.where(target == 0)
+            new_shape[zeros] = np.array(shape)[zeros]
+            out = np.reshape(index, new_shape)
+        else:
+            perm = attr(node, "perm", None)
+            perm = None if perm is None or len(perm) == 0 else list(perm)
+            if perm is not None and len(perm) != len(shape):
+                return None
+            out = np.transpose(index) if perm is None else np.transpose(index, axes=perm)
+    except Exception:
+        return None
+    return [np.ascontiguousarray(out)], size
+
+
 def element_labels(names, an, relabel=None):
     """Channel position of every element of the activation tensors `names` (no repeats),
     flattened one after another as `source_map` numbers them, then one padding label."""
     g = an.graph
-    parts = []
-    for name in names:
-        shape = g.shape(name)
+    shapes = [g.shape(name) for name in names]
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    out = np.empty(sum(sizes) + 1, dtype=np.int64)
+    offset = 0
+    for name, shape, size in zip(names, shapes, sizes):
+        part = out[offset:offset + size]
+        offset += size
         lay = an.layout(name)
         if lay is not None and relabel and name in relabel:
             lay = Layout(lay.axis, relabel[name])
         if lay is None:
-            parts.append(np.full(int(np.prod(shape)), _UNSCALED, dtype=np.int64))
+            part[...] = _UNSCALED
             continue
         if isinstance(lay, SpreadLayout):
-            parts.append(lay.labels.ravel())
+            part[...] = lay.labels.ravel()
             continue
         view = [1] * len(shape)
         view[lay.axis] = lay.channels
         labels = np.where(lay.pos >= 0, lay.pos, _UNSCALED).reshape(view)
-        parts.append(np.broadcast_to(labels, shape).ravel())
-    return np.concatenate(parts + [np.array([_PADDING], dtype=np.int64)])
+        part.reshape(shape)[...] = np.broadcast_to(labels, shape)
+    out[-1] = _PADDING
+    return out
 
 
-def _channel_axis(labels: np.ndarray, preferred: int):
-    """An axis along which each slot holds one label (padding ignored); (axis, slot labels)."""
+def _channel_axis_reference(labels: np.ndarray, preferred: int):
+    """`_channel_axis` written plainly: every axis tested, the best kept (used for empty
+    tensors, and by the tests as the definition)."""
     best = None
     for axis in range(labels.ndim):
         n = labels.shape[axis]
@@ -114,9 +166,41 @@ def _channel_axis(labels: np.ndarray, preferred: int):
     return best[1], best[2]
 
 
+def _channel_axis(labels: np.ndarray, preferred: int):
+    """An axis along which each slot holds one label (padding ignored); (axis, slot labels).
+
+    Among such axes the longest wins, then `preferred`, then the last. The axes are tried in
+    that order and the first that holds one label per slot is the answer; each test reduces
+    over the other axes in place (no moved copy), and without padding reads the labels as
+    they are."""
+    if labels.size == 0:
+        return _channel_axis_reference(labels, preferred)
+    order = sorted(range(labels.ndim), key=lambda a: (labels.shape[a], a == preferred, a), reverse=True)
+    real = labels != _PADDING
+    padded = not real.all()
+    if padded:
+        hi_src = np.where(real, labels, np.iinfo(np.int64).min)
+        lo_src = np.where(real, labels, np.iinfo(np.int64).max)
+    for axis in order:
+        others = tuple(a for a in range(labels.ndim) if a != axis)
+        if not padded:  # every slot holds elements (size > 0) and none is padding
+            hi = labels.max(axis=others)
+            if np.array_equal(hi, labels.min(axis=others)):
+                return axis, hi
+            continue
+        hi = hi_src.max(axis=others)
+        lo = lo_src.min(axis=others)
+        empty = ~real.any(axis=others)
+        if np.all(empty | (hi == lo)):
+            return axis, np.where(empty, _UNSCALED, hi)
+    return None
+
+
 def _copied(labels: np.ndarray, src: np.ndarray) -> np.ndarray:
-    """The labels of an output whose elements copy the flat elements `src` (-1: none, padding)."""
-    return labels[np.where(src >= 0, src, labels.size - 1)]
+    """The labels of an output whose elements copy the flat elements `src` (-1: none, padding).
+
+    `labels` ends with the padding label (`element_labels`), so index -1 reads it."""
+    return labels[src]
 
 
 def set_copied_layout(an, output, labels, src, preferred_axis) -> None:
@@ -148,6 +232,8 @@ class MovementRule(OpRule):
         if node.op_type == "Pad" and not self._zero_padding(node, g):
             an.cut(node, f"Pad '{node_label(node)}' pads with a non-zero constant")
             return
+        if node.op_type == "Concat" and self._channel_concat(node, an, acts):
+            return
         maps, _ = source_map(node, g)
         if maps is None:
             an.cut(node, f"{node.op_type} '{node_label(node)}' does not only copy elements")
@@ -165,6 +251,53 @@ class MovementRule(OpRule):
         first = next(lay for lay in layouts if lay is not None)
         for o, src in zip([o for o in node.output if o], maps):
             set_copied_layout(an, o, labels, src, self._preferred_axis(node, first, len(g.shape(acts[0])), src.ndim))
+
+    @staticmethod
+    def _channel_concat(node, an, acts) -> bool:
+        """A Concat of activations along the channel axis of every input that has a layout
+        (`Layout`, one position per channel): its source map and layout without the
+        element-level detour, when they are provably what the general path finds. Returns
+        False, having written nothing, for any other Concat.
+
+        The map is the inputs' flat indices (numbered as `source_map` numbers them) joined along
+        the axis. The output's elements then carry the label of their channel slot: the inputs'
+        slot labels `v`, joined. The Concat's axis holds one label per slot; any other axis holds
+        every label of `v` in each of its slots (the tensor is not empty), so it holds one only
+        when `v` is constant, a case left to the general path."""
+        g = an.graph
+        names = list(node.input)
+        if not names or any(not n or not g.is_activation(n) for n in names) \
+                or not any(a.name == "axis" for a in node.attribute):
+            return False
+        shapes = {n: tuple(int(d) for d in g.shape(n)) for n in acts}
+        rank = len(shapes[acts[0]])
+        axis = attr(node, "axis", 0)
+        if rank == 0 or not -rank <= axis < rank:
+            return False
+        axis = normalize_axis(axis, rank)
+        if any(len(s) != rank or s[:axis] + s[axis + 1:] != shapes[acts[0]][:axis] + shapes[acts[0]][axis + 1:]
+               for s in shapes.values()):
+            return False
+        parts = []
+        for n in names:
+            lay = an.layout(n)
+            if lay is None:
+                parts.append(np.full(shapes[n][axis], _UNSCALED, dtype=np.int64))
+            elif type(lay) is Layout and lay.axis == axis and lay.pos.shape == (shapes[n][axis],):
+                parts.append(np.where(lay.pos >= 0, lay.pos, _UNSCALED))
+            else:
+                return False
+        slot_labels = np.concatenate(parts)
+        sizes = {n: int(np.prod(shapes[n])) for n in acts}
+        if sum(sizes[n] for n in names) == 0 or slot_labels.min() == slot_labels.max():
+            return False
+        index, offset = {}, 0
+        for n in acts:
+            index[n] = np.arange(offset, offset + sizes[n], dtype=np.int64).reshape(shapes[n])
+            offset += sizes[n]
+        an.node_data[g.index(node)] = [np.concatenate([index[n] for n in names], axis=axis)]
+        an.set_layout(node.output[0], Layout(axis, slot_labels.astype(np.int64)))
+        return True
 
     @staticmethod
     def _preferred_axis(node, lay, in_rank, out_rank):

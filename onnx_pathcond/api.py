@@ -163,7 +163,7 @@ def _commit(pending: PendingSave, clock: _Clock) -> None:
 # ---------------------------------------------------------------------------- the pipeline
 def rescale(model: ModelLike, output: Optional[PathLike] = None, *, options: Optional[RescaleOptions] = None,
             dry_run: bool = False, factors: Optional[PathLike] = None, progress: Optional[Callable[..., None]] = None,
-            **settings) -> Tuple[onnx.ModelProto, Report]:
+            **changes) -> Tuple[onnx.ModelProto, Report]:
     """Rescale a ReLU network with PathCond (or ENorm); returns the new model and a report.
 
     `model` is a path or a ModelProto (a ModelProto is copied, never modified). The options are
@@ -196,13 +196,13 @@ def rescale(model: ModelLike, output: Optional[PathLike] = None, *, options: Opt
 
     To rescale a file into a file without holding its weights in memory, use `rescale_file`.
     """
-    chosen = RescaleOptions.of(options, **settings)
+    chosen = RescaleOptions.of(options, **changes)
     return _run(model, None if dry_run else output, chosen, dry_run, factors, progress, stream=False)
 
 
 def rescale_file(model: PathLike, output: Optional[PathLike] = None, *, options: Optional[RescaleOptions] = None,
                  dry_run: bool = False, factors: Optional[PathLike] = None, report: Optional[PathLike] = None,
-                 overwrite: bool = False, progress: Optional[Callable[..., None]] = None, **settings) -> Report:
+                 overwrite: bool = False, progress: Optional[Callable[..., None]] = None, **changes) -> Report:
     """What the command line runs: rescale the ONNX file `model` into the file `output` and
     return the report (options, `factors`, `progress` and `dry_run` as for `rescale`).
 
@@ -214,7 +214,7 @@ def rescale_file(model: PathLike, output: Optional[PathLike] = None, *, options:
     succeeded (a dry run's too). Every file the run will write is checked before any work: none
     may be a file the input is read from, and none another of them.
     """
-    chosen = RescaleOptions.of(options, **settings)
+    chosen = RescaleOptions.of(options, **changes)
     if output is None and not dry_run:
         raise InputError("no output path given: pass one, or dry_run=True to only analyse")
     model = os.fspath(model)

@@ -157,10 +157,10 @@ class RescalingPlan:
 
     # ------------------------------------------------------------------ solving
     def solve(self, options: Optional[SolveOptions] = None, *, clock: Clock = _no_clock,
-              say: Callable[..., None] = lambda step, done=None, total=None: None, **settings) -> Solution:
+              say: Callable[..., None] = lambda step, done=None, total=None: None, **changes) -> Solution:
         """Statistics (or norms), bounds and solver on the values held now, with `options` (a
         `SolveOptions`; keywords replace its fields: `solve(solver="exact")`)."""
-        chosen = SolveOptions.of(options, **settings)
+        chosen = SolveOptions.of(options, **changes)
         settings = chosen.settings
         criterion, backend, device = chosen.criterion, chosen.backend, chosen.device
         rule = criteria.get(criterion)

@@ -130,7 +130,6 @@ class Block:
             low = min(low, float(scaled.min()))
         return high, low
 
-
     def _outer_extremes(self, u_ext: np.ndarray) -> Optional[Tuple[float, float]]:
         """For a dense block factored as one outer product of non-negative factors (a fully
         connected layer at one position): entry [r, c] rescaled is a[r]·b[c] with

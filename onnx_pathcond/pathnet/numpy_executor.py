@@ -10,6 +10,8 @@ are squared a block of rows at a time.
 from __future__ import annotations
 
 import itertools
+import weakref
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -106,6 +108,59 @@ def _ungrouped(a: np.ndarray, n: int, inner, outer) -> np.ndarray:
     return np.moveaxis(a.reshape((channels,) + tuple(inner) + (n,) + tuple(outer)), 1 + len(inner), 0)
 
 
+def correlation_geometry(geo: Geometry) -> Optional[Geometry]:
+    """For a stride-1 convolution, the windows of its input adjoint read as a correlation of
+    the output adjoint with the flipped kernel: input position i gathers output positions
+    i + pad_begin − k·dilation. None where that form does not apply (strides, or pads wider
+    than the kernel's reach)."""
+    if any(st != 1 for st in geo.strides):
+        return None
+    reach = tuple((k - 1) * d for k, d in zip(geo.kernel, geo.dilations))
+    begin = tuple(r - b for r, b in zip(reach, geo.pads_begin))
+    end = tuple(r - e for r, e in zip(reach, geo.pads_end))
+    if min(begin + end, default=0) < 0 or any(
+            o != s + b + e - r for o, s, b, e, r in zip(geo.out_size, geo.in_size, geo.pads_begin, geo.pads_end, reach)):
+        return None
+    return Geometry(geo.kernel, geo.strides, geo.dilations, begin, end, geo.out_size, geo.in_size)
+
+
+def conv_input_adjoint(w2: np.ndarray, adj: np.ndarray, n: int, groups: int, geo: Geometry,
+                       form: Optional[str] = None) -> np.ndarray:
+    """The adjoint of a convolution's input, [N, C, *S], from the squared kernel w2 [O, Cg, *K]
+    and the output adjoint `adj` grouped as [G, Og, N·P].
+
+    Two forms give the same sums. "scatter": every window's share is formed (C·K rows) and
+    added back where the window reads. "correlation" (stride 1 only): one correlation of the
+    output adjoint with the flipped kernel, a product with its windows (O·K rows). `form`
+    None picks the one that moves less data: the correlation copies the adjoint's windows
+    (O·K·P) and the flipped kernel (O·Cg·K), the scatter writes and adds back C·K·P; so the
+    correlation wins on large maps and where a layer has fewer outputs than inputs (a
+    DenseNet's growth convolutions), the scatter on small maps of wide layers."""
+    wshape = w2.shape
+    og = wshape[0] // groups
+    if geo.kernel_volume == 1 and geo.padded_size == geo.in_size and all(st == 1 for st in geo.strides):
+        back = np.matmul(w2.reshape(groups, og, -1).transpose(0, 2, 1), adj)  # both forms are this product
+        return _ungrouped(back, n, (), geo.in_size)
+    corr = correlation_geometry(geo)
+    if form is None:
+        positions = int(np.prod(geo.out_size)) * n
+        cheaper = wshape[0] * (positions + wshape[1]) < 2 * groups * wshape[1] * positions
+        form = "correlation" if corr is not None and cheaper else "scatter"
+    if form == "correlation":
+        if corr is None:
+            raise ValueError("the correlation form needs stride 1 and pads within the kernel's reach")
+        nd = len(geo.kernel)
+        flipped = w2[(slice(None), slice(None)) + (slice(None, None, -1),) * nd]
+        # [G, Cg, Og·K]: for input channel c of group g, the kernel of every output channel o
+        kernel = flipped.reshape((groups, og) + wshape[1:]).swapaxes(1, 2).reshape(groups, wshape[1], -1)
+        adj_full = _ungrouped(adj, n, (), geo.out_size)
+        cols = window_view(pad_input(adj_full, corr), corr)  # [N, O, *K, *S]
+        cols = _grouped(cols.reshape(n, wshape[0] * geo.kernel_volume, -1), groups)
+        return _ungrouped(np.matmul(kernel, cols), n, (), geo.in_size)
+    back = _ungrouped(np.matmul(w2.reshape(groups, og, -1).transpose(0, 2, 1), adj), n, geo.kernel, geo.out_size)
+    return crop_input(scatter_windows(back, geo), geo)
+
+
 def _crop_or_pad(arr: np.ndarray, begin, size) -> np.ndarray:
     """Window [begin, begin+size) of the spatial axes of arr [N, C, *S], zero outside."""
     out = np.zeros(arr.shape[:2] + tuple(size), dtype=arr.dtype)
@@ -169,6 +224,44 @@ def squared_product(w: np.ndarray, x: np.ndarray, w_left: bool, transposed: bool
 
 def _swap(x: np.ndarray) -> np.ndarray:
     return np.swapaxes(x, -1, -2)
+
+
+@dataclass(frozen=True)
+class _Move:
+    """How one output of a `Gather` is read from its inputs (flattened one after another):
+    a contiguous run [start, start+size) when `start` is set (a channel Concat at batch one, a
+    Split, a Reshape), otherwise `source` elements placed at the flat positions `kept` of the
+    output (the others are zero); `unique` when no input element is read twice."""
+
+    shape: Tuple[int, ...]
+    size: int
+    start: Optional[int]
+    source: Optional[np.ndarray] = None
+    kept: Optional[np.ndarray] = None
+    unique: bool = False
+
+
+_MOVES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _moves(prim: P.Gather) -> List[_Move]:
+    """The moves of a Gather's maps, worked out once per primitive (a plan walks the same
+    primitives at every solve)."""
+    moves = _MOVES.get(prim)
+    if moves is None:
+        moves = []
+        for src in prim.maps:
+            flat = src.ravel()
+            first = int(flat[0]) if flat.size else 0
+            if flat.size and first >= 0 and (flat.size == 1 or bool((np.diff(flat) == 1).all())):
+                moves.append(_Move(src.shape, flat.size, first))
+                continue
+            kept = np.flatnonzero(flat >= 0)
+            source = flat[kept]
+            unique = not source.size or int(np.bincount(source).max()) <= 1
+            moves.append(_Move(src.shape, flat.size, None, source, kept, unique))
+        _MOVES[prim] = moves
+    return moves
 
 
 class NumpyExecutor:
@@ -347,11 +440,8 @@ class NumpyExecutor:
         wshape, groups, geo = w2.shape, prim.groups, prim.geometry
         n = x.shape[0]
         adj = _grouped(adj.reshape(adj.shape[:2] + (-1,)), groups)  # [G, Og, N·P]
-        w2 = w2.reshape(groups, wshape[0] // groups, -1)
-        back = _ungrouped(np.matmul(w2.transpose(0, 2, 1), adj), n, geo.kernel, geo.out_size)
+        into = conv_input_adjoint(w2, adj, n, groups, geo)
         del w2  # the weights' copies go before the statistics' arrays arrive
-        into = crop_input(scatter_windows(back, geo), geo)
-        del back
         cols = _columns(x, groups, geo)
         factors = (adj[0], cols[0]) if groups == 1 and geo.kernel_volume == 1 else None
         g = np.matmul(adj, cols.transpose(0, 2, 1)).reshape(wshape)
@@ -409,15 +499,31 @@ class NumpyExecutor:
 
     # Gather
     def _forward_Gather(self, prim: P.Gather, *xs):
-        flat = np.concatenate([x.ravel() for x in xs] + [np.zeros(1)])
-        return [flat[np.where(src >= 0, src, flat.size - 1)] for src in prim.maps]
+        flat = xs[0].ravel() if len(xs) == 1 else np.concatenate([x.ravel() for x in xs])
+        out = []
+        for move in _moves(prim):
+            if move.start is not None:  # a contiguous run of the inputs: a view
+                out.append(flat[move.start:move.start + move.size].reshape(move.shape))
+            else:
+                y = np.zeros(move.shape)
+                y.ravel()[move.kept] = flat[move.source]
+                out.append(y)
+        return out
 
     def _backward_Gather(self, prim: P.Gather, inputs, *adjs):
         sizes = [int(np.prod(self._shape(x))) for x in prim.xs]
-        total = np.zeros(sum(sizes))
-        for src, adj in zip(prim.maps, adjs):
-            keep = src >= 0
-            total += np.bincount(src[keep], weights=adj[keep], minlength=total.size)
+        moves = _moves(prim)
+        if len(moves) == 1 and moves[0].start == 0 and moves[0].size == sum(sizes):  # a copy, reshaped
+            total = adjs[0].ravel()
+        else:
+            total = np.zeros(sum(sizes))
+            for move, adj in zip(moves, adjs):
+                if move.start is not None:
+                    total[move.start:move.start + move.size] += adj.ravel()
+                elif move.unique:  # one reader per element: the scatter is an assignment
+                    total[move.source] += adj.ravel()[move.kept]
+                else:
+                    total += np.bincount(move.source, weights=adj.ravel()[move.kept], minlength=total.size)
         parts = np.split(total, np.cumsum(sizes)[:-1])
         return [part.reshape(self._shape(x)) for x, part in zip(prim.xs, parts)], []
 

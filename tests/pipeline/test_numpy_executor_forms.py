@@ -1,0 +1,157 @@
+"""The numpy executor computes some primitives in more than one form, picked by shape: a
+convolution's input adjoint as a correlation (stride 1) or as a scatter of windows, and a
+Gather as a view, an assignment or a scatter-add. Each form is checked here against the
+definition written as plain loops or as an explicit 0/1 matrix, and end to end against path
+enumeration on convolutions whose padding the fast form cannot take."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from support.bruteforce import bruteforce_diag_g
+from support.nets import Net
+from onnx_pathcond.api import analyse_model
+from onnx_pathcond.geometry import Geometry
+from onnx_pathcond.pathnet import primitives as P
+from onnx_pathcond.pathnet.numpy_executor import NumpyExecutor, conv_input_adjoint, correlation_geometry
+from onnx_pathcond.stats import diag_g_by_tensor
+
+
+def _input_adjoint_by_loops(w2, adj, groups, geo):
+    """into[n, c, i] = Σ w2[o, c mod Cg, k] · adj[n, o, p] over the (o, k, p) of c's group with
+    p·stride + k·dilation − pad_begin = i: the transpose of the convolution, from its definition."""
+    n, out_channels = adj.shape[:2]
+    og, cg = out_channels // groups, w2.shape[1]
+    into = np.zeros((n, groups * cg) + geo.in_size)
+    for o in range(out_channels):
+        g = o // og
+        for k in itertools.product(*(range(s) for s in geo.kernel)):
+            for p in itertools.product(*(range(s) for s in geo.out_size)):
+                i = tuple(pp * st + kk * d - b for pp, st, kk, d, b in
+                          zip(p, geo.strides, k, geo.dilations, geo.pads_begin))
+                if all(0 <= ii < s for ii, s in zip(i, geo.in_size)):
+                    for c in range(cg):
+                        into[(slice(None), g * cg + c) + i] += w2[(o, c) + k] * adj[(slice(None), o) + p]
+    return into
+
+
+def _geometries():
+    """Strides 1 and 2, dilations, asymmetric pads, pads wider than the kernel reaches."""
+    rng = np.random.default_rng(7)
+    found = []
+    while len(found) < 60:
+        nd = int(rng.integers(1, 3))
+        kernel = tuple(int(k) for k in rng.integers(1, 4, nd))
+        dilations = tuple(int(d) for d in rng.integers(1, 3, nd))
+        strides = tuple(int(s) for s in rng.choice([1, 1, 2], nd))
+        # half of them with pads within the kernel's reach (where the correlation form applies)
+        top = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)] if len(found) % 2 else [4] * nd
+        begin = tuple(int(rng.integers(0, t)) for t in top)
+        end = tuple(int(rng.integers(0, t)) for t in top)
+        in_size = tuple(int(s) for s in rng.integers(1, 7, nd))
+        out = tuple((s + b + e - (k - 1) * d - 1) // st + 1
+                    for s, b, e, k, d, st in zip(in_size, begin, end, kernel, dilations, strides))
+        if min(out) >= 1:
+            found.append(Geometry(kernel, strides, dilations, begin, end, in_size, out))
+    return found
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_conv_input_adjoint_matches_its_definition(groups):
+    rng = np.random.default_rng(groups)
+    correlations = 0
+    for geo in _geometries():
+        cg, og, n = int(rng.integers(1, 4)), int(rng.integers(1, 4)), int(rng.integers(1, 3))
+        w2 = rng.random((groups * og, cg) + geo.kernel)
+        adj = rng.random((n, groups * og) + geo.out_size)
+        grouped = adj.reshape(n, groups, og, -1).transpose(1, 2, 0, 3).reshape(groups, og, -1)
+        expected = _input_adjoint_by_loops(w2, adj, groups, geo)
+        forms = [None, "scatter"] + (["correlation"] if correlation_geometry(geo) is not None else [])
+        for form in forms:
+            got = conv_input_adjoint(w2, grouped, n, groups, geo, form=form)
+            np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-300, err_msg=f"{form} {geo}")
+        correlations += "correlation" in forms
+    assert correlations >= 10
+
+
+def test_the_correlation_form_is_refused_where_it_does_not_apply():
+    geo = Geometry((3,), (2,), (1,), (1,), (1,), (6,), (3,))  # stride 2
+    assert correlation_geometry(geo) is None
+    with pytest.raises(ValueError, match="stride 1"):
+        conv_input_adjoint(np.ones((1, 1, 3)), np.ones((1, 1, 3)), 1, 1, geo, form="correlation")
+
+
+class _Shapes:
+    """What the executor asks of the graph for a Gather: the shape of each input."""
+
+    def __init__(self, shapes):
+        self.shapes = shapes
+
+    def shape(self, name):
+        return self.shapes[name]
+
+
+def _gather_matrix(maps, total):
+    """The 0/1 matrix of each map: row j has a one at column maps[j] (none for -1)."""
+    mats = []
+    for src in maps:
+        flat = src.ravel()
+        m = np.zeros((flat.size, total))
+        rows = np.flatnonzero(flat >= 0)
+        np.add.at(m, (rows, flat[rows]), 1.0)
+        mats.append(m)
+    return mats
+
+
+@pytest.mark.parametrize("kind", ["concat", "split", "permutation", "padded", "repeated", "mixed"])
+def test_gather_forms_match_the_explicit_matrix(kind):
+    rng = np.random.default_rng(3)
+    shapes = {"a": (1, 2, 3), "b": (1, 4, 3)}
+    xs = ("a", "b")
+    total = 18
+    if kind == "concat":  # a channel Concat at batch one: one contiguous run
+        maps = (np.arange(18).reshape(1, 6, 3),)
+    elif kind == "split":  # two runs of one input
+        xs, maps = ("b",), (np.arange(0, 6).reshape(1, 2, 3), np.arange(6, 12).reshape(1, 2, 3))
+        total = 12
+    elif kind == "permutation":  # a Transpose: each element read once
+        maps = (np.arange(18).reshape(6, 3).T.copy(),)
+    elif kind == "padded":  # a Pad: zeros around a permutation
+        maps = (np.pad(rng.permutation(18).reshape(6, 3), 1, constant_values=-1),)
+    elif kind == "repeated":  # a Tile: elements read twice
+        maps = (np.tile(np.arange(18), 2).reshape(6, 6),)
+    else:
+        maps = (np.arange(2, 8).reshape(2, 3), rng.integers(-1, 18, (4, 5)), np.array([[17, 0, 17]]))
+    prim = P.Gather(xs, tuple(f"y{k}" for k in range(len(maps))), maps)
+    executor = NumpyExecutor(_Shapes(shapes), sink=None)
+    inputs = [rng.random(shapes[x]) for x in xs]
+    flat = np.concatenate([x.ravel() for x in inputs])
+    mats = _gather_matrix(maps, total)
+    for _ in range(2):  # the second call uses the forms worked out at the first
+        outs = executor.forward(prim, inputs)
+        for y, m, src in zip(outs, mats, maps):
+            assert y.shape == src.shape
+            np.testing.assert_array_equal(y.ravel(), m @ flat)
+        adjs = [rng.random(src.shape) for src in maps]
+        into, stats = executor.backward(prim, inputs, adjs)
+        expected = sum(m.T @ a.ravel() for m, a in zip(mats, adjs))
+        np.testing.assert_allclose(np.concatenate([i.ravel() for i in into]), expected, rtol=1e-14)
+        assert [i.shape for i in into] == [shapes[x] for x in xs] and stats == []
+
+
+@pytest.mark.parametrize("pads, dilation", [([2, 0, 0, 2], 1), ([3, 3, 3, 3], 1), ([0, 1, 2, 0], 2),
+                                            ([1, 0, 0, 1], 1)])
+def test_diag_g_of_padded_stride_one_convolutions_matches_path_enumeration(pads, dilation):
+    """Pads beyond the kernel's reach (the scatter form) and within it (the correlation form),
+    asymmetric, dilated, grouped: diag(G) from the path network against every path."""
+    net = Net([1, 2, 5, 5], seed=11)
+    y = net.relu(net.conv(net.x, 2, 4, 3, pad=pads, dilation=dilation))
+    y = net.relu(net.conv(y, 4, 4, 2, pad=pads, group=2))
+    model = net.model(net.conv(y, 4, 2, 1))
+    graph, analysis, _ = analyse_model(model)
+    got = diag_g_by_tensor(graph, analysis, backend="numpy")
+    expected = bruteforce_diag_g(model)
+    assert set(expected) <= set(got)
+    for name, g in expected.items():
+        np.testing.assert_allclose(got[name], g, rtol=1e-10, atol=1e-12 * max(1.0, float(np.max(g))))

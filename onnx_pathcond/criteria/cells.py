@@ -15,7 +15,7 @@ coordinate descents of the criteria their layer split and per-layer sums.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -526,6 +526,9 @@ class Layer:
     stop: int
     rows: List[int]  # blocks with incoming entries of this layer's groups
     cols: List[int]  # blocks with outgoing entries of this layer's groups
+    # per (side, block): whether the block's keys are exactly this layer's groups in order,
+    # one each (a layer's own weights, row by row), so its sums need no scatter; found once
+    direct: Dict[Tuple[str, int], bool] = field(default_factory=dict, repr=False)
 
 
 def layers(problem: Problem) -> List[Layer]:
@@ -569,16 +572,25 @@ def layer_sums(problem: Problem, layer: Layer, u_ext: np.ndarray) -> Tuple[np.nd
     outgoing = np.zeros(n)
     for k in layer.rows:
         keys, vals = problem.blocks[k].incoming(u_ext)
-        incoming += _gather(keys, vals, layer.start, n)
+        _gather_into(incoming, keys, vals, layer, ("rows", k))
     for k in layer.cols:
         keys, vals = problem.blocks[k].outgoing(u_ext)
-        outgoing += _gather(keys, vals, layer.start, n)
+        _gather_into(outgoing, keys, vals, layer, ("cols", k))
     return outgoing, incoming
 
 
-def _gather(keys, vals, start, n):
-    local = keys - start
+def _gather_into(acc: np.ndarray, keys: np.ndarray, vals: np.ndarray, layer: Layer, which) -> None:
+    """acc[key − start] += val over the keys inside the layer."""
+    n = acc.size
+    direct = layer.direct.get(which)
+    if direct is None:
+        direct = layer.direct[which] = bool(keys.size == n and (keys == np.arange(layer.start, layer.stop)).all())
+    if direct:
+        acc += vals
+        return
+    local = keys - layer.start
     inside = (local >= 0) & (local < n)
     if inside.all():
-        return np.bincount(local, weights=vals, minlength=n)
-    return np.bincount(local[inside], weights=vals[inside], minlength=n)
+        acc += np.bincount(local, weights=vals, minlength=n)
+    else:
+        acc += np.bincount(local[inside], weights=vals[inside], minlength=n)

@@ -183,9 +183,11 @@ def coordinate_descent(problem: Problem, max_iter: int = 10, tol: float = 1e-2,
     sweeps = 0
     increments = {}  # per layer: the total's increments in the last sweep (a warm start)
     boxes = {}
+    # The running total: each layer's update returns it at the new u, so it is taken from
+    # the blocks once (a pass over every block, a third of a sweep's reading), not per sweep.
+    total = problem.total(u_ext[:-1])
     for sweep in range(1, max_iter + 1):
         sweeps = sweep
-        total = problem.total(u_ext[:-1])
         change = 0.0
         for k, layer in enumerate(groups_by_layer):
             B, C = layer_sums(problem, layer, u_ext)

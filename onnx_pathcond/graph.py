@@ -149,6 +149,7 @@ class Graph:
         self.sequences = {o for n in self.nodes if n.op_type in _SEQUENCE_OPS and n.domain in ("", "ai.onnx")
                           for o in n.output if o}
         self._constant_cache: Dict[str, np.ndarray] = {}
+        self._small_initializers: Dict[str, np.ndarray] = {}
         self.input_shapes, input_types = shapes.resolve_input_shapes(self.model, input_shapes or {})
         self.elem_type.update(input_types)
         self.shapes: Dict[str, Optional[Tuple[int, ...]]] = {}
@@ -246,10 +247,20 @@ class Graph:
         self._constant_cache.clear()
 
     def initializer_value(self, name: str) -> np.ndarray:
-        """An initializer's value (one given in `values`, or read from its file when it was left there)."""
+        """An initializer's value (one given in `values`, or read from its file when it was left there).
+
+        A small one held in the model is decoded once and kept, read-only: the statistics read
+        every bias and BatchNorm parameter at each pass (a large one is a view of its file)."""
         if name in self.values:
             return self.values[name]
-        return self.file.initializer_value(self.initializers[name])
+        cached = self._small_initializers.get(name)
+        if cached is not None:
+            return cached
+        value = self.file.initializer_value(self.initializers[name])
+        if value.size <= SKELETON_MAX_ELEMENTS and not self.file.in_file(name):
+            value.flags.writeable = False
+            self._small_initializers[name] = value
+        return value
 
     def is_sequence(self, name: str) -> bool:
         """Whether the value is a sequence of tensors (it has no tensor shape)."""

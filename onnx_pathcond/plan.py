@@ -73,16 +73,11 @@ class TensorFactor:
         along different axes (then the extremes of the sum of logs are the sums of extremes)."""
         if self.incoming is None or self.outgoing is None or not self.factor.size:
             return float(np.abs(np.log(self.factor)).max()) if self.factor.size else 0.0
-        a, b = _compact(self.incoming), _compact(self.outgoing)
+        a, b = rewrite.distinct_values(self.incoming), rewrite.distinct_values(self.outgoing)
         if any(m > 1 and n > 1 for m, n in zip(a.shape, b.shape)):  # they share an axis
             return float(np.abs(np.log(self.factor)).max())
         la, lb = np.log(a), np.log(b)
         return float(max(abs(la.max() + lb.max()), abs(la.min() + lb.min())))
-
-
-def _compact(view: np.ndarray) -> np.ndarray:
-    """The distinct values of a broadcast view: its axes of stride 0 cut to length 1."""
-    return view[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in view.strides)]
 
 
 class RescalingPlan:

@@ -115,6 +115,7 @@ class _Chunks:
         self.outgoing = np.broadcast_to(outgoing, shape).reshape(original.shape)
         self.offset = offset
         self.high, self.low_f, self.high_f = 0.0, np.inf, 0.0
+        self.factor_extremes = _outer_extremes(self.incoming, self.outgoing) if original.size else None
 
     def __iter__(self):
         original = self.original
@@ -141,18 +142,30 @@ class _Chunks:
             np.multiply(original[part] if plain else original[part].astype(np.float64), f, out=v)
             if self.offset:
                 v += self.offset * (f - 1.0)
-            self.high = max(self.high, float(max(v.max(), -v.min())))
-            self.low_f, self.high_f = min(self.low_f, float(f.min())), max(self.high_f, float(f.max()))
+            if self.factor_extremes is None:
+                self.low_f, self.high_f = min(self.low_f, float(f.min())), max(self.high_f, float(f.max()))
             if staging is None or v.size > staging.size:
-                yield v.astype(self.dtype).reshape(-1)  # cast back to the tensor's dtype
+                cast = v.astype(self.dtype).reshape(-1)  # cast back to the tensor's dtype
+                self._largest(cast, v, plain)
+                yield cast
                 continue
             if filled + v.size > staging.size:
                 yield staging[:filled]
                 filled = 0
-            staging[filled:filled + v.size] = v.reshape(-1)  # cast back to the tensor's dtype
+            cast = staging[filled:filled + v.size]
+            cast[:] = v.reshape(-1)  # cast back to the tensor's dtype
+            self._largest(cast, v, plain)
             filled += v.size
         if filled:
             yield staging[:filled]
+        if self.factor_extremes is not None:
+            self.low_f, self.high_f = self.factor_extremes
+
+    def _largest(self, cast: np.ndarray, wide: np.ndarray, plain: bool) -> None:
+        """The largest magnitude so far. Rounding is monotone, so the extremes of the cast
+        block are the casts of the float64 ones: they are read from the narrower copy."""
+        block = cast if plain else wide
+        self.high = max(self.high, float(max(block.max(), -block.min())))
 
     def summary(self, values: Optional[np.ndarray] = None) -> "Rescaled":
         low_f, high_f = (self.low_f, self.high_f) if self.original.size else (1.0, 1.0)
@@ -161,6 +174,22 @@ class _Chunks:
         with np.errstate(over="ignore"):
             high = float(np.asarray(self.high).astype(self.dtype).astype(np.float64))
         return Rescaled(values, high, low_f, high_f)
+
+
+def _outer_extremes(incoming: np.ndarray, outgoing: np.ndarray) -> Optional[Tuple[float, float]]:
+    """(min, max) of incoming × outgoing over the tensor, from the two sides' own values when
+    they vary along different axes (broadcast views, both positive: the extremes of the
+    product are the products of the extremes); None otherwise."""
+    a, b = distinct_values(incoming), distinct_values(outgoing)
+    if any(m > 1 and n > 1 for m, n in zip(a.shape, b.shape)) or not a.size or not b.size \
+            or not (a.min() > 0 and b.min() > 0):
+        return None
+    return float(a.min()) * float(b.min()), float(a.max()) * float(b.max())
+
+
+def distinct_values(view: np.ndarray) -> np.ndarray:
+    """The distinct values of a broadcast view: its axes of stride 0 cut to length 1."""
+    return view[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in view.strides)]
 
 
 def rescaled(original: np.ndarray, incoming: np.ndarray, outgoing: np.ndarray, offset: float = 0.0) -> Rescaled:

@@ -143,3 +143,20 @@ def test_extremes_of_a_factored_block_equal_those_of_its_entries():
         got = block.extremes(u_ext)
         assert got[0] == pytest.approx(high, rel=1e-14, abs=0)
         assert got[1] == pytest.approx(low, rel=1e-14) if np.isfinite(low) else got[1] == np.inf
+
+
+@pytest.mark.parametrize("sides", ["outer", "shared axis", "one side"])
+def test_rewrite_factor_extremes_equal_the_elementwise_ones(monkeypatch, sides):
+    """The summary's factor extremes come from the two sides when they vary along different
+    axes, from the blocks otherwise (a BatchNorm's γ under bn_statistics has both sides on
+    its one axis): the same numbers as the elementwise product's, either way."""
+    monkeypatch.setattr(rewrite, "_CHUNK", 500)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 9)).astype(np.float32)
+    incoming = np.exp(rng.standard_normal((64, 1)))
+    outgoing = {"outer": np.exp(rng.standard_normal((1, 9))), "shared axis": np.exp(rng.standard_normal((64, 1))),
+                "one side": np.ones((1, 1))}[sides]
+    factor = np.broadcast_to(incoming, w.shape) * np.broadcast_to(outgoing, w.shape)
+    summary = rewrite.rescaled(w, incoming, outgoing)
+    assert (summary.min_factor, summary.max_factor) == (factor.min(), factor.max())
+    assert summary.max_abs == float(np.abs((w.astype(np.float64) * factor).astype(np.float32)).max())

@@ -187,6 +187,7 @@ class Gather(Primitive):
     xs: Tuple[str, ...]
     ys: Tuple[str, ...]
     maps: Tuple[np.ndarray, ...]
+    aliases = True  # a map that is a contiguous run of one input is read as a view of it
 
     @property
     def inputs(self):

@@ -73,10 +73,10 @@ class TensorFactor:
         along different axes (then the extremes of the sum of logs are the sums of extremes)."""
         if self.incoming is None or self.outgoing is None or not self.factor.size:
             return float(np.abs(np.log(self.factor)).max()) if self.factor.size else 0.0
-        a, b = rewrite.distinct_values(self.incoming), rewrite.distinct_values(self.outgoing)
-        if any(m > 1 and n > 1 for m, n in zip(a.shape, b.shape)):  # they share an axis
+        sides = rewrite.separate_sides(self.incoming, self.outgoing)
+        if sides is None:  # they share an axis
             return float(np.abs(np.log(self.factor)).max())
-        la, lb = np.log(a), np.log(b)
+        la, lb = np.log(sides[0]), np.log(sides[1])
         return float(max(abs(la.max() + lb.max()), abs(la.min() + lb.min())))
 
 

@@ -180,16 +180,22 @@ def _outer_extremes(incoming: np.ndarray, outgoing: np.ndarray) -> Optional[Tupl
     """(min, max) of incoming × outgoing over the tensor, from the two sides' own values when
     they vary along different axes (broadcast views, both positive: the extremes of the
     product are the products of the extremes); None otherwise."""
-    a, b = distinct_values(incoming), distinct_values(outgoing)
-    if any(m > 1 and n > 1 for m, n in zip(a.shape, b.shape)) or not a.size or not b.size \
-            or not (a.min() > 0 and b.min() > 0):
+    sides = separate_sides(incoming, outgoing)
+    if sides is None or not sides[0].size or not sides[1].size or not (sides[0].min() > 0 and sides[1].min() > 0):
         return None
+    a, b = sides
     return float(a.min()) * float(b.min()), float(a.max()) * float(b.max())
 
 
-def distinct_values(view: np.ndarray) -> np.ndarray:
-    """The distinct values of a broadcast view: its axes of stride 0 cut to length 1."""
-    return view[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in view.strides)]
+def separate_sides(incoming: np.ndarray, outgoing: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """The distinct values of the two sides of a tensor's factor (each broadcast view cut to
+    length 1 along its axes of stride 0), when they vary along different axes: the factor is
+    then their outer product, and its extremes follow from theirs. None when they share one."""
+    a, b = (view[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in view.strides)]
+            for view in (incoming, outgoing))
+    if any(m > 1 and n > 1 for m, n in zip(a.shape, b.shape)):
+        return None
+    return a, b
 
 
 def rescaled(original: np.ndarray, incoming: np.ndarray, outgoing: np.ndarray, offset: float = 0.0) -> Rescaled:

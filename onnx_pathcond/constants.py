@@ -1,6 +1,12 @@
 """The values of constant tensors: Constant nodes, and nodes whose inputs are all constant
 (static shapes, casts, dequantisation, anything onnx's reference evaluator runs).
 
+The few ops that exporters use to compute shapes (Expand, Reshape, Concat, Gather, Cast,
+integer arithmetic, ...) are computed here with numpy, the way onnx's reference evaluator
+computes them: importing the evaluator costs more than folding a whole model's shape
+arithmetic, and most models need nothing else. Any other op, and any case these functions
+do not take, goes to the evaluator.
+
 `Graph.constant_value` is the entry point (it reads initializers and caches small values);
 this module computes what is not stored.
 
@@ -78,11 +84,111 @@ def _dequantize(graph, node: onnx.NodeProto) -> np.ndarray:
     return (value * scale).astype(scale.dtype)
 
 
+def _axes(node: onnx.NodeProto, axes_input: tuple):
+    """The `axes` of Squeeze / Unsqueeze (the second input from opset 13, an attribute before),
+    as ints; None when absent."""
+    axes = axes_input[0] if axes_input else attr(node, "axes", None)
+    return None if axes is None else [int(a) for a in np.asarray(axes).ravel()]
+
+
+def _unsqueeze(node, x, *axes_input):
+    return np.expand_dims(x, tuple(_axes(node, axes_input)))  # numpy counts negative axes on the output, as ONNX
+
+
+def _squeeze(node, x, *axes_input):
+    axes = _axes(node, axes_input)
+    return np.squeeze(x, axis=None if axes is None else tuple(a % x.ndim for a in axes))
+
+
+def reshaped(x: np.ndarray, shape, allowzero: int = 0) -> np.ndarray:
+    """ONNX Reshape: -1 inferred; a 0 keeps the input's extent there unless `allowzero`."""
+    shape = np.array(shape, dtype=np.int64).ravel()
+    if not allowzero:
+        zeros = np.flatnonzero(shape == 0)
+        shape[zeros] = np.array(x.shape, dtype=np.int64)[zeros]
+    return x.reshape(tuple(int(d) for d in shape))
+
+
+def sliced(x: np.ndarray, starts, ends, axes=None, steps=None) -> np.ndarray:
+    """ONNX Slice (opset 10 on: bounds as inputs). Python's slices count negative bounds from
+    the end and clamp the rest the way ONNX does, for either sign of step."""
+    starts, ends = np.asarray(starts).ravel(), np.asarray(ends).ravel()
+    axes = range(len(starts)) if axes is None else [int(a) for a in np.asarray(axes).ravel()]
+    steps = [1] * len(starts) if steps is None else np.asarray(steps).ravel()
+    if not len(starts) == len(ends) == len(axes) == len(steps):
+        raise ValueError("starts, ends, axes and steps differ in length")
+    index = [slice(None)] * x.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        if int(step) == 0:
+            raise ValueError("a step of 0")
+        index[axis] = slice(int(start), int(end), int(step))
+    return x[tuple(index)]
+
+
+def _integer_divide(x, y):
+    """Integer Div truncates towards zero, in integer arithmetic (no float detour)."""
+    q = np.floor_divide(x, y)
+    return q + ((np.remainder(x, y) != 0) & ((x < 0) ^ (y < 0))).astype(q.dtype)
+
+
+def _binary(op):
+    def run(node, a, b):
+        if a.dtype != b.dtype:
+            raise ValueError("inputs of different types")
+        if op is np.divide and np.issubdtype(a.dtype, np.integer):
+            return _integer_divide(a, b)
+        return np.asarray(op(a, b)).astype(a.dtype, copy=False)
+    return run
+
+
+# numpy folding of one node: op type -> f(node, *input values) -> output value. Each raises
+# (or returns None) on a case it does not take; the reference evaluator then runs the node.
+_STANDARD_CASTS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8,
+                   TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
+                   TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL}
+_NUMPY_FOLDS = {
+    "Expand": lambda node, x, shape: np.array(np.broadcast_to(
+        x, np.broadcast_shapes(x.shape, tuple(int(d) for d in shape)))),
+    "Reshape": lambda node, x, shape: reshaped(x, shape, attr(node, "allowzero", 0)),
+    "Slice": lambda node, x, *bounds: sliced(x, *bounds) if len(bounds) >= 2 else None,
+    "Concat": lambda node, *xs: np.concatenate(xs, axis=attr(node, "axis", None)) if any(
+        a.name == "axis" for a in node.attribute) else None,
+    "Gather": lambda node, x, indices: np.take(x, indices, axis=attr(node, "axis", 0)),
+    "Cast": lambda node, x: (x.astype(helper.tensor_dtype_to_np_dtype(attr(node, "to", None)))
+                             if attr(node, "to", None) in _STANDARD_CASTS and x.dtype.kind in "biuf" else None),
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "Transpose": lambda node, x: np.transpose(x, attr(node, "perm", None) or None),
+    "Add": _binary(np.add),
+    "Sub": _binary(np.subtract),
+    "Mul": _binary(np.multiply),
+    "Div": _binary(np.divide),
+}
+
+
+def _fold_with_numpy(node: onnx.NodeProto, feeds: dict):
+    """The node's output with numpy (`_NUMPY_FOLDS`), or None where the evaluator must decide."""
+    fold = _NUMPY_FOLDS.get(node.op_type)
+    if fold is None or node.domain not in ("", "ai.onnx") or len([o for o in node.output if o]) != 1 \
+            or any(not i for i in node.input):
+        return None
+    try:
+        with np.errstate(all="ignore"):
+            value = fold(node, *(feeds[i] for i in node.input))
+    except Exception:
+        return None
+    return None if value is None else [np.asarray(value)]
+
+
 def _evaluate_node(graph, node: onnx.NodeProto) -> List[np.ndarray]:
-    """Run one node whose inputs are all constant (onnx's reference evaluator)."""
+    """Run one node whose inputs are all constant (numpy for the common shape arithmetic,
+    onnx's reference evaluator for the rest)."""
+    feeds = {i: graph.constant_value(i) for i in node.input if i}
+    folded = _fold_with_numpy(node, feeds)
+    if folded is not None:
+        return folded
     from onnx.reference import ReferenceEvaluator
 
-    feeds = {i: graph.constant_value(i) for i in node.input if i}
     inputs = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
               for i, v in feeds.items()]
     outputs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.output if o]

@@ -194,11 +194,14 @@ def _reference_map(node, graph, monkeypatch):
 
 
 def _random_move(rng):
-    """A random Flatten, Reshape or Transpose of one tensor: (node, graph)."""
+    """A random Flatten, Reshape, Transpose or Slice of one tensor: (node, graph)."""
     rank = int(rng.integers(1, 6))
     shape = tuple(int(d) for d in rng.integers(1, 5, size=rank))
-    op = rng.choice(["Flatten", "Reshape", "Transpose"])
+    op = rng.choice(["Flatten", "Reshape", "Transpose", "Slice"])
     constants = {}
+    if op == "Slice":
+        node, constants = _random_slice(rng, shape)
+        return node, _Graph({"x": shape}, constants=constants)
     if op == "Flatten":
         node = helper.make_node("Flatten", ["x"], ["y"], axis=int(rng.integers(-rank, rank + 1))) \
             if rng.random() < 0.8 else helper.make_node("Flatten", ["x"], ["y"])
@@ -227,8 +230,34 @@ def _random_move(rng):
         if rng.random() < 0.05:
             dims[0] += 1  # a wrong size: the evaluator fails, the node is not a copy
         constants["s"] = np.array(dims, dtype=np.int64)
-        node = helper.make_node("Reshape", ["x", "s"], ["y"])
+        allowzero = int(rng.integers(3)) - 1  # -1: the attribute absent
+        node = helper.make_node("Reshape", ["x", "s"], ["y"], **({} if allowzero < 0 else {"allowzero": allowzero}))
     return node, _Graph({"x": shape}, constants=constants)
+
+
+def _random_slice(rng, shape):
+    """A Slice of `shape` with bounds of either sign, beyond the extent or INT64's ends, steps
+    of either sign, axes given (negative too) or not, steps given or not: (node, its bound
+    tensors)."""
+    rank = len(shape)
+    axes = [int(a) for a in rng.permutation(rank)[:int(rng.integers(1, rank + 1))]]
+    big = np.iinfo(np.int64)
+    starts, ends, steps = [], [], []
+    for a in axes:
+        bound = lambda: int(rng.choice([rng.integers(-shape[a] - 2, shape[a] + 3), big.max, big.min, 0]))
+        starts.append(bound())
+        ends.append(bound())
+        steps.append(int(rng.choice([1, 1, 2, -1, -2, 3])))
+    inputs = ["x", "starts", "ends"]
+    constants = {"starts": np.array(starts, dtype=np.int64), "ends": np.array(ends, dtype=np.int64)}
+    with_axes, with_steps = rng.random() < 0.8 or axes != list(range(len(axes))), rng.random() < 0.7
+    if with_axes or with_steps:
+        inputs.append("axes")
+        constants["axes"] = np.array([a - rank if rng.random() < 0.3 else a for a in axes], dtype=np.int64)
+    if with_steps:
+        inputs.append("steps")
+        constants["steps"] = np.array(steps, dtype=np.int64)
+    return helper.make_node("Slice", inputs, ["y"]), constants
 
 
 def test_direct_maps_match_the_reference_evaluator(monkeypatch):
@@ -244,7 +273,7 @@ def test_direct_maps_match_the_reference_evaluator(monkeypatch):
         assert got is not None and len(got) == len(want), seed
         for a, b in zip(got, want):
             assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), seed
-    assert taken > 200
+    assert taken > 230
 
 
 def _random_labels(rng):

@@ -1,7 +1,8 @@
 """Ops that only move, copy or drop elements: Reshape, Flatten, Transpose, Concat, Slice, ...
 
-One rule serves them all. The node is run once (onnx's reference evaluator) on inputs whose
-values are their own element indices; the result says, for every output element, which input
+One rule serves them all. The node is run once (with numpy for Flatten, Reshape, Transpose
+and Slice, onnx's reference evaluator for the rest) on inputs whose values are their own
+element indices; the result says, for every output element, which input
 element it copies (or none, for padding). That map gives:
 
 * the path network: a `Gather` primitive (copies carry weight 1);

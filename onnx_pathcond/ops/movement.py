@@ -293,11 +293,18 @@ class MovementRule(OpRule):
         sizes = {n: int(np.prod(shapes[n])) for n in acts}
         if sum(sizes[n] for n in names) == 0 or slot_labels.min() == slot_labels.max():
             return False
-        index, offset = {}, 0
-        for n in acts:
-            index[n] = np.arange(offset, offset + sizes[n], dtype=np.int64).reshape(shapes[n])
-            offset += sizes[n]
-        an.node_data[g.index(node)] = [np.concatenate([index[n] for n in names], axis=axis)]
+        first = shapes[acts[0]]
+        out_shape = first[:axis] + (sum(shapes[n][axis] for n in names),) + first[axis + 1:]
+        if len(names) == len(acts) and all(d == 1 for d in first[:axis]):
+            # distinct inputs, one slab each (a batch of one): joined, their flat numbers run on
+            joined = np.arange(sum(sizes.values()), dtype=np.int64).reshape(out_shape)
+        else:
+            index, offset = {}, 0
+            for n in acts:
+                index[n] = np.arange(offset, offset + sizes[n], dtype=np.int64).reshape(shapes[n])
+                offset += sizes[n]
+            joined = np.concatenate([index[n] for n in names], axis=axis)
+        an.node_data[g.index(node)] = [joined]
         an.set_layout(node.output[0], Layout(axis, slot_labels.astype(np.int64)))
         return True
 

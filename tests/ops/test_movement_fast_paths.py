@@ -130,6 +130,8 @@ def _concat_case(seed):
     rank = int(rng.integers(1, 5))
     axis = int(rng.integers(rank))
     base = [int(d) for d in rng.integers(1, 4, size=rank)]
+    if rng.random() < 0.3:
+        base[0] = 1  # a batch of one: the inputs are one slab each
     if rng.random() < 0.05:
         base[int(rng.integers(rank))] = 0  # an empty tensor
     n_distinct = int(rng.integers(1, 4))

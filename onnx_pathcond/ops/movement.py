@@ -20,6 +20,8 @@ input becomes channel c of the output).
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 from onnx import TensorProto, helper
 
@@ -32,6 +34,26 @@ from .base import OpRule, normalize_axis, register
 _NO_SOURCE = -1
 _UNSCALED = -1  # label of an element whose channel has no position
 _PADDING = -2  # label of an element copied from nowhere (matches any channel)
+
+
+# A node's index maps depend on the graph view alone (shapes and constants), not on the
+# layouts: computed once per view and shared by its analyses (the count of the groups that
+# bn_statistics would free runs a second one). Read-only, as every reader only reads them.
+_MAPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _once(graph, node, kind: str, compute):
+    per_graph = _MAPS.get(graph)
+    if per_graph is None:
+        per_graph = _MAPS[graph] = {}
+    key = (kind, graph.index(node))
+    if key not in per_graph:
+        value = compute()
+        maps = value[0] if kind == "source" else [value]
+        for m in maps or ():
+            m.flags.writeable = False
+        per_graph[key] = value
+    return per_graph[key]
 
 
 def source_map(node, graph):
@@ -218,6 +240,23 @@ def set_copied_layout(an, output, labels, src, preferred_axis) -> None:
     an.set_layout(output, Layout(axis, slot_labels.astype(np.int64)))
 
 
+def _joined_map(names, acts, shapes, axis) -> np.ndarray:
+    """The source map of a Concat of `names` along `axis`: the flat numbers of the distinct
+    inputs `acts` (numbered one after another, as `source_map` numbers them), joined."""
+    first = shapes[acts[0]]
+    if len(names) == len(acts) and all(d == 1 for d in first[:axis]):
+        # distinct inputs, one slab each (a batch of one): joined, their flat numbers run on
+        total = sum(int(np.prod(shapes[n])) for n in acts)
+        return np.arange(total, dtype=np.int64).reshape(
+            first[:axis] + (sum(shapes[n][axis] for n in names),) + first[axis + 1:])
+    index, offset = {}, 0
+    for n in acts:
+        size = int(np.prod(shapes[n]))
+        index[n] = np.arange(offset, offset + size, dtype=np.int64).reshape(shapes[n])
+        offset += size
+    return np.concatenate([index[n] for n in names], axis=axis)
+
+
 @register
 class MovementRule(OpRule):
     op_types = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice",
@@ -236,7 +275,7 @@ class MovementRule(OpRule):
             return
         if node.op_type == "Concat" and self._channel_concat(node, an, acts):
             return
-        maps, _ = source_map(node, g)
+        maps, _ = _once(g, node, "source", lambda: source_map(node, g))
         if maps is None:
             an.cut(node, f"{node.op_type} '{node_label(node)}' does not only copy elements")
             return
@@ -293,18 +332,7 @@ class MovementRule(OpRule):
         sizes = {n: int(np.prod(shapes[n])) for n in acts}
         if sum(sizes[n] for n in names) == 0 or slot_labels.min() == slot_labels.max():
             return False
-        first = shapes[acts[0]]
-        out_shape = first[:axis] + (sum(shapes[n][axis] for n in names),) + first[axis + 1:]
-        if len(names) == len(acts) and all(d == 1 for d in first[:axis]):
-            # distinct inputs, one slab each (a batch of one): joined, their flat numbers run on
-            joined = np.arange(sum(sizes.values()), dtype=np.int64).reshape(out_shape)
-        else:
-            index, offset = {}, 0
-            for n in acts:
-                index[n] = np.arange(offset, offset + sizes[n], dtype=np.int64).reshape(shapes[n])
-                offset += sizes[n]
-            joined = np.concatenate([index[n] for n in names], axis=axis)
-        an.node_data[g.index(node)] = [joined]
+        an.node_data[g.index(node)] = [_once(g, node, "concat", lambda: _joined_map(names, acts, shapes, axis))]
         an.set_layout(node.output[0], Layout(axis, slot_labels.astype(np.int64)))
         return True
 

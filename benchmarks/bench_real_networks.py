@@ -120,8 +120,8 @@ def _export(names, folder: Path, exporters) -> None:
 def _measure_one(path: str, full: bool, options: dict = None) -> dict:
     """Runs in the child process: the tool on one file, with `options` of `rescale`, as a dict.
     The libraries that the baseline imports before its clock starts (onnx, numpy, onnxruntime)
-    are imported before this one starts too, as bench_pipeline.py does; the tool's own modules
-    are imported on the clock."""
+    are imported before this one starts too, as bench_pipeline.py does (the tool's own modules
+    come with `from onnx_pathcond import rescale`, also before it)."""
     import onnx
 
     try:

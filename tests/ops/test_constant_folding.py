@@ -73,7 +73,8 @@ def _random_node(rng):
             shape = (3,)
         axis = int(rng.integers(-len(shape), len(shape)))
         n = shape[axis]
-        indices = rng.integers(-n, n + (1 if rng.random() < 0.1 else 0), size=tuple(rng.integers(0, 3, size=int(rng.integers(0, 2)))))
+        index_shape = tuple(int(d) for d in rng.integers(0, 3, size=int(rng.integers(0, 2))))
+        indices = rng.integers(-n, n + (1 if rng.random() < 0.1 else 0), size=index_shape)  # n: out of range
         return helper.make_node("Gather", ["x", "i"], ["y"], axis=axis), {"x": x, "i": indices.astype(np.int64)}
     if op == "Cast":
         to = int(rng.choice([TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, TensorProto.DOUBLE,

@@ -2,7 +2,8 @@
 (static shapes, casts, dequantisation, anything onnx's reference evaluator runs).
 
 The few ops that exporters use to compute shapes (Expand, Reshape, Concat, Gather, Cast,
-integer arithmetic, ...) are computed here with numpy, the way onnx's reference evaluator
+Slice, integer arithmetic, ...) and that move elements (Flatten, Transpose) are computed here
+with numpy, the way onnx's reference evaluator
 computes them: importing the evaluator costs more than folding a whole model's shape
 arithmetic, and most models need nothing else. Any other op, and any case these functions
 do not take, goes to the evaluator.
@@ -16,7 +17,7 @@ imports it back.
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import onnx
@@ -100,16 +101,23 @@ def _squeeze(node, x, *axes_input):
     return np.squeeze(x, axis=None if axes is None else tuple(a % x.ndim for a in axes))
 
 
-def reshaped(x: np.ndarray, shape, allowzero: int = 0) -> np.ndarray:
+def _flattened(node, x):
+    axis = attr(node, "axis", 1)
+    return x.reshape((1, -1) if axis == 0 else (int(np.prod(x.shape[:axis])), -1))
+
+
+def _reshaped(x: np.ndarray, shape, allowzero: int = 0) -> np.ndarray:
     """ONNX Reshape: -1 inferred; a 0 keeps the input's extent there unless `allowzero`."""
-    shape = np.array(shape, dtype=np.int64).ravel()
+    if shape.dtype != np.int64 or shape.ndim != 1:
+        return None  # not a valid shape input: the evaluator says what it makes of it
+    shape = np.array(shape, dtype=np.int64)
     if not allowzero:
         zeros = np.flatnonzero(shape == 0)
         shape[zeros] = np.array(x.shape, dtype=np.int64)[zeros]
     return x.reshape(tuple(int(d) for d in shape))
 
 
-def sliced(x: np.ndarray, starts, ends, axes=None, steps=None) -> np.ndarray:
+def _sliced(x: np.ndarray, starts, ends, axes=None, steps=None) -> np.ndarray:
     """ONNX Slice (opset 10 on: bounds as inputs). Python's slices count negative bounds from
     the end and clamp the rest the way ONNX does, for either sign of step."""
     starts, ends = np.asarray(starts).ravel(), np.asarray(ends).ravel()
@@ -149,8 +157,9 @@ _STANDARD_CASTS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, T
 _NUMPY_FOLDS = {
     "Expand": lambda node, x, shape: np.array(np.broadcast_to(
         x, np.broadcast_shapes(x.shape, tuple(int(d) for d in shape)))),
-    "Reshape": lambda node, x, shape: reshaped(x, shape, attr(node, "allowzero", 0)),
-    "Slice": lambda node, x, *bounds: sliced(x, *bounds) if len(bounds) >= 2 else None,
+    "Flatten": _flattened,
+    "Reshape": lambda node, x, shape: _reshaped(x, shape, attr(node, "allowzero", 0)),
+    "Slice": lambda node, x, *bounds: _sliced(x, *bounds) if len(bounds) >= 2 else None,
     "Concat": lambda node, *xs: np.concatenate(xs, axis=attr(node, "axis", None)) if any(
         a.name == "axis" for a in node.attribute) else None,
     "Gather": lambda node, x, indices: np.take(x, indices, axis=attr(node, "axis", 0)),
@@ -166,18 +175,26 @@ _NUMPY_FOLDS = {
 }
 
 
-def _fold_with_numpy(node: onnx.NodeProto, feeds: dict):
-    """The node's output with numpy (`_NUMPY_FOLDS`), or None where the evaluator must decide."""
+def run_with_numpy(node: onnx.NodeProto, inputs: list) -> Optional[np.ndarray]:
+    """The one output of `node` on the input values `inputs` (in the node's order) with numpy
+    (`_NUMPY_FOLDS`), or None where onnx's reference evaluator must decide. The movement rule
+    runs its index tensors through the same functions."""
     fold = _NUMPY_FOLDS.get(node.op_type)
     if fold is None or node.domain not in ("", "ai.onnx") or len([o for o in node.output if o]) != 1 \
             or any(not i for i in node.input):
         return None
     try:
         with np.errstate(all="ignore"):
-            value = fold(node, *(feeds[i] for i in node.input))
+            value = fold(node, *inputs)
     except Exception:
         return None
-    return None if value is None else [np.asarray(value)]
+    return None if value is None else np.asarray(value)
+
+
+def _fold_with_numpy(node: onnx.NodeProto, feeds: dict):
+    """`run_with_numpy` on the constant values `feeds` (by name), as a list of outputs."""
+    value = run_with_numpy(node, [feeds[i] for i in node.input])
+    return None if value is None else [value]
 
 
 def _evaluate_node(graph, node: onnx.NodeProto) -> List[np.ndarray]:

@@ -26,7 +26,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from ..channels import Layout, SpreadLayout
-from ..constants import reshaped, sliced
+from ..constants import run_with_numpy
 from ..nodes import attr, node_label
 from ..pathnet.primitives import Gather
 from .base import OpRule, normalize_axis, register
@@ -98,46 +98,25 @@ def source_map(node, graph):
 
 
 def _direct_map(node, graph):
-    """`source_map` of a Flatten, Reshape, Transpose or Slice of one non-empty activation,
-    written with numpy the way onnx's reference evaluator computes these ops (onnx/reference/ops:
-    op_flatten, op_reshape, op_transpose, op_slice) on the index tensor; None for anything
-    else, or when numpy refuses (the evaluator then decides)."""
+    """`source_map` of a Flatten, Reshape, Transpose or Slice of one non-empty activation:
+    the index tensor run through numpy (`constants.run_with_numpy`, written the way onnx's
+    reference evaluator computes these ops); None for anything else, or when numpy declines
+    (the evaluator then decides)."""
     if node.op_type not in ("Flatten", "Reshape", "Transpose", "Slice") or not node.input \
-            or not graph.is_activation(node.input[0]) or len([o for o in node.output if o]) != 1:
+            or not graph.is_activation(node.input[0]):
         return None
     x = node.input[0]
     shape = tuple(graph.shape(x))
     size = int(np.prod(shape))
-    if size == 0:
-        return None
     rest = list(node.input[1:])
-    if node.op_type == "Flatten" or node.op_type == "Transpose":
-        if rest:
-            return None
-    elif any(not i or graph.is_activation(i) or i == x for i in rest) \
-            or (node.op_type == "Reshape" and len(rest) != 1) or (node.op_type == "Slice" and len(rest) < 2):
-        return None  # opset-1 Slice (bounds as attributes), absent optional inputs: the evaluator
-    index = np.arange(size, dtype=np.int64).reshape(shape)
-    try:
-        if node.op_type == "Flatten":
-            i = attr(node, "axis", 1)
-            out = index.reshape((1, -1) if i == 0 else (np.prod(shape[:i]).astype(int), -1))
-        elif node.op_type == "Reshape":
-            target = np.asarray(graph.constant_value(rest[0]))
-            if target.dtype != np.int64 or target.ndim != 1:
-                return None
-            out = reshaped(index, target, attr(node, "allowzero", 0))
-        elif node.op_type == "Slice":
-            out = sliced(index, *(graph.constant_value(i) for i in rest))
-        else:
-            perm = attr(node, "perm", None)
-            perm = None if perm is None or len(perm) == 0 else list(perm)
-            if perm is not None and len(perm) != len(shape):
-                return None
-            out = np.transpose(index) if perm is None else np.transpose(index, axes=perm)
-    except Exception:
+    if size == 0 or any(not i or graph.is_activation(i) or i == x for i in rest):
         return None
-    return [np.ascontiguousarray(out)], size
+    try:
+        values = [np.asarray(graph.constant_value(i)) for i in rest]
+    except Exception:  # noqa: BLE001 -- not a value numpy can read: the evaluator reports it
+        return None
+    out = run_with_numpy(node, [np.arange(size, dtype=np.int64).reshape(shape)] + values)
+    return None if out is None else ([np.ascontiguousarray(out)], size)
 
 
 def element_labels(names, an, relabel=None):

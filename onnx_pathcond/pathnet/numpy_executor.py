@@ -48,7 +48,10 @@ def unbroadcast(arr: np.ndarray, shape) -> np.ndarray:
 # ---------------------------------------------------------------------------- windows
 # Arrays are [N, C, *S]: a batch axis, a channel axis, then the spatial axes the windows slide on.
 def pad_input(x: np.ndarray, geo: Geometry) -> np.ndarray:
-    """`x` of shape [N, C, *S] embedded in zeros of shape [N, C, *padded_size]."""
+    """`x` of shape [N, C, *S] embedded in zeros of shape [N, C, *padded_size]; `x` itself
+    where there is no padding (a strided 1×1 convolution, a pool without pads). For reading."""
+    if geo.padded_size == tuple(x.shape[2:]):
+        return x
     xp = np.zeros(x.shape[:2] + geo.padded_size, dtype=x.dtype)
     xp[_inside(geo)] = x
     return xp
@@ -78,11 +81,14 @@ def window_view(xp: np.ndarray, geo: Geometry) -> np.ndarray:
 def scatter_windows(cols: np.ndarray, geo: Geometry) -> np.ndarray:
     """Adjoint of `window_view`: sum cols [N, C, *kernel, *out] into [N, C, *padded_size]."""
     out = np.zeros(cols.shape[:2] + geo.padded_size, dtype=cols.dtype)
-    for offset in itertools.product(*(range(k) for k in geo.kernel)):
+    for n, offset in enumerate(itertools.product(*(range(k) for k in geo.kernel))):
         index = (slice(None), slice(None)) + tuple(
             slice(k * d, k * d + (o - 1) * st + 1, st)
             for k, d, o, st in zip(offset, geo.dilations, geo.out_size, geo.strides))
-        out[index] += cols[(slice(None), slice(None)) + offset]
+        if n:
+            out[index] += cols[(slice(None), slice(None)) + offset]
+        else:  # the first offset meets only zeros, each position once: an assignment
+            out[index] = cols[(slice(None), slice(None)) + offset]
     return out
 
 
@@ -220,6 +226,19 @@ def squared_product(w: np.ndarray, x: np.ndarray, w_left: bool, transposed: bool
         else:  # x @ (w²)ᵀ: rows of w make columns of the output
             out[..., rows] = np.matmul(x, part.T)
     return out
+
+
+def _per_channel_dot(a: np.ndarray, b: np.ndarray, view) -> Optional[np.ndarray]:
+    """Σ a·b over every axis but the channel axis (1), when `view` is one value per channel
+    (a BatchNorm's scale) and a, b have the same shape: one dot product per channel, with no
+    product array as large as a and b. None in other cases."""
+    view = tuple(view)
+    if a.shape != b.shape or a.ndim < 2 or len(view) != a.ndim or view[1] != a.shape[1] \
+            or any(d != 1 for i, d in enumerate(view) if i != 1):
+        return None
+    n, c = a.shape[:2]
+    dots = np.einsum("ncs,ncs->c", a.reshape(n, c, -1), b.reshape(n, c, -1))
+    return dots.reshape(view)
 
 
 def _swap(x: np.ndarray) -> np.ndarray:
@@ -363,7 +382,10 @@ class NumpyExecutor:
         into = unbroadcast(adj * factor, self._shape(prim.x))
         stats = []
         if prim.weight.reports:
-            g = unbroadcast(adj * inputs[0], prim.view) * prim.weight.gain
+            g = _per_channel_dot(adj, inputs[0], prim.view)
+            if g is None:
+                g = unbroadcast(adj * inputs[0], prim.view)
+            g = g * prim.weight.gain
             stats.append((prim.weight.use, g.reshape(prim.weight.use.view_shape), None))
         return [into], stats
 

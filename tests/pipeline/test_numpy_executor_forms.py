@@ -14,7 +14,8 @@ from support.nets import Net
 from onnx_pathcond.api import analyse_model
 from onnx_pathcond.geometry import Geometry
 from onnx_pathcond.pathnet import primitives as P
-from onnx_pathcond.pathnet.numpy_executor import NumpyExecutor, conv_input_adjoint, correlation_geometry
+from onnx_pathcond.pathnet.numpy_executor import (NumpyExecutor, _per_channel_dot, conv_input_adjoint,
+                                                  correlation_geometry, pad_input, scatter_windows, window_view)
 from onnx_pathcond.stats import diag_g_by_tensor
 
 
@@ -73,6 +74,44 @@ def test_conv_input_adjoint_matches_its_definition(groups):
             np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-300, err_msg=f"{form} {geo}")
         correlations += "correlation" in forms
     assert correlations >= 10
+
+
+def test_windows_and_their_scatter_match_explicit_padding():
+    """window_view reads padded position p·stride + k·dilation, from x itself when nothing is
+    padded; scatter_windows is its transpose: ⟨scatter(c), x_padded⟩ = ⟨c, windows(x_padded)⟩."""
+    rng = np.random.default_rng(21)
+    unpadded = 0
+    for geo in _geometries():
+        x = rng.random((2, 3) + geo.in_size)
+        explicit = np.pad(x, [(0, 0), (0, 0)] + [(b, p - b - s) for b, p, s in
+                                                 zip(geo.pads_begin, geo.padded_size, geo.in_size)])
+        padded = pad_input(x, geo)
+        np.testing.assert_array_equal(padded, explicit)
+        if geo.padded_size == geo.in_size:
+            assert padded is x
+            unpadded += 1
+        view = window_view(padded, geo)
+        for k in itertools.product(*(range(s) for s in geo.kernel)):
+            for p in itertools.product(*(range(s) for s in geo.out_size)):
+                at = tuple(pp * st + kk * d for pp, st, kk, d in zip(p, geo.strides, k, geo.dilations))
+                assert np.array_equal(view[(slice(None), slice(None)) + k + p], explicit[(slice(None), slice(None)) + at])
+        cols = rng.random(view.shape)
+        scattered = scatter_windows(cols, geo)
+        assert float((scattered * explicit).sum()) == pytest.approx(float((cols * view).sum()), rel=1e-12)
+    assert unpadded >= 3
+
+
+def test_per_channel_dot_matches_the_product_summed():
+    rng = np.random.default_rng(22)
+    for shape in [(1, 4, 5, 6), (3, 4, 5), (2, 7), (2, 3, 2, 2, 2)]:
+        a, b = rng.random(shape), rng.random(shape)
+        view = (1, shape[1]) + (1,) * (len(shape) - 2)
+        expected = (a * b).sum(axis=tuple(i for i in range(len(shape)) if i != 1), keepdims=True)
+        np.testing.assert_allclose(_per_channel_dot(a, b, view), expected, rtol=1e-13)
+    a = rng.random((2, 4, 3))
+    assert _per_channel_dot(a, a, (1, 4, 3)) is None  # not one value per channel
+    assert _per_channel_dot(a, a[:, :, :1], (1, 4, 1)) is None  # shapes differ (a broadcast)
+    assert _per_channel_dot(a, a, (4, 1)) is None  # a view of another rank
 
 
 def test_the_correlation_form_is_refused_where_it_does_not_apply():

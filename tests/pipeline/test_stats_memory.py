@@ -224,3 +224,35 @@ def test_blocked_cell_reductions_build_the_same_problem(zeros, monkeypatch):
             assert (x is None and y is None) or np.array_equal(x, y), attr
     u = np.random.default_rng(0).normal(size=fast.H) * 0.1
     assert fast.objective(u) == pytest.approx(slow.objective(u), rel=1e-13)
+
+
+def test_sum_of_logs_matches_numpy_in_and_out_of_the_four_product_range():
+    from onnx_pathcond.criteria import cells
+
+    rng = np.random.default_rng(11)
+    cases = [rng.random(n) * 10.0 ** rng.uniform(-30, 30, n) for n in (1, 7, 8, 9, 1001, 4 * (1 << 20) + 3)]
+    cases.append(np.array([1e-200, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]))  # a product would underflow
+    cases.append(np.array([1e200] * 12))  # ... or overflow
+    for values in cases:
+        expected = float(np.log(values).sum())
+        got = cells._sum_of_logs(values, float(values.min()), float(values.max()), chunk=1 << 20)
+        assert got == pytest.approx(expected, rel=1e-13, abs=1e-9), values.size
+    # a chunk size that does not divide by four still covers every value once
+    values = rng.random(103) + 0.5
+    assert cells._sum_of_logs(values, 0.5, 1.5, chunk=10) == pytest.approx(float(np.log(values).sum()), rel=1e-13)
+
+
+def test_groups_meet_agrees_with_a_set_intersection():
+    from onnx_pathcond.criteria import cells
+
+    rng = np.random.default_rng(12)
+    H = 50
+    for _ in range(500):
+        row = rng.integers(0, H + 1, int(rng.integers(0, 8)))
+        col = rng.integers(0, H + 1, int(rng.integers(0, 8)))
+        if rng.random() < 0.5:  # layer-like: two ranges side by side
+            start = int(rng.integers(0, H - 10))
+            row = np.append(np.arange(start, start + 5), H)
+            col = np.arange(start + 5 - int(rng.integers(0, 2)), start + 9)
+        expected = bool(np.intersect1d(row[row < H], col[col < H]).size)
+        assert cells._groups_meet(row[:, None], col[None, :], H) == expected

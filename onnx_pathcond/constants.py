@@ -193,7 +193,7 @@ def run_with_numpy(node: onnx.NodeProto, inputs: list) -> Optional[np.ndarray]:
 
 def _fold_with_numpy(node: onnx.NodeProto, feeds: dict):
     """`run_with_numpy` on the constant values `feeds` (by name), as a list of outputs."""
-    value = run_with_numpy(node, [feeds[i] for i in node.input])
+    value = run_with_numpy(node, [feeds.get(i) for i in node.input])  # an omitted input: declined there
     return None if value is None else [value]
 
 

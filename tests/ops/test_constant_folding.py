@@ -145,3 +145,22 @@ def test_declined_cases_are_left_to_the_evaluator():
     assert _fold_with_numpy(helper.make_node("Reshape", ["x", "s"], ["y"]), {"x": x, "s": np.array([4, -1])}) is None
     assert _fold_with_numpy(helper.make_node("Range", ["a", "b", "c"], ["y"]),
                             {"a": np.array(0), "b": np.array(3), "c": np.array(1)}) is None
+
+
+def test_an_omitted_optional_input_goes_to_the_evaluator():
+    """A constant Slice whose `axes` input is left out (an empty name) is declined by the numpy
+    path and folded by the evaluator, through the graph's own entry point."""
+    from onnx import numpy_helper
+
+    from onnx_pathcond.graph import Graph
+
+    data = np.arange(12, dtype=np.float32).reshape(3, 4)
+    inits = [numpy_helper.from_array(data, "d"), numpy_helper.from_array(np.array([1], np.int64), "s"),
+             numpy_helper.from_array(np.array([3], np.int64), "e"),
+             numpy_helper.from_array(np.array([1], np.int64), "st")]
+    node = helper.make_node("Slice", ["d", "s", "e", "", "st"], ["y"])
+    assert _fold_with_numpy(node, {"d": data, "s": np.array([1]), "e": np.array([3]), "st": np.array([1])}) is None
+    model = helper.make_model(helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                               None)], inits),
+                              opset_imports=[helper.make_opsetid("", _OPSET)])
+    np.testing.assert_array_equal(Graph(model).constant_value("y"), data[1:3])  # axes default to 0, 1, ...

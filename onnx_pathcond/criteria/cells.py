@@ -247,10 +247,10 @@ def _sum_of_logs(values: np.ndarray, low: float, high: float, chunk: int = 1 << 
     for i in range(0, flat.size, chunk):
         part = flat[i:i + chunk]
         q = part.size // 4
-        pairs = np.multiply(part[:q], part[q:2 * q], out=products[:q])
-        pairs *= part[2 * q:3 * q]
-        pairs *= part[3 * q:4 * q]
-        total += float(np.log(pairs).sum()) + float(np.log(part[4 * q:]).sum())
+        fours = np.multiply(part[:q], part[q:2 * q], out=products[:q])
+        fours *= part[2 * q:3 * q]
+        fours *= part[3 * q:4 * q]
+        total += float(np.log(fours).sum()) + float(np.log(part[4 * q:]).sum())
     return total
 
 

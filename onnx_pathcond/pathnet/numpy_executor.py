@@ -10,6 +10,7 @@ are squared a block of rows at a time.
 from __future__ import annotations
 
 import itertools
+import string
 import weakref
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -228,17 +229,18 @@ def squared_product(w: np.ndarray, x: np.ndarray, w_left: bool, transposed: bool
     return out
 
 
-def _per_channel_dot(a: np.ndarray, b: np.ndarray, view) -> Optional[np.ndarray]:
-    """Σ a·b over every axis but the channel axis (1), when `view` is one value per channel
-    (a BatchNorm's scale) and a, b have the same shape: one dot product per channel, with no
-    product array as large as a and b. None in other cases."""
-    view = tuple(view)
-    if a.shape != b.shape or a.ndim < 2 or len(view) != a.ndim or view[1] != a.shape[1] \
-            or any(d != 1 for i, d in enumerate(view) if i != 1):
-        return None
-    n, c = a.shape[:2]
-    dots = np.einsum("ncs,ncs->c", a.reshape(n, c, -1), b.reshape(n, c, -1))
-    return dots.reshape(view)
+def summed_product(a: np.ndarray, b: np.ndarray, shape) -> np.ndarray:
+    """`unbroadcast(a * b, shape)`: the product summed over the axes that `shape` broadcasts
+    (a statistic). For two arrays of one shape it is one einsum, which forms no product array
+    as large as them (a BatchNorm's scale: one dot product per channel)."""
+    shape = tuple(shape)
+    extra = a.ndim - len(shape)
+    if a.shape != b.shape or extra < 0 or a.ndim > 26 or shape == a.shape \
+            or any(d not in (1, n) for d, n in zip(shape, a.shape[extra:])):
+        return unbroadcast(a * b, shape)
+    axes = string.ascii_lowercase[:a.ndim]
+    kept = "".join(axis for axis, d in zip(axes[extra:], shape) if d != 1)
+    return np.einsum(f"{axes},{axes}->{kept}", a, b).reshape(shape)
 
 
 def _swap(x: np.ndarray) -> np.ndarray:
@@ -382,10 +384,7 @@ class NumpyExecutor:
         into = unbroadcast(adj * factor, self._shape(prim.x))
         stats = []
         if prim.weight.reports:
-            g = _per_channel_dot(adj, inputs[0], prim.view)
-            if g is None:
-                g = unbroadcast(adj * inputs[0], prim.view)
-            g = g * prim.weight.gain
+            g = summed_product(adj, inputs[0], prim.view) * prim.weight.gain
             stats.append((prim.weight.use, g.reshape(prim.weight.use.view_shape), None))
         return [into], stats
 

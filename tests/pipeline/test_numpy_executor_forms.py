@@ -14,8 +14,9 @@ from support.nets import Net
 from onnx_pathcond.api import analyse_model
 from onnx_pathcond.geometry import Geometry
 from onnx_pathcond.pathnet import primitives as P
-from onnx_pathcond.pathnet.numpy_executor import (NumpyExecutor, _per_channel_dot, conv_input_adjoint,
-                                                  correlation_geometry, pad_input, scatter_windows, window_view)
+from onnx_pathcond.pathnet.numpy_executor import (NumpyExecutor, conv_input_adjoint, correlation_geometry,
+                                                  pad_input, scatter_windows, summed_product, unbroadcast,
+                                                  window_view)
 from onnx_pathcond.stats import diag_g_by_tensor
 
 
@@ -101,17 +102,17 @@ def test_windows_and_their_scatter_match_explicit_padding():
     assert unpadded >= 3
 
 
-def test_per_channel_dot_matches_the_product_summed():
+def test_summed_product_matches_the_product_unbroadcast():
     rng = np.random.default_rng(22)
-    for shape in [(1, 4, 5, 6), (3, 4, 5), (2, 7), (2, 3, 2, 2, 2)]:
+    cases = [((1, 4, 5, 6), (1, 4, 1, 1)), ((3, 4, 5), (1, 4, 1)), ((2, 7), (1, 7)), ((2, 3, 2, 2, 2), (1, 3, 1, 1, 1)),
+             ((2, 4, 3), (1, 4, 3)), ((2, 4, 3), (3,)), ((2, 4, 3), (2, 4, 3)), ((2, 4, 3), ())]
+    for shape, view in cases:
         a, b = rng.random(shape), rng.random(shape)
-        view = (1, shape[1]) + (1,) * (len(shape) - 2)
-        expected = (a * b).sum(axis=tuple(i for i in range(len(shape)) if i != 1), keepdims=True)
-        np.testing.assert_allclose(_per_channel_dot(a, b, view), expected, rtol=1e-13)
+        np.testing.assert_allclose(summed_product(a, b, view), unbroadcast(a * b, view), rtol=1e-13)
+        assert summed_product(a, b, view).shape == view
     a = rng.random((2, 4, 3))
-    assert _per_channel_dot(a, a, (1, 4, 3)) is None  # not one value per channel
-    assert _per_channel_dot(a, a[:, :, :1], (1, 4, 1)) is None  # shapes differ (a broadcast)
-    assert _per_channel_dot(a, a, (4, 1)) is None  # a view of another rank
+    # a broadcast operand takes the product itself
+    np.testing.assert_allclose(summed_product(a, a[:, :, :1], (1, 4, 1)), unbroadcast(a * a[:, :, :1], (1, 4, 1)))
 
 
 def test_the_correlation_form_is_refused_where_it_does_not_apply():

@@ -6,7 +6,10 @@
 
 For each model, diag(G) is computed by every executor asked for, in this process:
 
-* `numpy`: the reference executor (`pathnet.numpy_executor`);
+* `numpy`: the reference executor (`pathnet.numpy_executor`), in float64;
+* `numpy32`: the same walk in float32 (what `--precision auto` runs first, docs/design.md §2.6):
+  the `nodes` column gives its bound on every entry's relative error, which `max rel diff`
+  (against float64) must stay below;
 * `ort-cpu`, `ort-cuda`: the path network as one float64 ONNX graph run by onnxruntime on the
   CPU or CUDA execution provider.
 
@@ -57,11 +60,11 @@ def model_path(name: str) -> Path:
     return make_models.ensure([name])[0]
 
 
-def collect_g(graph, analysis, backend: str, device: str, native_conv=None):
+def collect_g(graph, analysis, backend: str, device: str, native_conv=None, precision: str = "float64"):
     """diag(G) per parameter use (float64 arrays), the statistics' own record, and the time.
 
     `native_conv` (onnxruntime only) forces the convolution form of the path-network graph;
-    None leaves the tool's own choice."""
+    None leaves the tool's own choice. `precision` float32: the numpy walk in float32."""
     from onnx_pathcond.pathnet import ort
     from onnx_pathcond.stats import compute_diag_g
 
@@ -73,7 +76,7 @@ def collect_g(graph, analysis, backend: str, device: str, native_conv=None):
 
     start = time.perf_counter()
     if native_conv is None:
-        info = compute_diag_g(graph, analysis, keep, backend=backend, device=device).as_dict()
+        info = compute_diag_g(graph, analysis, keep, backend=backend, device=device, precision=precision).as_dict()
     else:
         info = ort.compute_diag_g(graph, analysis, keep, device=device, native_conv=native_conv).as_dict()
     return out, info, time.perf_counter() - start
@@ -190,13 +193,14 @@ def main(argv=None) -> int:
 
     from onnx_pathcond.api import analyse_model, load_model
 
-    executors = [("numpy", "numpy", "cpu", None)]
+    executors = [("numpy", "numpy", "cpu", None, "float64"), ("numpy32", "numpy", "cpu", None, "float32")]
     if not args.no_ort_cpu:
-        executors.append(("ort-cpu", "onnxruntime", "cpu", None))
+        executors.append(("ort-cpu", "onnxruntime", "cpu", None, "float64"))
     if args.device == "cuda":
-        executors.append(("ort-cuda", "onnxruntime", "cuda", None))
+        executors.append(("ort-cuda", "onnxruntime", "cuda", None, "float64"))
         if args.both_conv_forms:
-            executors.append(("cuda-mm", "onnxruntime", "cuda", False))
+            executors.append(("cuda-mm", "onnxruntime", "cuda", False, "float64"))
+    from onnx_pathcond.stats import PrecisionLost
     import onnxruntime as ort
 
     print(f"onnxruntime {ort.__version__}, providers available: {', '.join(ort.get_available_providers())}")
@@ -211,12 +215,16 @@ def main(argv=None) -> int:
         graph, analysis, groups = analyse_model(load_model(str(path)))
         params = sum(int(np.prod(u.view_shape)) for u in analysis.uses if not u.ignored)
         reference = None
-        for label, backend, device, native in executors:
-            g, info, first = collect_g(graph, analysis, backend, device, native)
+        for label, backend, device, native, precision in executors:
+            try:
+                g, info, first = collect_g(graph, analysis, backend, device, native, precision)
+            except PrecisionLost as lost:
+                print(f"{name:<24} {label:<9} outside float32's range: {lost}", flush=True)
+                continue
             best, best_info = None, info
             for _ in range(max(args.repeat, 0)):
                 del g
-                g, info, took = collect_g(graph, analysis, backend, device, native)
+                g, info, took = collect_g(graph, analysis, backend, device, native, precision)
                 if best is None or took < best:
                     best, best_info = took, info
             if reference is None:
@@ -230,6 +238,8 @@ def main(argv=None) -> int:
             placed = best_info.get("nodes_by_provider") or {}
             where = ", ".join(f"{p.replace('ExecutionProvider', '')} {n}" for p, n in placed.items()) or \
                 ",".join(best_info.get("providers", []))
+            if best_info.get("precision") == "float32":
+                where += f" float32, bound {best_info['relative_error_bound']:.1e}"
             if best_info.get("notice"):
                 where += f"  [{best_info['notice']}]"
             cells = [f"{name:<24}", f"{label:<9}", f"{params:>11,d}", f"{first:8.3f}",

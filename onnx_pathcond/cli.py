@@ -33,8 +33,8 @@ import click  # noqa: E402
 from . import __version__  # noqa: E402
 from .errors import InputError, PathCondError, keyword  # noqa: E402
 from .options import (BACKENDS, BN_STATISTICS, CRITERIA, DEFAULT_BACKEND, DEFAULT_CRITERION, DEFAULT_DEVICE,  # noqa: E402
-                      DEFAULT_RTOL, DEFAULT_SEED, DEFAULT_SOLVER, DEVICES, ENORM_SOLVERS, NOISE_FACTOR, RTOL_CEILING,
-                      SOLVERS)
+                      DEFAULT_PRECISION, DEFAULT_RTOL, DEFAULT_SEED, DEFAULT_SOLVER, DEVICES, ENORM_SOLVERS,
+                      NOISE_FACTOR, PRECISIONS, RTOL_CEILING, SOLVERS)
 from .process import OneLineErrors, held_signals  # noqa: E402
 from .progress import Progress  # noqa: E402
 
@@ -132,6 +132,10 @@ class _Tolerance(click.ParamType):
                    "the CPU, where it measured faster and leaner).")
 @click.option("--device", type=click.Choice(DEVICES), default=DEFAULT_DEVICE, show_default=True,
               help="cuda: run the onnxruntime backend on its CUDA execution provider (needs onnx-pathcond[gpu]).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULT_PRECISION, show_default=True,
+              help="Arithmetic of the numpy backend's diag(G): auto runs float32 where the weights are at most "
+                   "32-bit and the result is proven no worse than no rescaling with its error bound, float64 "
+                   "otherwise (docs/design.md §2.6); float64 always runs float64.")
 @click.option("--verify/--no-verify", "verify_output", default=True, show_default=True,
               help="Check on random inputs that the output computes the same function.")
 @click.option("--rtol", type=_Tolerance(), default=None,
@@ -155,8 +159,8 @@ class _Tolerance(click.ParamType):
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors and warnings.")
 @click.option("-v", "--verbose", is_flag=True, help="Print every layer and every frozen range.")
 @click.version_option(__version__, "--version")
-def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol, backend, device, verify_output, rtol,
-         seed, bn_statistics, report, factors, dry_run, overwrite, quiet, verbose):
+def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol, backend, device, precision,
+         verify_output, rtol, seed, bn_statistics, report, factors, dry_run, overwrite, quiet, verbose):
     """Rescale the ReLU network in IN with PathCond (or ENorm) and write the equivalent model to OUT.
 
     The output has the same graph, names, shapes and dtypes; only weight values change, so the
@@ -173,7 +177,7 @@ def main(input_path, output_path, input_shapes, criterion, solver, max_iter, tol
         try:
             result = api.rescale_file(input_path, output_path, input_shapes=list(input_shapes), criterion=criterion,
                                       solver=solver, max_iter=max_iter, tol=tol, verify_output=verify_output,
-                                      rtol=rtol, seed=seed, backend=backend, device=device,
+                                      rtol=rtol, seed=seed, backend=backend, device=device, precision=precision,
                                       bn_statistics=bn_statistics, dry_run=dry_run, factors=factors, report=report,
                                       overwrite=overwrite, progress=progress)
         finally:

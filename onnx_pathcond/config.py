@@ -30,7 +30,8 @@ def _set(record, name: str, value) -> None:
 class SolveOptions:
     """criterion: "pathcond" or "enorm"; solver: "cd" or "exact"; max_iter and tol: None for
     that solver's own defaults for the criterion (`settings` gives the values that run);
-    backend and device: what computes diag(G)."""
+    backend and device: what computes diag(G); precision: "auto" (float32 where proven as
+    good, docs/design.md §2.6) or "float64", the numpy walk's arithmetic."""
 
     criterion: str = options.DEFAULT_CRITERION
     solver: str = options.DEFAULT_SOLVER
@@ -38,6 +39,7 @@ class SolveOptions:
     tol: Optional[float] = None
     backend: str = options.DEFAULT_BACKEND
     device: str = options.DEFAULT_DEVICE
+    precision: str = options.DEFAULT_PRECISION
 
     def __post_init__(self):
         criteria.get(self.criterion)  # an unknown criterion is refused with the registered ones
@@ -49,6 +51,7 @@ class SolveOptions:
             _set(self, "tol", _number("tol", self.tol))
         criteria.solver_settings(self.solver, self.max_iter, self.tol, self.criterion)
         options.check_backend(self.backend, self.device)
+        options.check_precision(self.precision)
 
     @property
     def settings(self) -> SolverSettings:

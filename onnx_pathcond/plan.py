@@ -91,6 +91,9 @@ class RescalingPlan:
         self.input_shapes = input_shapes
         self.bn_statistics = bn_statistics
         self.reanalysed = 0
+        # Whether a float32 solve of this plan has failed its certificate: a plan re-solved
+        # near its optimum (a schedule) would pay for float32 and then float64 every time.
+        self.float32_declined = False
         self._analyse({})
 
     def _analyse(self, values: Dict[str, np.ndarray]) -> None:
@@ -162,26 +165,55 @@ class RescalingPlan:
         criteria.check_bn_statistics(self.bn_statistics, criterion)
         graph, analysis, groups = self.graph, self.analysis, self.groups
         step = "statistics" if rule.needs_diag_g else "norms"
+        limits = None
 
-        def statistics(sink):
-            return stats.compute_diag_g(graph, analysis, sink, backend=backend, device=device,
-                                        progress=lambda done, total: say("statistics", done, total))
+        def build_and_descend(precision: str):
+            nonlocal limits
+            def statistics(sink):
+                return stats.compute_diag_g(graph, analysis, sink, backend=backend, device=device, precision=precision,
+                                            progress=lambda done, total: say("statistics", done, total))
 
-        with clock(step):
-            problem, runtime = rule.build(graph, analysis, groups, statistics,
-                                          progress=lambda done, total: say(step, done, total))
-        with clock("solve"):
-            limits = bounds.solve_bounds(graph, analysis.uses, groups)
-            progress = lambda k, _: say("solve", k, settings.max_iter)  # noqa: E731
-            if settings.solver == "exact":  # from the default solver's result: it can only end at or below it
-                default = criteria.solver_settings(DEFAULT_SOLVER, None, None, criterion)
-                start = rule.descend(problem, default.max_iter, default.tol, bounds=limits)
-                result = solve.exact_minimiser(problem, max_iter=settings.max_iter, tol=settings.tol, bounds=limits,
-                                               start=start.u, progress=progress)
-                result.seconds += start.seconds
-            else:
-                result = rule.descend(problem, settings.max_iter, settings.tol, progress=progress, bounds=limits)
+            with clock(step):
+                problem, runtime = rule.build(graph, analysis, groups, statistics,
+                                              progress=lambda done, total: say(step, done, total))
+            with clock("solve"):
+                if limits is None:
+                    limits = bounds.solve_bounds(graph, analysis.uses, groups)
+                return problem, runtime, self._descend(rule, problem, settings, criterion, limits, say)
+
+        # float32 first where it may do (docs/design.md §2.6); float64 when its range guard
+        # fails or its result cannot be proven no worse than no rescaling.
+        declined = ""
+        tries_float32 = chosen.precision == "auto" and rule.needs_diag_g \
+            and stats.resolve_backend(backend, device) == "numpy" and stats.float32_suits(graph, analysis)
+        if tries_float32 and self.float32_declined:
+            declined = "an earlier solve of this plan could not prove its float32 result"
+        elif tries_float32:
+            try:
+                problem, runtime, result = build_and_descend("float32")
+                if rule.certified(problem, result, runtime.relative_error):
+                    return Solution(result.u, result, problem, runtime, limits, rule, settings)
+                self.float32_declined = True
+                declined = (f"float32 entries (within {runtime.relative_error:.1e}) could not prove the result "
+                            f"no worse than no rescaling")
+            except stats.PrecisionLost as lost:
+                declined = f"float32 left its range: {lost}"
+        problem, runtime, result = build_and_descend("float64")
+        if runtime is not None:
+            runtime.float64_because = declined
         return Solution(result.u, result, problem, runtime, limits, rule, settings)
+
+    @staticmethod
+    def _descend(rule, problem, settings, criterion, limits, say) -> solve.SolveResult:
+        progress = lambda k, _: say("solve", k, settings.max_iter)  # noqa: E731
+        if settings.solver == "exact":  # from the default solver's result: it can only end at or below it
+            default = criteria.solver_settings(DEFAULT_SOLVER, None, None, criterion)
+            start = rule.descend(problem, default.max_iter, default.tol, bounds=limits)
+            result = solve.exact_minimiser(problem, max_iter=settings.max_iter, tol=settings.tol, bounds=limits,
+                                           start=start.u, progress=progress)
+            result.seconds += start.seconds
+            return result
+        return rule.descend(problem, settings.max_iter, settings.tol, progress=progress, bounds=limits)
 
     # ------------------------------------------------------------------ results
     def rewrite_items(self, u: np.ndarray) -> List[rewrite.TensorRescale]:

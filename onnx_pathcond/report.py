@@ -269,7 +269,10 @@ class Report:
         if st is not None:
             placed = st.nodes_by_provider
             where = (", ".join(f"{p} {n:,} nodes" for p, n in placed.items()) if placed else ", ".join(st.providers))
-            lines.append(f"  diag(G) on {st.backend} ({where}; {st.precision})")
+            bound = f", entries within {st.relative_error:.1e}" if st.precision == "float32" else ""
+            lines.append(f"  diag(G) on {st.backend} ({where}; {st.precision}{bound})")
+            if st.float64_because and verbose:
+                lines.append(f"    float64  {st.float64_because}")
             if st.cpu_fallback_ops and verbose:
                 lines.append("    on CPU   " + ", ".join(f"{op} x{n}" for op, n in st.cpu_fallback_ops.items()))
         elif self.statistics_skipped:

@@ -25,11 +25,12 @@ from .options import BACKENDS
 from .graph import Graph
 from .pathnet import ort
 from .pathnet.numpy_executor import NumpyExecutor, default_mass_budget
+from .pathnet.precision import PrecisionLost, relative_bound
 from .pathnet.records import RuntimeInfo, Sink, Statistic
 from .pathnet.walk import PathWalk
 
-__all__ = ["BACKENDS", "RuntimeInfo", "Statistic", "compute_diag_g", "default_mass_budget", "diag_g_by_tensor",
-           "numpy_walk", "resolve_backend"]
+__all__ = ["BACKENDS", "PrecisionLost", "RuntimeInfo", "Statistic", "compute_diag_g", "default_mass_budget",
+           "diag_g_by_tensor", "float32_suits", "numpy_walk", "resolve_backend"]
 
 def resolve_backend(backend: str, device: str = "cpu") -> str:
     """What `auto` means: onnxruntime for a GPU, numpy on the CPU.
@@ -48,31 +49,64 @@ def resolve_backend(backend: str, device: str = "cpu") -> str:
 
 
 def numpy_walk(graph: Graph, analysis: Analysis, sink: Sink, progress: Optional[Callable[[int, int], None]] = None,
-               budget: Optional[float] = None) -> PathWalk:
-    """Run the path network with numpy; the returned walk tells what it held and recomputed."""
-    walk = PathWalk(graph, analysis, NumpyExecutor(graph, sink), progress, budget)
+               budget: Optional[float] = None, dtype=np.float64) -> PathWalk:
+    """Run the path network with numpy in `dtype` (float64, or float32 under its range guard:
+    `PrecisionLost` when that fails); the returned walk tells what it held, recomputed and,
+    in float32, the roundings behind a statistic entry (`rounding_depth`)."""
+    walk = PathWalk(graph, analysis, NumpyExecutor(graph, sink, dtype), progress, budget)
     walk.run()
     return walk
 
 
+def float32_suits(graph: Graph, analysis: Analysis) -> bool:
+    """Whether a float32 walk can be tried: every parameter the path network squares is
+    stored in at most 32 bits (a float64 weight would be rounded, or flushed to zero, on
+    the way in)."""
+    for use in analysis.uses:
+        if use.ignored:
+            continue
+        if use.ref is not None:
+            dtype = graph.stored_value(use.ref).dtype
+        else:
+            dtype = np.asarray(graph.constant_value(use.input_name)).dtype
+        if dtype.itemsize > 4 and dtype.kind == "f":
+            return False
+    return True
+
+
 def compute_diag_g(graph: Graph, analysis: Analysis, sink: Sink, backend: str = "numpy", device: str = "cpu",
-                   progress: Optional[Callable[[int, int], None]] = None) -> RuntimeInfo:
+                   progress: Optional[Callable[[int, int], None]] = None, precision: str = "float64") -> RuntimeInfo:
     """Run the path network, calling `sink(Statistic)` once per parameter use.
 
-    Returns what ran it: backend, execution providers, precision, and any notice.
+    `precision` "float32" runs the numpy walk in float32 (numpy backend only): the result's
+    `relative_error` bounds every entry's error, and `PrecisionLost` is raised (the sink may
+    have had some statistics by then) when the range guard fails. Returns what ran it:
+    backend, execution providers, precision, and any notice.
     """
     if device not in ("cpu", "cuda"):
         raise InputError(f"unknown device '{device}' (choose cpu or cuda)")
     requested = backend
     backend = resolve_backend(backend, device)
+    if precision not in ("float64", "float32"):
+        raise InputError(f"unknown precision '{precision}' of the statistics (float64 or float32)")
+    if precision == "float32" and backend != "numpy":
+        raise InputError("float32 statistics run on the numpy backend only")
     if backend == "numpy":
-        numpy_walk(graph, analysis, sink, progress)
+        bound = 0.0
+        if precision == "float32":
+            walk = numpy_walk(graph, analysis, sink, progress, dtype=np.float32)
+            bound = relative_bound(walk.rounding_depth)
+            if not bound < 1.0:
+                raise PrecisionLost(f"the float32 bound is void: {walk.rounding_depth} roundings behind one entry")
+        else:
+            numpy_walk(graph, analysis, sink, progress)
         notice = ""
         if device == "cuda":
             notice = ("CUDA was asked for but onnxruntime has no CUDA execution provider here (install "
                       "onnx-pathcond[gpu]); diag(G) ran on the CPU with numpy") if requested == "auto" else \
                 "the numpy backend runs on the CPU only; device cuda needs backend onnxruntime"
-        return RuntimeInfo(requested=device, backend="numpy", providers=["numpy"], notice=notice)
+        return RuntimeInfo(requested=device, backend="numpy", providers=["numpy"], precision=precision,
+                           relative_error=bound, notice=notice)
     return ort.compute_diag_g(graph, analysis, sink, device=device)
 
 

@@ -685,7 +685,7 @@ class PathConditioner:
     The module is exported (in eval mode, as `rescale_module` does) and analysed once, when
     the conditioner is made. Each `rescale(**overrides)` reads the module's current parameters
     and buffers, solves the criterion on them (`options` of `rescale_module`: criterion, solver,
-    max_iter, tol, bn_statistics, backend, device; `overrides` replace them for one call,
+    max_iter, tol, bn_statistics, backend, device, precision; `overrides` replace them for one call,
     bn_statistics excepted: it shapes the analysis) and writes the rescaled values into the same
     tensors, in place.
 

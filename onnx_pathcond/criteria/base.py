@@ -32,6 +32,13 @@ class Criterion:
         """The report's CriterionSummary for `result` (a solve.SolveResult)."""
         raise NotImplementedError
 
+    def certified(self, problem, result, relative_error: float) -> bool:
+        """Whether `result`, found on a problem whose diag(G) entries are each within a
+        factor 1 ± `relative_error` of the exact ones, is proven no worse than no rescaling
+        on the exact problem. A criterion that cannot tell says False: its statistics are
+        then computed in float64 (docs/design.md §2.6)."""
+        return False
+
 
 def register(cls):
     """Class decorator: one instance of the criterion, under its name."""

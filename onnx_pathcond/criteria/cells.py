@@ -241,16 +241,18 @@ def _sum_of_logs(values: np.ndarray, low: float, high: float, chunk: int = 1 << 
     as large as a big weight tensor)."""
     flat = values.reshape(-1)
     if not (_FOUR_SAFE[0] <= low and high <= _FOUR_SAFE[1]) or flat.size < 8:
-        return float(sum(np.log(flat[i:i + chunk]).sum() for i in range(0, flat.size, chunk)))
+        return float(sum(np.log(flat[i:i + chunk], dtype=np.float64).sum() for i in range(0, flat.size, chunk)))
     total = 0.0
     products = np.empty(min(chunk, flat.size) // 4)
     for i in range(0, flat.size, chunk):
         part = flat[i:i + chunk]
         q = part.size // 4
-        fours = np.multiply(part[:q], part[q:2 * q], out=products[:q])
-        fours *= part[2 * q:3 * q]
-        fours *= part[3 * q:4 * q]
-        total += float(np.log(fours).sum()) + float(np.log(part[4 * q:]).sum())
+        # in float64 whatever the entries' dtype: a product of four float32 entries can leave
+        # float32's range
+        fours = np.multiply(part[:q], part[q:2 * q], out=products[:q], dtype=np.float64)
+        np.multiply(fours, part[2 * q:3 * q], out=fours, dtype=np.float64)
+        np.multiply(fours, part[3 * q:4 * q], out=fours, dtype=np.float64)
+        total += float(np.log(fours).sum()) + float(np.log(part[4 * q:], dtype=np.float64).sum())
     return total
 
 
@@ -355,7 +357,9 @@ class ProblemBuilder:
         shared = use.ref is not None and self._expected.get(use.ref.name, 1) > 1
         if stat.g is None and not shared and self._add_outer_product(use, factors):
             return
-        g = stat.array()
+        # g as the walk made it (a float32 g is not copied into float64: the cells sum it in
+        # float64); a tensor's uses are added up in float64
+        g = stat.array() if shared else stat.entries()
         if shared:
             name = use.ref.name
             nonzero = self._nonzero.get(name)
@@ -439,7 +443,7 @@ class ProblemBuilder:
         cols = self.group_ids(use.cols)
         H = self.H
         if (rows == H).all() and (cols == H).all():  # nothing here can move: a constant
-            self.const_sum += float(g.sum())
+            self.const_sum += float(g.sum(dtype=np.float64))
             self.const_max = max(self.const_max, g_max)
             self.const_min = min(self.const_min, g_min)
             return

@@ -1,4 +1,5 @@
-"""The numpy executor of the path network: every primitive once, in float64 (the reference).
+"""The numpy executor of the path network: every primitive once, in float64 (the reference)
+or in float32 with its range guarded and its rounding counted (`precision.py`).
 
 Arrays keep the model's batch axis (one sample for a dynamic batch, or the batch the model
 fixes). Convolutions and pools read their windows through strided views of the zero-padded
@@ -22,6 +23,7 @@ from ..channels import ParamUse
 from ..geometry import Geometry
 from ..graph import Graph
 from . import primitives as P
+from .precision import ADJOINT, FACTOR, MASS, SCALAR, STATISTIC, RangeGuard
 from .records import Sink, Statistic
 
 
@@ -198,26 +200,29 @@ def _uncrop(arr: np.ndarray, begin, full_size) -> np.ndarray:
 _SQUARE_CHUNK = 1 << 22
 
 
-def squared_product(w: np.ndarray, x: np.ndarray, w_left: bool, transposed: bool) -> np.ndarray:
-    """x @ M or M @ x (`w_left`) with M = w² or (w²)ᵀ (`transposed`), in float64.
+def squared_product(w: np.ndarray, x: np.ndarray, w_left: bool, transposed: bool, dtype=np.float64,
+                    guard: Optional[RangeGuard] = None) -> np.ndarray:
+    """x @ M or M @ x (`w_left`) with M = w² or (w²)ᵀ (`transposed`), in `dtype` (x's).
 
     `w` is a 2-D weight in its stored dtype; x may have leading batch axes (np.matmul's
-    broadcasting). w² is formed a block of rows at a time.
+    broadcasting). w² is formed a block of rows at a time (each block shown to `guard`).
     """
     n0, n1 = w.shape
     step = max(1, _SQUARE_CHUNK // max(1, n1))
     if w_left:
-        out = np.zeros(x.shape[:-2] + ((n1 if transposed else n0), x.shape[-1]))
+        out = np.zeros(x.shape[:-2] + ((n1 if transposed else n0), x.shape[-1]), dtype=dtype)
     else:
-        out = np.zeros(x.shape[:-1] + ((n0 if transposed else n1),))
-    # One float64 block for the squares, reused from block to block: a fresh one per block
-    # would be allocated (and page-faulted) anew each time.
-    square = np.empty((min(step, n0), n1))
+        out = np.zeros(x.shape[:-1] + ((n0 if transposed else n1),), dtype=dtype)
+    # One block for the squares, reused from block to block: a fresh one per block would be
+    # allocated (and page-faulted) anew each time.
+    square = np.empty((min(step, n0), n1), dtype=dtype)
     for start in range(0, n0, step):
         rows = slice(start, start + step)
         part = w[rows]
-        part = np.square(part.astype(np.float32) if part.dtype.name == "bfloat16" else part, dtype=np.float64,
+        part = np.square(part.astype(np.float32) if part.dtype.name == "bfloat16" else part, dtype=dtype,
                          out=square[:part.shape[0]])
+        if guard is not None:
+            guard.made(part, w[rows])
         if w_left and not transposed:  # rows of M are rows of w
             out[..., rows, :] = np.matmul(part, x)
         elif w_left:  # Mᵀ: rows of w are columns of M
@@ -243,6 +248,12 @@ def summed_product(a: np.ndarray, b: np.ndarray, shape) -> np.ndarray:
     return np.einsum(f"{axes},{axes}->{kept}", a, b).reshape(shape)
 
 
+# Primitives that only copy elements, place zeros or add: their results' smallest non-zero is
+# at least their operands', and an overflow shows in the products that read them, so the
+# range guard need not look at them (float32).
+_MOVES_ONLY = (P.Identity, P.Gather)
+
+
 def _swap(x: np.ndarray) -> np.ndarray:
     return np.swapaxes(x, -1, -2)
 
@@ -252,7 +263,8 @@ class _Move:
     """How one output of a `Gather` is read from its inputs (flattened one after another):
     a contiguous run [start, start+size) when `start` is set (a channel Concat at batch one, a
     Split, a Reshape), otherwise `source` elements placed at the flat positions `kept` of the
-    output (the others are zero); `unique` when no input element is read twice."""
+    output (the others are zero); `unique` when no input element is read twice, `readers` the
+    most times one is."""
 
     shape: Tuple[int, ...]
     size: int
@@ -260,6 +272,7 @@ class _Move:
     source: Optional[np.ndarray] = None
     kept: Optional[np.ndarray] = None
     unique: bool = False
+    readers: int = 1
 
 
 _MOVES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -279,20 +292,29 @@ def _moves(prim: P.Gather) -> List[_Move]:
                 continue
             kept = np.flatnonzero(flat >= 0)
             source = flat[kept]
-            unique = not source.size or int(np.bincount(source).max()) <= 1
-            moves.append(_Move(src.shape, flat.size, None, source, kept, unique))
+            readers = int(np.bincount(source).max()) if source.size else 0
+            moves.append(_Move(src.shape, flat.size, None, source, kept, readers <= 1, max(readers, 1)))
         _MOVES[prim] = moves
     return moves
 
 
 class NumpyExecutor:
-    """Runs primitives on float64 numpy arrays; statistics go to `sink` as they are made."""
+    """Runs primitives on numpy arrays of `dtype` (float64, or float32 under a `RangeGuard`:
+    `guard`, None in float64); statistics go to `sink` as they are made."""
 
     eager_sums = True  # adjoint contributions are added as they come (one array per tensor)
 
-    def __init__(self, graph: Graph, sink: Sink):
+    def __init__(self, graph: Graph, sink: Sink, dtype=np.float64):
         self.graph = graph
         self.sink = sink
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
+            raise ValueError(f"the numpy executor runs in float64 or float32, not {self.dtype}")
+        self.guard = RangeGuard() if self.dtype == np.float32 else None
+        self._phase = MASS  # what the arrays now made are, for the guard: masses or adjoints
+        # the smallest non-zero square of each parameter use (a weight is squared at each
+        # forward, recomputation and backward; its values do not change within a walk)
+        self._square_low: dict = {}
 
     # ------------------------------------------------------------ what the walk calls
     @staticmethod
@@ -306,13 +328,90 @@ class NumpyExecutor:
             root = root.base
         return id(root), root.nbytes, root
 
-    @staticmethod
-    def ones(shape) -> np.ndarray:
-        return np.ones(shape)
+    @property
+    def counts_roundings(self) -> bool:
+        return self.guard is not None
 
-    @staticmethod
-    def zeros(shape) -> np.ndarray:
-        return np.zeros(shape)
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    def ones(self, shape) -> np.ndarray:
+        if self.guard is not None:  # the masses of inputs, or the adjoints of outputs
+            self.guard.scalar(1.0, MASS)
+            self.guard.scalar(1.0, ADJOINT)
+        return np.ones(shape, dtype=self.dtype)
+
+    def zeros(self, shape) -> np.ndarray:
+        return np.zeros(shape, dtype=self.dtype)
+
+    # ------------------------------------------------------------ float32: range and roundings
+    def _operand(self, value: np.ndarray) -> np.ndarray:
+        """`value`, a mass or adjoint that a product reads next, shown to the range guard."""
+        if self.guard is not None:
+            self.guard.array(value, self._phase)
+        return value
+
+    def _fixed(self, value: np.ndarray) -> np.ndarray:
+        """A fixed non-negative array of the path network (a pool's weights, a resize's
+        matrix) in the walk's dtype, shown to the guard as scalars are."""
+        cast = np.asarray(value, dtype=self.dtype)
+        if self.guard is not None:
+            self.guard.made(cast, value, SCALAR)
+        return cast
+
+    def _gain(self, value: np.ndarray, gain: float, kind: Optional[str] = None) -> np.ndarray:
+        """value · gain, value (a mass or adjoint, or a statistic: `kind`) shown to the guard."""
+        if gain == 1.0:
+            return value
+        if self.guard is not None:
+            self.guard.array(value, kind or self._phase)
+            self.guard.scalar(gain)
+        return value * self.dtype.type(gain)
+
+    def roundings(self, prim: P.Primitive) -> Tuple[int, int, int]:
+        """Upper bounds on the roundings one result element of `prim` adds to its operands'
+        (forward output, input adjoint, statistic), as this executor computes them: a sum
+        of n terms counts n (their products included), forming a factor one, each gain two
+        (its cast to the walk's dtype, and the product)."""
+        name = type(prim).__name__
+        shape = self._shape
+        size = (lambda t: int(np.prod(shape(t), dtype=np.int64)))  # noqa: E731
+        weight = getattr(prim, "weight", None)
+        gain = 2 * int(isinstance(weight, P.Weight) and weight.gain != 1.0)
+        factor = 1 + gain  # the square (or a fixed value's cast), and its gain
+        if name == "Identity":
+            return 0, size(prim.y) // max(1, size(prim.x)), 0
+        if name == "Scale":
+            spread = size(prim.y) // max(1, int(np.prod(prim.view, dtype=np.int64)))
+            return factor + 1, factor + 1 + size(prim.y) // max(1, size(prim.x)), spread + gain
+        if name == "Bias":
+            return factor, 0, size(prim.y) // max(1, int(np.prod(prim.view, dtype=np.int64))) + gain
+        if name in ("Dense", "AxisDense"):
+            n0, n1 = prim.weight.use.view_shape[-2:]
+            return 1 + max(n0, n1) + gain, 1 + max(n0, n1) + gain, size(prim.x) // max(1, min(n0, n1)) + gain
+        if name == "Conv":
+            wshape = prim.weight.use.view_shape
+            kv, og = prim.geometry.kernel_volume, wshape[0] // prim.groups
+            return factor + wshape[1] * kv, factor + og * kv + kv, size(prim.y) // max(1, shape(prim.y)[1])
+        if name == "ConvTranspose":
+            wshape = prim.weight.use.view_shape
+            kv = prim.scatter.kernel_volume
+            return (factor + wshape[0] // prim.groups + kv, factor + wshape[1] * kv,
+                    size(prim.x) // max(1, shape(prim.x)[1]))
+        if name == "WindowSum":
+            weighted = 2 if prim.weight is not None else 0
+            kv = prim.geometry.kernel_volume
+            return kv + weighted, kv + weighted, 0
+        if name == "ReduceSum":
+            scaled = 2 * int(prim.gain != 1.0)
+            return size(prim.x) // max(1, size(prim.y)) + scaled, scaled, 0
+        if name == "Gather":
+            moves = _moves(prim)
+            return 0, len(moves) + max((m.readers for m in moves), default=1), 0
+        if name == "AxisMatrices":
+            return (sum(m.shape[1] + 1 for m in prim.matrices), sum(m.shape[0] + 1 for m in prim.matrices), 0)
+        raise ValueError(f"no rounding count for primitive {name}")
 
     def begin_backward(self) -> None:
         pass
@@ -347,23 +446,59 @@ class NumpyExecutor:
         return np.asarray(self.graph.constant_value(use.input_name))
 
     def _factor(self, weight: P.Weight) -> np.ndarray:
-        """The weight's value in float64: the parameter squared (or the fixed value) × gain."""
+        """The weight's value in the walk's dtype: the parameter squared (or the fixed value)
+        × gain."""
         if weight.value is not None:
-            value = np.asarray(weight.value, dtype=np.float64)
+            stored = np.asarray(weight.value)
+            value = np.asarray(stored, dtype=self.dtype)
         else:
-            value = self._stored(weight.use)
-            if value.dtype.name == "bfloat16":
-                value = value.astype(np.float32)
-            value = np.square(value, dtype=np.float64)
-        return value * weight.gain if weight.gain != 1.0 else value
+            stored = self._stored(weight.use)
+            if stored.dtype.name == "bfloat16":
+                stored = stored.astype(np.float32)
+            value = np.square(stored, dtype=self.dtype)
+        if self.guard is None:
+            return value * weight.gain if weight.gain != 1.0 else value
+        low = self._square_low.get(id(weight))
+        if low is None:  # (a fixed value is already squared, in float64: its cast is checked alike)
+            low = self._square_low[id(weight)] = self.guard.made(value, stored)
+        if weight.gain != 1.0:
+            self.guard.scalar(weight.gain)
+            value = value * self.dtype.type(weight.gain)
+            self.guard.array(value, FACTOR)
+        else:
+            self.guard.note(FACTOR, low)
+        return value
+
+    def _square_product(self, w, x, w_left: bool, transposed: bool) -> np.ndarray:
+        return squared_product(w, x, w_left, transposed, dtype=self.dtype, guard=self.guard)
 
     # ------------------------------------------------------------ primitives
     def forward(self, prim: P.Primitive, inputs: List[np.ndarray]) -> List[np.ndarray]:
-        return getattr(self, "_forward_" + type(prim).__name__)(prim, *inputs)
+        phase, self._phase = self._phase, MASS  # (a recomputation runs within the backward pass)
+        try:
+            outputs = getattr(self, "_forward_" + type(prim).__name__)(prim, *inputs)
+            if self.guard is not None and not isinstance(prim, _MOVES_ONLY):
+                for value in outputs:
+                    self.guard.array(value, MASS)
+        finally:
+            self._phase = phase
+        return outputs
 
     def backward(self, prim: P.Primitive, inputs: Optional[List[np.ndarray]], adjoints: List[np.ndarray]):
         """(adjoint contribution per input (None: none), [(use, g, factors)])."""
-        return getattr(self, "_backward_" + type(prim).__name__)(prim, inputs, *adjoints)
+        self._phase = ADJOINT
+        into, statistics = getattr(self, "_backward_" + type(prim).__name__)(prim, inputs, *adjoints)
+        if self.guard is not None:
+            if not isinstance(prim, _MOVES_ONLY):
+                for value in into:
+                    if value is not None:
+                        self.guard.array(value, ADJOINT)
+            for _, g, factors in statistics:
+                if g is not None:
+                    self.guard.result(g)
+                if factors is not None:
+                    self.guard.product(*factors)
+        return into, statistics
 
     def _shape(self, name: str):
         return self.graph.shape(name)
@@ -384,7 +519,7 @@ class NumpyExecutor:
         into = unbroadcast(adj * factor, self._shape(prim.x))
         stats = []
         if prim.weight.reports:
-            g = summed_product(adj, inputs[0], prim.view) * prim.weight.gain
+            g = self._gain(summed_product(adj, inputs[0], prim.view), prim.weight.gain, STATISTIC)
             stats.append((prim.weight.use, g.reshape(prim.weight.use.view_shape), None))
         return [into], stats
 
@@ -395,26 +530,23 @@ class NumpyExecutor:
     def _backward_Bias(self, prim: P.Bias, inputs, adj):
         stats = []
         if prim.weight.reports:
-            g = unbroadcast(adj, prim.view) * prim.weight.gain
+            g = self._gain(unbroadcast(adj, prim.view), prim.weight.gain, STATISTIC)
             stats.append((prim.weight.use, g.reshape(prim.weight.use.view_shape), None))
         return [], stats
 
     # Dense
     def _forward_Dense(self, prim: P.Dense, x):
         w = self._stored(prim.weight.use)
-        y = squared_product(w, _swap(x) if prim.x_transposed else x, w_left=prim.weight_left,
-                            transposed=prim.weight_transposed)
-        if prim.weight.gain != 1.0:
-            y *= prim.weight.gain
-        return [y]
+        y = self._square_product(w, _swap(x) if prim.x_transposed else x, w_left=prim.weight_left,
+                                 transposed=prim.weight_transposed)
+        return [self._gain(y, prim.weight.gain)]
 
     def _backward_Dense(self, prim: P.Dense, inputs, adj):
         w = self._stored(prim.weight.use)
         x = _swap(inputs[0]) if prim.x_transposed else inputs[0]
         gain = prim.weight.gain
-        into = squared_product(w, adj, w_left=prim.weight_left, transposed=not prim.weight_transposed)
-        if gain != 1.0:
-            into *= gain
+        into = self._gain(self._square_product(w, adj, w_left=prim.weight_left, transposed=not prim.weight_transposed),
+                          gain)
         into = _swap(into) if prim.x_transposed else into
         # The weight's g is a product over the batch (and positions): it goes as factors, and
         # the criterion multiplies them out only if it needs g itself.
@@ -422,8 +554,7 @@ class NumpyExecutor:
             xs, adjs = _swap(x).reshape(-1, x.shape[-2]), _swap(adj).reshape(-1, adj.shape[-2])
         else:  # y[.., o] = Σ_i x[.., i] W[i, o]
             xs, adjs = x.reshape(-1, x.shape[-1]), adj.reshape(-1, adj.shape[-1])
-        if gain != 1.0:
-            adjs = adjs * gain
+        adjs = self._gain(adjs, gain)
         out_first = prim.weight_left != prim.weight_transposed  # the stored view is [O, I]
         factors = (adjs.T, xs.T) if out_first else (xs.T, adjs.T)
         return [into], [(prim.weight.use, None, factors)]
@@ -431,17 +562,16 @@ class NumpyExecutor:
     # AxisDense: the product of Dense on x with the contracted axis moved last, then a transpose
     def _forward_AxisDense(self, prim: P.AxisDense, x):
         w = self._stored(prim.weight.use)
-        z = squared_product(w, np.moveaxis(x, prim.axis, -1), w_left=False, transposed=prim.weight_transposed)
-        if prim.weight.gain != 1.0:
-            z *= prim.weight.gain
+        z = self._square_product(w, np.moveaxis(x, prim.axis, -1), w_left=False, transposed=prim.weight_transposed)
+        z = self._gain(z, prim.weight.gain)
         return [np.ascontiguousarray(z.transpose(prim.perm))]
 
     def _backward_AxisDense(self, prim: P.AxisDense, inputs, adj):
         w = self._stored(prim.weight.use)
         adj = adj.transpose(np.argsort(prim.perm))  # back to the product's order: [..., out]
-        if prim.weight.gain != 1.0:
-            adj = adj * prim.weight.gain
-        into = np.moveaxis(squared_product(w, adj, w_left=False, transposed=not prim.weight_transposed), -1, prim.axis)
+        adj = self._gain(adj, prim.weight.gain)
+        into = np.moveaxis(self._square_product(w, adj, w_left=False, transposed=not prim.weight_transposed), -1,
+                           prim.axis)
         # g[i, o] = Σ over the other positions of x[.., i] · adj[.., o]: as factors, as for Dense
         x = np.moveaxis(inputs[0], prim.axis, -1)
         xs, adjs = x.reshape(-1, x.shape[-1]), adj.reshape(-1, adj.shape[-1])
@@ -496,13 +626,13 @@ class NumpyExecutor:
         geo = prim.geometry
         y = window_view(pad_input(x, geo), geo).sum(axis=tuple(range(2, 2 + len(geo.kernel))))
         if prim.weight is not None:
-            y = y * prim.weight
+            y = self._operand(y) * self._fixed(prim.weight)
         return [y]
 
     def _backward_WindowSum(self, prim: P.WindowSum, inputs, adj):
         geo = prim.geometry
         if prim.weight is not None:
-            adj = adj * prim.weight
+            adj = adj * self._fixed(prim.weight)
         nd = len(geo.kernel)
         cols = np.broadcast_to(adj.reshape(adj.shape[:2] + (1,) * nd + adj.shape[2:]),
                                adj.shape[:2] + geo.kernel + geo.out_size)
@@ -510,13 +640,13 @@ class NumpyExecutor:
 
     # ReduceSum
     def _forward_ReduceSum(self, prim: P.ReduceSum, x):
-        y = x.sum(axis=prim.axes) * prim.gain if prim.axes else x.copy()
+        y = self._gain(x.sum(axis=prim.axes), prim.gain) if prim.axes else x.copy()
         return [y.reshape(self._shape(prim.y))]
 
     def _backward_ReduceSum(self, prim: P.ReduceSum, inputs, adj):
         shape = self._shape(prim.x)
         kept = [1 if a in prim.axes else d for a, d in enumerate(shape)]
-        return [np.broadcast_to(adj.reshape(kept) * prim.gain, shape)], []
+        return [np.broadcast_to(self._gain(adj.reshape(kept), prim.gain), shape)], []
 
     # Gather
     def _forward_Gather(self, prim: P.Gather, *xs):
@@ -526,7 +656,7 @@ class NumpyExecutor:
             if move.start is not None:  # a contiguous run of the inputs: a view
                 out.append(flat[move.start:move.start + move.size].reshape(move.shape))
             else:
-                y = np.zeros(move.shape)
+                y = np.zeros(move.shape, dtype=flat.dtype)
                 y.ravel()[move.kept] = flat[move.source]
                 out.append(y)
         return out
@@ -537,14 +667,15 @@ class NumpyExecutor:
         if len(moves) == 1 and moves[0].start == 0 and moves[0].size == sum(sizes):  # a copy, reshaped
             total = adjs[0].ravel()
         else:
-            total = np.zeros(sum(sizes))
+            total = np.zeros(sum(sizes), dtype=adjs[0].dtype)
             for move, adj in zip(moves, adjs):
                 if move.start is not None:
                     total[move.start:move.start + move.size] += adj.ravel()
                 elif move.unique:  # one reader per element: the scatter is an assignment
                     total[move.source] += adj.ravel()[move.kept]
                 else:
-                    total += np.bincount(move.source, weights=adj.ravel()[move.kept], minlength=total.size)
+                    total += np.bincount(move.source, weights=adj.ravel()[move.kept],
+                                         minlength=total.size).astype(total.dtype, copy=False)
         parts = np.split(total, np.cumsum(sizes)[:-1])
         return [part.reshape(self._shape(x)) for x, part in zip(prim.xs, parts)], []
 
@@ -555,10 +686,10 @@ class NumpyExecutor:
 
     def _forward_AxisMatrices(self, prim: P.AxisMatrices, x):
         for k, m in enumerate(prim.matrices):
-            x = self._along(x, m, prim.first_axis + k)
+            x = self._along(self._operand(x), self._fixed(m), prim.first_axis + k)
         return [x]
 
     def _backward_AxisMatrices(self, prim: P.AxisMatrices, inputs, adj):
         for k, m in enumerate(prim.matrices):
-            adj = self._along(adj, m.T, prim.first_axis + k)
+            adj = self._along(self._operand(adj), self._fixed(m).T, prim.first_axis + k)
         return [adj], []

@@ -17,7 +17,8 @@ class Statistic:
 
     Either `g` itself, or `factors` = (left, right) with g = left @ rightᵀ over the first two
     axes of the layout (a dense layer: g is a sum over positions of outer products, and the
-    factors are far smaller when the positions are few). `array()` gives g in either case.
+    factors are far smaller when the positions are few). `array()` gives g in either case, in
+    float64; `entries()` in the dtype the walk computed it in (float32 or float64).
     """
 
     use: ParamUse
@@ -25,8 +26,11 @@ class Statistic:
     factors: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
     def array(self) -> np.ndarray:
+        return np.asarray(self.entries(), dtype=np.float64)
+
+    def entries(self) -> np.ndarray:
         if self.g is not None:
-            return np.asarray(self.g, dtype=np.float64).reshape(self.use.view_shape)
+            return np.asarray(self.g).reshape(self.use.view_shape)
         left, right = self.factors
         return (np.asarray(left) @ np.asarray(right).T).reshape(self.use.view_shape)
 
@@ -44,6 +48,8 @@ class RuntimeInfo(Record):
     backend: str = "numpy"
     providers: List[str] = field(default_factory=list)
     precision: str = "float64"
+    relative_error: float = 0.0  # a bound on every entry's relative error (float32; beyond float64's own)
+    float64_because: str = ""  # why float64, where float32 was tried first (docs/design.md §2.6)
     notice: str = ""
     nodes: int = 0  # nodes of the path-network graph (onnxruntime)
     # Nodes of the graph per provider that runs them, and the op types that ran on the CPU
@@ -56,6 +62,10 @@ class RuntimeInfo(Record):
         """The report's record of the statistics."""
         record = {"backend": self.backend, "providers": self.providers, "precision": self.precision,
                   "notice": self.notice}
+        if self.precision == "float32":
+            record["relative_error_bound"] = self.relative_error
+        if self.float64_because:
+            record["float64_because"] = self.float64_because
         if self.backend == "onnxruntime":
             record.update(graph_nodes=self.nodes, timings=self.timings)
             if self.nodes_by_provider:

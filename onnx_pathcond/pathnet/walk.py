@@ -17,6 +17,11 @@ before it, in forward order (no recursion); a recomputed mass stays until the ba
 reaches the node that made it, so a node's forward runs at most twice. Recomputation runs the
 same primitives on the same inputs: g is bitwise the same.
 
+An executor with `counts_roundings` (the numpy one in float32) also gets its roundings
+counted: each mass and adjoint carries the longest chain of roundings behind it, from the
+executor's `roundings(prim)` per primitive and one per addition of parts; `rounding_depth`
+is then the most that any statistic entry went through (docs/design.md §2.6).
+
 `budget` is the bytes the masses may hold at once (a target: stretches are sized so that the
 checkpoints before a stretch plus the arrays it makes fit). Checkpoints add up, so a budget
 below what any plan can meet is raised to the least one that can. `None` takes the
@@ -147,8 +152,9 @@ class PathWalk:
 
     After `run()`: `mass_bytes_peak` is the most bytes the masses held at once (an array
     shared by several names counted once), `recomputed_nodes` how many node forwards the
-    backward pass redid (`recomputed_expensive` of them for expensive nodes), and
-    `checkpoints` the names of the masses kept at the cuts.
+    backward pass redid (`recomputed_expensive` of them for expensive nodes),
+    `checkpoints` the names of the masses kept at the cuts, and `rounding_depth` the most
+    roundings behind one statistic entry (0 unless the executor counts them).
     """
 
     def __init__(self, graph: Graph, analysis: Analysis, executor, progress: Optional[Callable[[int, int], None]] = None,
@@ -169,6 +175,11 @@ class PathWalk:
         self.recomputed_expensive = 0
         self.checkpoints: Set[str] = set()
         self.context = PathContext(graph, analysis)
+        self._counting = bool(getattr(executor, "counts_roundings", False))
+        self._roundings: Dict[int, Tuple[int, int, int]] = {}  # id(prim) -> executor.roundings(prim)
+        self._mass_depth: Dict[str, int] = {}
+        self._adjoint_depth: Dict[str, int] = {}
+        self.rounding_depth = 0
 
     @property
     def mass_bytes_peak(self) -> int:
@@ -194,8 +205,17 @@ class PathWalk:
     def _has_mass(self, name: str) -> bool:
         return name in self._mass or name in self._recompute
 
-    def _add_adjoint(self, name: str, value) -> None:
+    def _rounds(self, prim: Primitive) -> Tuple[int, int, int]:
+        counts = self._roundings.get(id(prim))
+        if counts is None:
+            counts = self._roundings[id(prim)] = self.executor.roundings(prim)
+        return counts
+
+    def _add_adjoint(self, name: str, value, depth: int = 0) -> None:
         parts = self._adjoint.setdefault(name, [])
+        if self._counting:
+            before = self._adjoint_depth.get(name) if parts else None
+            self._adjoint_depth[name] = depth if before is None else max(before, depth) + 1
         parts.append((value, False))
         if self.executor.eager_sums and len(parts) > 1:
             self._adjoint[name] = [(self.executor.total(parts, self._shape(name)), False)]
@@ -292,12 +312,19 @@ class PathWalk:
                     self._mass[o] = ex.ones(self._shape(o))
             return
         parts: Dict[str, list] = {}
+        depths: Dict[str, List[int]] = {}
         for prim in self._form(node):
             values = ex.forward(prim, [self._mass_of(i) for i in prim.inputs])
+            if self._counting:
+                depth = max((self._mass_depth.get(i, 0) for i in prim.inputs), default=0) + self._rounds(prim)[0]
             for o, value in zip(prim.outputs, values):
                 parts.setdefault(o, []).append((value, not prim.aliases))
+                if self._counting:
+                    depths.setdefault(o, []).append(depth)
         for o, contributions in parts.items():
             self._mass[o] = ex.total(contributions, self._shape(o))
+            if self._counting:
+                self._mass_depth[o] = max(depths[o]) + len(contributions) - 1
 
     def _backward(self, node) -> None:
         ex = self.executor
@@ -305,9 +332,17 @@ class PathWalk:
             adjoints = [self._adjoint_of(o) for o in prim.outputs]
             masses = [self._mass_of(i) for i in prim.inputs] if prim.reads_inputs_backward else None
             into_inputs, statistics = ex.backward(prim, masses, adjoints)
+            into_depth = 0
+            if self._counting:
+                _, backward, statistic = self._rounds(prim)
+                reached = max((self._adjoint_depth.get(o, 0) for o in prim.outputs), default=0)
+                into_depth = reached + backward
+                if statistics:
+                    read = max((self._mass_depth.get(i, 0) for i in prim.inputs), default=0)
+                    self.rounding_depth = max(self.rounding_depth, reached + read + statistic)
             for name, value in zip(prim.inputs, into_inputs):
                 if value is not None:
-                    self._add_adjoint(name, value)
+                    self._add_adjoint(name, value, into_depth)
             for use, g, factors in statistics:
                 if not use.ignored:
                     ex.emit(use, g, factors)
@@ -325,6 +360,7 @@ class PathWalk:
         form: then the smallest budget that has one is taken (found by bisection).
         """
         g = self.graph
+        itemsize = int(getattr(self.executor, "itemsize", 8))  # bytes per element of a mass
         owner: Dict[str, str] = {}  # a mass -> the mass whose array it is (identities share)
         size: Dict[str, int] = {}
         made = [0] * len(active)  # bytes of the new arrays each node's forward makes
@@ -341,7 +377,7 @@ class PathWalk:
                     continue
                 owner[o] = o
                 shape = g.shape(o)
-                size[o] = 8 * int(np.prod(shape, dtype=np.int64)) if shape is not None else 0
+                size[o] = itemsize * int(np.prod(shape, dtype=np.int64)) if shape is not None else 0
                 made[t] += size[o]
         total = sum(made)
         budget = self.budget if self.budget is not None else self.executor.default_budget(total)

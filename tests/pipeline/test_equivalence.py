@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from support.checks import assert_equivalent
+from support.checks import assert_equivalent, weight_rounding_noise
 from support.nets import cnn, mlp
 from onnx_pathcond import rescale
 from support import repo
@@ -61,7 +61,9 @@ def test_generated_network_is_equivalent(kind, kwargs):
     after, report = rescale(model)
     assert report.groups.rescalable > 0
     assert report.criterion.F_after <= report.criterion.F_before
-    assert_equivalent(model, after)
+    # 1e-5, or twice the model's own noise where that is larger (the deep MLP: 1.5-3e-5,
+    # where a rewrite lands depends on the last bits of u)
+    assert_equivalent(model, after, rtol=max(1e-5, 2 * weight_rounding_noise(model)))
     for t in after.graph.initializer:
         assert np.all(np.isfinite(onnx.numpy_helper.to_array(t)))
 

@@ -32,3 +32,27 @@ def assert_equivalent(before, after, seed=123, rtol=1e-5):
     for a, b in zip(run(before, feeds), run(after, feeds)):
         scale = np.abs(a).max()
         assert np.abs(a - b).max() <= rtol * max(scale, 1e-30), (np.abs(a - b).max(), scale)
+
+
+def weight_rounding_noise(model, seed=123, trials=5):
+    """How far the model's outputs move, relative to their scale, when every float32 weight
+    moves by one unit in the last place (a random sign per element): the floor below which
+    no rewrite of its weights can stay (a deep network amplifies its own rounding)."""
+    import copy
+
+    import onnx
+
+    feeds = random_feeds(model, seed)
+    reference = run(model, feeds)
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for _ in range(trials):
+        moved = copy.deepcopy(model)
+        for t in moved.graph.initializer:
+            value = onnx.numpy_helper.to_array(t)
+            if value.dtype == np.float32:
+                value = value * (1 + rng.choice([-1.0, 1.0], value.shape) * 2.0 ** -24)
+                t.CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float32), t.name))
+        for a, b in zip(reference, run(moved, feeds)):
+            worst = max(worst, float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)))
+    return worst

@@ -357,7 +357,7 @@ class NumpyExecutor:
         matrix) in the walk's dtype, shown to the guard as scalars are."""
         cast = np.asarray(value, dtype=self.dtype)
         if self.guard is not None:
-            self.guard.made(cast, value, SCALAR)
+            self.guard.made(cast, value, SCALAR, squared=False)
         return cast
 
     def _gain(self, value: np.ndarray, gain: float, kind: Optional[str] = None) -> np.ndarray:
@@ -448,7 +448,8 @@ class NumpyExecutor:
     def _factor(self, weight: P.Weight) -> np.ndarray:
         """The weight's value in the walk's dtype: the parameter squared (or the fixed value)
         × gain."""
-        if weight.value is not None:
+        squared = weight.value is None
+        if not squared:
             stored = np.asarray(weight.value)
             value = np.asarray(stored, dtype=self.dtype)
         else:
@@ -460,7 +461,7 @@ class NumpyExecutor:
             return value * weight.gain if weight.gain != 1.0 else value
         low = self._square_low.get(id(weight))
         if low is None:  # (a fixed value is already squared, in float64: its cast is checked alike)
-            low = self._square_low[id(weight)] = self.guard.made(value, stored)
+            low = self._square_low[id(weight)] = self.guard.made(value, stored, squared=squared)
         if weight.gain != 1.0:
             self.guard.scalar(weight.gain)
             value = value * self.dtype.type(weight.gain)
@@ -469,8 +470,13 @@ class NumpyExecutor:
             self.guard.note(FACTOR, low)
         return value
 
-    def _square_product(self, w, x, w_left: bool, transposed: bool) -> np.ndarray:
-        return squared_product(w, x, w_left, transposed, dtype=self.dtype, guard=self.guard)
+    def _square_product(self, weight: P.Weight, w, x, w_left: bool, transposed: bool) -> np.ndarray:
+        """squared_product, its squares shown to the guard the first time the weight is
+        squared in this walk (its values do not change within it)."""
+        guard = None
+        if self.guard is not None and id(weight) not in self._square_low:
+            guard, self._square_low[id(weight)] = self.guard, 0.0
+        return squared_product(w, x, w_left, transposed, dtype=self.dtype, guard=guard)
 
     # ------------------------------------------------------------ primitives
     def forward(self, prim: P.Primitive, inputs: List[np.ndarray]) -> List[np.ndarray]:
@@ -537,16 +543,17 @@ class NumpyExecutor:
     # Dense
     def _forward_Dense(self, prim: P.Dense, x):
         w = self._stored(prim.weight.use)
-        y = self._square_product(w, _swap(x) if prim.x_transposed else x, w_left=prim.weight_left,
-                                 transposed=prim.weight_transposed)
+        y = self._square_product(prim.weight, w, _swap(x) if prim.x_transposed else x,
+                                 w_left=prim.weight_left, transposed=prim.weight_transposed)
         return [self._gain(y, prim.weight.gain)]
 
     def _backward_Dense(self, prim: P.Dense, inputs, adj):
         w = self._stored(prim.weight.use)
         x = _swap(inputs[0]) if prim.x_transposed else inputs[0]
         gain = prim.weight.gain
-        into = self._gain(self._square_product(w, adj, w_left=prim.weight_left, transposed=not prim.weight_transposed),
-                          gain)
+        into = self._square_product(prim.weight, w, adj, w_left=prim.weight_left,
+                                    transposed=not prim.weight_transposed)
+        into = self._gain(into, gain)
         into = _swap(into) if prim.x_transposed else into
         # The weight's g is a product over the batch (and positions): it goes as factors, and
         # the criterion multiplies them out only if it needs g itself.
@@ -562,7 +569,8 @@ class NumpyExecutor:
     # AxisDense: the product of Dense on x with the contracted axis moved last, then a transpose
     def _forward_AxisDense(self, prim: P.AxisDense, x):
         w = self._stored(prim.weight.use)
-        z = self._square_product(w, np.moveaxis(x, prim.axis, -1), w_left=False, transposed=prim.weight_transposed)
+        z = self._square_product(prim.weight, w, np.moveaxis(x, prim.axis, -1), w_left=False,
+                                 transposed=prim.weight_transposed)
         z = self._gain(z, prim.weight.gain)
         return [np.ascontiguousarray(z.transpose(prim.perm))]
 
@@ -570,8 +578,8 @@ class NumpyExecutor:
         w = self._stored(prim.weight.use)
         adj = adj.transpose(np.argsort(prim.perm))  # back to the product's order: [..., out]
         adj = self._gain(adj, prim.weight.gain)
-        into = np.moveaxis(self._square_product(w, adj, w_left=False, transposed=not prim.weight_transposed), -1,
-                           prim.axis)
+        into = self._square_product(prim.weight, w, adj, w_left=False, transposed=not prim.weight_transposed)
+        into = np.moveaxis(into, -1, prim.axis)
         # g[i, o] = Σ over the other positions of x[.., i] · adj[.., o]: as factors, as for Dense
         x = np.moveaxis(inputs[0], prim.axis, -1)
         xs, adjs = x.reshape(-1, x.shape[-1]), adj.reshape(-1, adj.shape[-1])

@@ -48,6 +48,23 @@ def relative_bound(depth: int) -> float:
     return du / (1.0 - du) if du < 1.0 else math.inf
 
 
+def smallest_magnitude(values: np.ndarray) -> float:
+    """The smallest non-zero |x| of `values` (inf: none), in float64. float32 and float16
+    arrays are read through their bits (sign cleared, minus one, so that zeros wrap to the
+    largest pattern): three passes with no mask and no absolute values."""
+    values = np.asarray(values)
+    bits = {np.dtype(np.float32): (np.uint32, 0x7FFFFFFF), np.dtype(np.float16): (np.uint16, 0x7FFF)}.get(values.dtype)
+    if bits is None or not values.flags.c_contiguous or not values.size:
+        return float(np.min(np.abs(values), where=values != 0, initial=math.inf)) if values.size else math.inf
+    kind, sign_cleared = bits
+    pattern = np.bitwise_and(values.view(kind), kind(sign_cleared))
+    pattern -= kind(1)  # a zero wraps to the largest pattern
+    least = pattern.min()
+    if least == np.iinfo(kind).max:
+        return math.inf
+    return float(np.array([least + kind(1)], dtype=kind).view(values.dtype)[0])
+
+
 class RangeGuard:
     """The smallest non-zero operand seen of each kind; raises `PrecisionLost` as soon as
     one is not a normal float32, is infinite or NaN, or a product of two kinds multiplied
@@ -69,13 +86,26 @@ class RangeGuard:
         self.note(kind, low)
         return low
 
-    def made(self, value: np.ndarray, source: np.ndarray, kind: str = SQUARE) -> float:
-        """Show an array made in float32 from `source` (a parameter squared, a fixed value
-        cast): one whose non-zero element became zero is refused too. Returns the smallest
-        non-zero element."""
-        if value.size and float(value.min()) == 0.0 and np.count_nonzero(value) != np.count_nonzero(source):
-            raise PrecisionLost(f"a {kind} is below float32's range")
-        return self.array(value, kind)
+    def made(self, value: np.ndarray, source: np.ndarray, kind: str = SQUARE, squared: bool = True) -> float:
+        """Show an array made in float32 from `source`, squared (a parameter) or cast (a
+        fixed value): a non-zero element that became zero is refused too. Returns the
+        smallest non-zero element. One pass (a minimum) where `value` has no zero; where it
+        has some (a weight with a few exact zeros), the smallest non-zero magnitude of the
+        source gives the smallest non-zero element, rounded as the walk rounds it."""
+        if not value.size:
+            return math.inf
+        low = float(value.min())
+        if math.isnan(low):
+            raise PrecisionLost(f"{kind} is NaN")
+        if low == 0.0:
+            magnitude = smallest_magnitude(source)
+            if math.isinf(magnitude):
+                return math.inf  # all zero: exact
+            low = float(np.float32(magnitude * magnitude if squared else magnitude))
+        if low < _SMALLEST_NORMAL:
+            raise PrecisionLost(f"{kind} {low:.3g} is below float32's normal range")
+        self.note(kind, low)
+        return low
 
     def note(self, kind: str, low: float) -> None:
         """The smallest non-zero element of an array of `kind`, already known."""

@@ -225,3 +225,38 @@ def test_the_criterion_takes_float32_entries_in_float64_sums():
     expected = float(np.log(values.astype(np.float64)).sum())
     got = _sum_of_logs(values, float(values.min()), float(values.max()), chunk=1 << 12)
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_the_smallest_magnitude_read_through_the_bits_is_the_masked_minimum(dtype):
+    from onnx_pathcond.pathnet.precision import smallest_magnitude
+
+    rng = np.random.default_rng(17)
+    for trial in range(30):
+        values = (rng.standard_normal(rng.integers(1, 300)) * 10.0 ** rng.uniform(-6, 3)).astype(dtype)
+        values[rng.random(values.size) < 0.3] = 0
+        if trial % 5 == 0:
+            values[:] = 0
+        if trial % 7 == 1:
+            values[0] = -np.finfo(dtype).tiny / 4  # a subnormal, negative
+        nonzero = np.abs(values[values != 0]).astype(np.float64)
+        expected = float(nonzero.min()) if nonzero.size else math.inf
+        assert smallest_magnitude(values) == expected
+        assert smallest_magnitude(values[::2]) == (float(np.abs(values[::2][values[::2] != 0]).min())
+                                                   if np.any(values[::2]) else math.inf)
+
+
+def test_a_weight_with_exact_zeros_is_checked_through_its_smallest_magnitude():
+    model = mlp([6, 8, 8, 3], seed=18)
+    w = model.graph.initializer[2]
+    value = numpy_helper.to_array(w).copy()
+    value[0, :3] = 0  # exact zeros: g of their paths is still exact
+    w.CopyFrom(numpy_helper.from_array(value, w.name))
+    got, runtime = g_by_tensor(model, "float32")
+    exact, _ = g_by_tensor(model, "float64")
+    for name in exact:
+        assert_within(got[name], exact[name], runtime.relative_error, name)
+    value[0, 3] = 1e-24  # its square underflows to zero in float32: refused
+    w.CopyFrom(numpy_helper.from_array(value, w.name))
+    with pytest.raises(PrecisionLost, match="square"):
+        g_by_tensor(model, "float32")

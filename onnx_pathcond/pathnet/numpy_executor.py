@@ -195,8 +195,8 @@ def _uncrop(arr: np.ndarray, begin, full_size) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- dense products
-# Rows of a weight squared at once: the float64 square of a large weight (twice its float32
-# size) never exists whole, only this many elements of it.
+# Rows of a weight squared at once: the square of a large weight never exists whole, only
+# this many float64 elements of it (32 MiB; as many bytes of float32 elements).
 _SQUARE_CHUNK = 1 << 22
 
 
@@ -208,7 +208,9 @@ def squared_product(w: np.ndarray, x: np.ndarray, w_left: bool, transposed: bool
     broadcasting). w² is formed a block of rows at a time (each block shown to `guard`).
     """
     n0, n1 = w.shape
-    step = max(1, _SQUARE_CHUNK // max(1, n1))
+    # The same bytes per block in either dtype (twice the rows in float32): blocks of a size
+    # that glibc maps and unmaps as they come and go, rather than keeps in its heap.
+    step = max(1, _SQUARE_CHUNK * 8 // np.dtype(dtype).itemsize // max(1, n1))
     if w_left:
         out = np.zeros(x.shape[:-2] + ((n1 if transposed else n0), x.shape[-1]), dtype=dtype)
     else:

@@ -200,24 +200,34 @@ def _uncrop(arr: np.ndarray, begin, full_size) -> np.ndarray:
 _SQUARE_CHUNK = 1 << 22
 
 
+def square_block_size(shape: Tuple[int, int], dtype) -> int:
+    """Elements of the block `squared_product` squares a 2-D weight of `shape` in: whole rows,
+    the same bytes in either dtype (twice the rows in float32), at least one row."""
+    n1 = max(1, shape[1])
+    return max(1, _SQUARE_CHUNK * 8 // np.dtype(dtype).itemsize // n1) * n1
+
+
 def squared_product(w: np.ndarray, x: np.ndarray, w_left: bool, transposed: bool, dtype=np.float64,
-                    guard: Optional[RangeGuard] = None) -> np.ndarray:
+                    guard: Optional[RangeGuard] = None, scratch: Optional[np.ndarray] = None) -> np.ndarray:
     """x @ M or M @ x (`w_left`) with M = w² or (w²)ᵀ (`transposed`), in `dtype` (x's).
 
     `w` is a 2-D weight in its stored dtype; x may have leading batch axes (np.matmul's
-    broadcasting). w² is formed a block of rows at a time (each block shown to `guard`).
+    broadcasting). w² is formed a block of rows at a time (each block shown to `guard`), in
+    `scratch` when it is a 1-D array of `dtype` large enough for a block (`square_block_size`).
     """
     n0, n1 = w.shape
-    # The same bytes per block in either dtype (twice the rows in float32): blocks of a size
-    # that glibc maps and unmaps as they come and go, rather than keeps in its heap.
-    step = max(1, _SQUARE_CHUNK * 8 // np.dtype(dtype).itemsize // max(1, n1))
+    step = square_block_size(w.shape, dtype) // max(1, n1)
     if w_left:
         out = np.zeros(x.shape[:-2] + ((n1 if transposed else n0), x.shape[-1]), dtype=dtype)
     else:
         out = np.zeros(x.shape[:-1] + ((n0 if transposed else n1),), dtype=dtype)
     # One block for the squares, reused from block to block: a fresh one per block would be
     # allocated (and page-faulted) anew each time.
-    square = np.empty((min(step, n0), n1), dtype=dtype)
+    rows_per_block = min(step, n0)
+    if scratch is not None and scratch.dtype == dtype and scratch.size >= rows_per_block * n1:
+        square = scratch[:rows_per_block * n1].reshape(rows_per_block, n1)
+    else:
+        square = np.empty((rows_per_block, n1), dtype=dtype)
     for start in range(0, n0, step):
         rows = slice(start, start + step)
         part = w[rows]
@@ -254,6 +264,7 @@ def summed_product(a: np.ndarray, b: np.ndarray, shape) -> np.ndarray:
 # at least their operands', and an overflow shows in the products that read them, so the
 # range guard need not look at them (float32).
 _MOVES_ONLY = (P.Identity, P.Gather)
+_WINDOWED = (P.Conv, P.ConvTranspose)
 
 
 def _swap(x: np.ndarray) -> np.ndarray:
@@ -317,6 +328,10 @@ class NumpyExecutor:
         # the smallest non-zero square of each parameter use (a weight is squared at each
         # forward, recomputation and backward; its values do not change within a walk)
         self._square_low: dict = {}
+        # the block the dense weights are squared in, kept from one dense layer to the next:
+        # one allocation (and its page faults) for a stack of them instead of one per layer
+        # and pass; let go where a convolution runs (its own arrays are the large ones)
+        self._scratch: Optional[np.ndarray] = None
 
     # ------------------------------------------------------------ what the walk calls
     @staticmethod
@@ -478,11 +493,16 @@ class NumpyExecutor:
         guard = None
         if self.guard is not None and id(weight) not in self._square_low:
             guard, self._square_low[id(weight)] = self.guard, 0.0
-        return squared_product(w, x, w_left, transposed, dtype=self.dtype, guard=guard)
+        need = min(square_block_size(w.shape, self.dtype), w.size)
+        if self._scratch is None or self._scratch.size < need:
+            self._scratch = np.empty(need, dtype=self.dtype)
+        return squared_product(w, x, w_left, transposed, dtype=self.dtype, guard=guard, scratch=self._scratch)
 
     # ------------------------------------------------------------ primitives
     def forward(self, prim: P.Primitive, inputs: List[np.ndarray]) -> List[np.ndarray]:
         phase, self._phase = self._phase, MASS  # (a recomputation runs within the backward pass)
+        if isinstance(prim, _WINDOWED):
+            self._scratch = None
         try:
             outputs = getattr(self, "_forward_" + type(prim).__name__)(prim, *inputs)
             if self.guard is not None and not isinstance(prim, _MOVES_ONLY):
@@ -495,6 +515,8 @@ class NumpyExecutor:
     def backward(self, prim: P.Primitive, inputs: Optional[List[np.ndarray]], adjoints: List[np.ndarray]):
         """(adjoint contribution per input (None: none), [(use, g, factors)])."""
         self._phase = ADJOINT
+        if isinstance(prim, _WINDOWED):
+            self._scratch = None
         into, statistics = getattr(self, "_backward_" + type(prim).__name__)(prim, inputs, *adjoints)
         if self.guard is not None:
             if not isinstance(prim, _MOVES_ONLY):

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional
 
 import numpy as np
+import onnx
 
 from .channels import Analysis
 from .errors import InputError
@@ -65,11 +66,11 @@ def float32_suits(graph: Graph, analysis: Analysis) -> bool:
     for use in analysis.uses:
         if use.ignored:
             continue
-        if use.ref is not None:
-            dtype = graph.stored_value(use.ref).dtype
-        else:
-            dtype = np.asarray(graph.constant_value(use.input_name)).dtype
-        if dtype.itemsize > 4 and dtype.kind == "f":
+        name = use.ref.name if use.ref is not None else use.input_name
+        if name in graph.values:  # a value given to a plan (a training loop's parameter)
+            if np.asarray(graph.values[name]).dtype == np.float64:
+                return False
+        elif graph.elem_type.get(name) == onnx.TensorProto.DOUBLE:  # read from the proto: no decoding
             return False
     return True
 

@@ -260,3 +260,12 @@ def test_a_weight_with_exact_zeros_is_checked_through_its_smallest_magnitude():
     w.CopyFrom(numpy_helper.from_array(value, w.name))
     with pytest.raises(PrecisionLost, match="square"):
         g_by_tensor(model, "float32")
+
+
+def test_float64_values_given_to_a_plan_keep_the_float64_walk():
+    model = mlp([5, 7, 3], seed=19)
+    plan = RescalingPlan(ModelFile(model))
+    assert plan.solve().runtime.precision == "float32"
+    name = plan.parameters[0]
+    plan.update({name: np.asarray(plan.value(name), dtype=np.float64)})
+    assert plan.solve().runtime.precision == "float64"

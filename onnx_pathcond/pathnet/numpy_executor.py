@@ -390,45 +390,16 @@ class NumpyExecutor:
         """Upper bounds on the roundings one result element of `prim` adds to its operands'
         (forward output, input adjoint, statistic), as this executor computes them: a sum
         of n terms counts n (their products included), forming a factor one, each gain two
-        (its cast to the walk's dtype, and the product)."""
-        name = type(prim).__name__
-        shape = self._shape
-        size = (lambda t: int(np.prod(shape(t), dtype=np.int64)))  # noqa: E731
-        weight = getattr(prim, "weight", None)
-        gain = 2 * int(isinstance(weight, P.Weight) and weight.gain != 1.0)
-        factor = 1 + gain  # the square (or a fixed value's cast), and its gain
-        if name == "Identity":
-            return 0, size(prim.y) // max(1, size(prim.x)), 0
-        if name == "Scale":
-            spread = size(prim.y) // max(1, int(np.prod(prim.view, dtype=np.int64)))
-            return factor + 1, factor + 1 + size(prim.y) // max(1, size(prim.x)), spread + gain
-        if name == "Bias":
-            return factor, 0, size(prim.y) // max(1, int(np.prod(prim.view, dtype=np.int64))) + gain
-        if name in ("Dense", "AxisDense"):
-            n0, n1 = prim.weight.use.view_shape[-2:]
-            return 1 + max(n0, n1) + gain, 1 + max(n0, n1) + gain, size(prim.x) // max(1, min(n0, n1)) + gain
-        if name == "Conv":
-            wshape = prim.weight.use.view_shape
-            kv, og = prim.geometry.kernel_volume, wshape[0] // prim.groups
-            return factor + wshape[1] * kv, factor + og * kv + kv, size(prim.y) // max(1, shape(prim.y)[1])
-        if name == "ConvTranspose":
-            wshape = prim.weight.use.view_shape
-            kv = prim.scatter.kernel_volume
-            return (factor + wshape[0] // prim.groups + kv, factor + wshape[1] * kv,
-                    size(prim.x) // max(1, shape(prim.x)[1]))
-        if name == "WindowSum":
-            weighted = 2 if prim.weight is not None else 0
-            kv = prim.geometry.kernel_volume
-            return kv + weighted, kv + weighted, 0
-        if name == "ReduceSum":
-            scaled = 2 * int(prim.gain != 1.0)
-            return size(prim.x) // max(1, size(prim.y)) + scaled, scaled, 0
-        if name == "Gather":
-            moves = _moves(prim)
-            return 0, len(moves) + max((m.readers for m in moves), default=1), 0
-        if name == "AxisMatrices":
-            return (sum(m.shape[1] + 1 for m in prim.matrices), sum(m.shape[0] + 1 for m in prim.matrices), 0)
-        raise ValueError(f"no rounding count for primitive {name}")
+        (its cast to the walk's dtype, and the product). One `_roundings_<primitive>` each,
+        beside the primitive's forward and backward."""
+        return getattr(self, "_roundings_" + type(prim).__name__)(prim)
+
+    def _size(self, name: str) -> int:
+        return int(np.prod(self._shape(name), dtype=np.int64))
+
+    @staticmethod
+    def _gain_roundings(gain: float) -> int:
+        return 2 if gain != 1.0 else 0
 
     def begin_backward(self) -> None:
         pass
@@ -540,6 +511,9 @@ class NumpyExecutor:
     def _backward_Identity(self, prim: P.Identity, inputs, adj):
         return [unbroadcast(adj, self._shape(prim.x))], []
 
+    def _roundings_Identity(self, prim: P.Identity):
+        return 0, self._size(prim.y) // max(1, self._size(prim.x)), 0
+
     # Scale
     def _forward_Scale(self, prim: P.Scale, x):
         return [x * self._factor(prim.weight).reshape(prim.view)]
@@ -553,6 +527,11 @@ class NumpyExecutor:
             stats.append((prim.weight.use, g.reshape(prim.weight.use.view_shape), None))
         return [into], stats
 
+    def _roundings_Scale(self, prim: P.Scale):
+        gain = self._gain_roundings(prim.weight.gain)
+        spread = self._size(prim.y) // max(1, int(np.prod(prim.view, dtype=np.int64)))
+        return 2 + gain, 2 + gain + self._size(prim.y) // max(1, self._size(prim.x)), spread + gain
+
     # Bias
     def _forward_Bias(self, prim: P.Bias):
         return [self._factor(prim.weight).reshape(prim.view)]
@@ -563,6 +542,10 @@ class NumpyExecutor:
             g = self._gain(unbroadcast(adj, prim.view), prim.weight.gain, STATISTIC)
             stats.append((prim.weight.use, g.reshape(prim.weight.use.view_shape), None))
         return [], stats
+
+    def _roundings_Bias(self, prim: P.Bias):
+        gain = self._gain_roundings(prim.weight.gain)
+        return 1 + gain, 0, self._size(prim.y) // max(1, int(np.prod(prim.view, dtype=np.int64))) + gain
 
     # Dense
     def _forward_Dense(self, prim: P.Dense, x):
@@ -589,6 +572,13 @@ class NumpyExecutor:
         out_first = prim.weight_left != prim.weight_transposed  # the stored view is [O, I]
         factors = (adjs.T, xs.T) if out_first else (xs.T, adjs.T)
         return [into], [(prim.weight.use, None, factors)]
+
+    def _roundings_Dense(self, prim: P.Dense):
+        gain = self._gain_roundings(prim.weight.gain)
+        n0, n1 = prim.weight.use.view_shape[-2:]
+        return 1 + max(n0, n1) + gain, 1 + max(n0, n1) + gain, self._size(prim.x) // max(1, min(n0, n1)) + gain
+
+    _roundings_AxisDense = _roundings_Dense
 
     # AxisDense: the product of Dense on x with the contracted axis moved last, then a transpose
     def _forward_AxisDense(self, prim: P.AxisDense, x):
@@ -630,6 +620,13 @@ class NumpyExecutor:
         g = np.matmul(adj, cols.transpose(0, 2, 1)).reshape(wshape)
         return [into], [(prim.weight.use, g, factors)]
 
+    def _roundings_Conv(self, prim: P.Conv):
+        factor = 1 + self._gain_roundings(prim.weight.gain)
+        wshape = prim.weight.use.view_shape
+        kv, og = prim.geometry.kernel_volume, wshape[0] // prim.groups
+        return (factor + wshape[1] * kv, factor + og * kv + kv,  # the input adjoint: either form
+                self._size(prim.y) // max(1, self._shape(prim.y)[1]))
+
     # ConvTranspose
     def _forward_ConvTranspose(self, prim: P.ConvTranspose, x):
         w2 = self._factor(prim.weight)
@@ -653,6 +650,13 @@ class NumpyExecutor:
         g = np.matmul(xg, cols.transpose(0, 2, 1)).reshape(wshape)
         return [into], [(prim.weight.use, g, None)]
 
+    def _roundings_ConvTranspose(self, prim: P.ConvTranspose):
+        factor = 1 + self._gain_roundings(prim.weight.gain)
+        wshape = prim.weight.use.view_shape
+        kv = prim.scatter.kernel_volume
+        return (factor + wshape[0] // prim.groups + kv, factor + wshape[1] * kv,
+                self._size(prim.x) // max(1, self._shape(prim.x)[1]))
+
     # WindowSum
     def _forward_WindowSum(self, prim: P.WindowSum, x):
         geo = prim.geometry
@@ -670,6 +674,10 @@ class NumpyExecutor:
                                adj.shape[:2] + geo.kernel + geo.out_size)
         return [crop_input(scatter_windows(cols, geo), geo)], []
 
+    def _roundings_WindowSum(self, prim: P.WindowSum):
+        weighted = 2 if prim.weight is not None else 0  # the weights' cast, and the product
+        return prim.geometry.kernel_volume + weighted, prim.geometry.kernel_volume + weighted, 0
+
     # ReduceSum
     def _forward_ReduceSum(self, prim: P.ReduceSum, x):
         y = self._gain(x.sum(axis=prim.axes), prim.gain) if prim.axes else x.copy()
@@ -679,6 +687,10 @@ class NumpyExecutor:
         shape = self._shape(prim.x)
         kept = [1 if a in prim.axes else d for a, d in enumerate(shape)]
         return [np.broadcast_to(self._gain(adj.reshape(kept), prim.gain), shape)], []
+
+    def _roundings_ReduceSum(self, prim: P.ReduceSum):
+        scaled = self._gain_roundings(prim.gain)
+        return self._size(prim.x) // max(1, self._size(prim.y)) + scaled, scaled, 0
 
     # Gather
     def _forward_Gather(self, prim: P.Gather, *xs):
@@ -711,6 +723,10 @@ class NumpyExecutor:
         parts = np.split(total, np.cumsum(sizes)[:-1])
         return [part.reshape(self._shape(x)) for x, part in zip(prim.xs, parts)], []
 
+    def _roundings_Gather(self, prim: P.Gather):
+        moves = _moves(prim)  # backward: each move adds once, an element read n times n times
+        return 0, len(moves) + max((m.readers for m in moves), default=1), 0
+
     # AxisMatrices
     @staticmethod
     def _along(x, matrix, axis):
@@ -725,3 +741,6 @@ class NumpyExecutor:
         for k, m in enumerate(prim.matrices):
             adj = self._along(self._operand(adj), self._fixed(m).T, prim.first_axis + k)
         return [adj], []
+
+    def _roundings_AxisMatrices(self, prim: P.AxisMatrices):
+        return (sum(m.shape[1] + 1 for m in prim.matrices), sum(m.shape[0] + 1 for m in prim.matrices), 0)

@@ -92,18 +92,11 @@ class RangeGuard:
         smallest non-zero element. One pass (a minimum) where `value` has no zero; where it
         has some (a weight with a few exact zeros), the smallest non-zero magnitude of the
         source gives the smallest non-zero element, rounded as the walk rounds it."""
-        if not value.size:
-            return math.inf
-        low = float(value.min())
-        if math.isnan(low):
-            raise PrecisionLost(f"{kind} is NaN")
-        if low == 0.0:
+        def from_source() -> float:
             magnitude = smallest_magnitude(source)
-            if math.isinf(magnitude):
-                return math.inf  # all zero: exact
-            low = float(np.float32(magnitude * magnitude if squared else magnitude))
-        if low < _SMALLEST_NORMAL:
-            raise PrecisionLost(f"{kind} {low:.3g} is below float32's normal range")
+            return float(np.float32(magnitude * magnitude if squared else magnitude))
+
+        low = self._smallest_nonzero(value, kind, from_source)
         self.note(kind, low)
         return low
 
@@ -131,14 +124,16 @@ class RangeGuard:
             raise PrecisionLost(f"a statistic's factors multiply to {low:.3g}, below float32's normal range")
 
     @staticmethod
-    def _smallest_nonzero(value: np.ndarray, kind: str) -> float:
+    def _smallest_nonzero(value: np.ndarray, kind: str, where_zero=None) -> float:
+        """The smallest non-zero element (inf: none), refused unless normal; where `value` has
+        zeros it comes from `where_zero()` when given (else a masked minimum)."""
         if not value.size:
             return math.inf
         low = float(value.min())
         if math.isnan(low):
             raise PrecisionLost(f"{kind} is NaN")
         if low == 0.0:  # zeros are exact: the smallest of the others counts
-            low = float(np.min(value, where=value > 0, initial=math.inf))
+            low = where_zero() if where_zero is not None else float(np.min(value, where=value > 0, initial=math.inf))
         if low < _SMALLEST_NORMAL:
             raise PrecisionLost(f"{kind} {low:.3g} is below float32's normal range")
         return low

@@ -319,6 +319,29 @@ def _cell_extreme(g: np.ndarray, reduced: Tuple[int, ...], ufunc) -> np.ndarray:
     return out.reshape(tuple(n for a, n in enumerate(g.shape) if a not in reduced))
 
 
+def _tally(acc: np.ndarray, keys: np.ndarray, weights: Optional[np.ndarray] = None, scale: float = 1.0) -> None:
+    """acc[k] += scale · (the weights of key k), over the span of groups the keys cover, not
+    all of acc: a block's keys are a layer or a few, and a count over every group per block
+    would make the intake blocks × groups (DenseNet-121: 300 blocks, 42,000 groups). The last
+    entry of acc (the fixed side, never read) is left out of the span."""
+    if not keys.size:
+        return
+    last = acc.size - 1
+    high = int(keys.max())
+    if high == last:
+        inside = keys < last
+        keys = keys[inside]
+        weights = None if weights is None else weights[inside]
+        if not keys.size:
+            return
+        high = int(keys.max())
+    low = int(keys.min())
+    counts = np.bincount(keys - low, weights=weights, minlength=high - low + 1)
+    if scale != 1.0:
+        counts = counts * scale
+    acc[low:high + 1] += counts
+
+
 class ProblemBuilder:
     """Collects (use, g) pairs from the statistics pass into a `Problem`."""
 
@@ -414,8 +437,8 @@ class ProblemBuilder:
             self.const_sum += float(l.sum() * r.sum())
             self.const_max, self.const_min = max(self.const_max, high), min(self.const_min, low)
             return True
-        self.n_in += np.bincount(row, weights=l_pos * float(nr), minlength=H + 1)
-        self.n_out += np.bincount(col, weights=r_pos * float(nl), minlength=H + 1)
+        _tally(self.n_in, row, l_pos * float(nr))
+        _tally(self.n_out, col, r_pos * float(nl))
         label = use.ref.name if use.ref is not None else use.input_name
         self.blocks.append(Block(None, rows, cols, None, None, label, factors=(l[:, None], r[:, None])))
         return True
@@ -496,18 +519,17 @@ class ProblemBuilder:
             R, C = G.shape
             in_keys = row[:, 0] if row.shape[1] == 1 else row.ravel()
             out_keys = col[0] if col.shape[0] == 1 else np.broadcast_to(col, G.shape).ravel()
-            self.n_in += np.bincount(in_keys, minlength=H + 1) * float(taps * (C if row.shape[1] == 1 else 1))
-            self.n_out += np.bincount(out_keys, minlength=H + 1) * float(taps * (R if col.shape[0] == 1 else 1))
+            _tally(self.n_in, in_keys, scale=float(taps * (C if row.shape[1] == 1 else 1)))
+            _tally(self.n_out, out_keys, scale=float(taps * (R if col.shape[0] == 1 else 1)))
         else:
             if row.shape[1] == 1:
-                self.n_in += np.bincount(row[:, 0], weights=count.sum(axis=1), minlength=H + 1)
+                _tally(self.n_in, row[:, 0], count.sum(axis=1))
             else:
-                self.n_in += np.bincount(row.ravel(), weights=count.ravel(), minlength=H + 1)
+                _tally(self.n_in, row.ravel(), count.ravel())
             if col.shape[0] == 1:
-                self.n_out += np.bincount(col[0], weights=count.sum(axis=0), minlength=H + 1)
+                _tally(self.n_out, col[0], count.sum(axis=0))
             else:
-                self.n_out += np.bincount(np.broadcast_to(col, G.shape).ravel(), weights=count.ravel(),
-                                          minlength=H + 1)
+                _tally(self.n_out, np.broadcast_to(col, G.shape).ravel(), count.ravel())
         if stored is not None:
             self.blocks.append(Block(None, row, col, None, None, label, factors=stored))
         else:

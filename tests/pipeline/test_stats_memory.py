@@ -256,3 +256,25 @@ def test_groups_meet_agrees_with_a_set_intersection():
             col = np.arange(start + 5 - int(rng.integers(0, 2)), start + 9)
         expected = bool(np.intersect1d(row[row < H], col[col < H]).size)
         assert cells._groups_meet(row[:, None], col[None, :], H) == expected
+
+
+def test_tally_over_the_keys_span_equals_a_count_over_every_group():
+    from onnx_pathcond.criteria import cells
+
+    rng = np.random.default_rng(13)
+    H = 40
+    for _ in range(500):
+        size = int(rng.integers(0, 12))
+        if rng.random() < 0.5:  # a layer's range, sometimes beside the fixed side H
+            start = int(rng.integers(0, H - size)) if size < H else 0
+            keys = np.arange(start, start + size)
+            if rng.random() < 0.5 and size:
+                keys[rng.integers(0, size)] = H
+        else:
+            keys = rng.integers(0, H + 1, size)
+        weights = rng.integers(0, 9, size).astype(np.float64) if rng.random() < 0.5 else None
+        scale = float(rng.choice([1.0, 9.0]))
+        acc = rng.integers(0, 5, H + 1).astype(np.float64)
+        expected = acc + np.bincount(keys, weights=weights, minlength=H + 1) * scale
+        cells._tally(acc, keys, weights, scale)
+        assert np.array_equal(acc[:H], expected[:H])  # the fixed side's entry is never read

@@ -117,52 +117,64 @@ def _layer_updates(total, B, C, A, e_old, p, low=None, high=None, guess=None):
     """New exp(u_h) for a layer, and the running total after it, as the sequential loop gives.
 
     Each group's step is the minimiser of F along u_h within [low, high] (its bounds, in
-    exp(u) terms): F is convex in u_h, so that is the unconstrained root clipped to the box,
-    and a clipped group's step does not depend on the total any more (slope 0 below).
+    exp(u) terms; None: no bound): F is convex in u_h, so that is the unconstrained root
+    clipped to the box, and a clipped group's step does not depend on the total any more
+    (slope 0 below).
 
     The totals T_k seen by the groups solve T_{k+1} = T_k + δ_k(T_k) with T_0 = total. Each
     round evaluates δ and its slope δ' at the current guess of every T_k, then corrects all
     of them with the linearised recurrence e_{k+1} = (1 + δ'_k)·e_k − r_k (a cumulative
     product and sum): Newton's method on the whole prefix at once, a few rounds to machine
     precision. `guess` (last sweep's increments) starts it close.
+
+    A layer has tens to a thousand groups and a sweep updates every layer, so each round's
+    small-array operations are what this costs: the coefficients that do not change from
+    round to round are formed once.
     """
-    low, high = _no_box(low, high, len(B))
     active = (B > 0) | (C > 0)
     if not active.all():
         idx = np.flatnonzero(active)
         X = e_old.copy()
         if idx.size:
-            X[idx], total = _layer_updates(total, B[idx], C[idx], A[idx], e_old[idx], p, low[idx], high[idx],
+            X[idx], total = _layer_updates(total, B[idx], C[idx], A[idx], e_old[idx], p,
+                                           None if low is None else low[idx], None if high is None else high[idx],
                                            None if guess is None else guess[idx])
         return X, total
+    boxed = low is not None or high is not None
+    if boxed:
+        low, high = _no_box(low, high, len(B))
     own = B * e_old + C / e_old
     n = len(B)
+    prefix = np.full(n, total)
     if guess is not None and guess.shape == (n,):
-        prefix = total + np.concatenate(([0.0], np.cumsum(guess[:-1])))
-    else:
-        prefix = np.full(n, total)
+        prefix[1:] += np.cumsum(guess[:-1])
+    # the root of qa·X² + qb·X + qc as _quadratic_root takes it, qb = A·D the only part that moves
     qa = B * (A + p)
     qc = C * (A - p)
+    four_ac, minus_2c, two_a, minus_A = 4.0 * qa * qc, -2.0 * qc, 2.0 * qa, -A
     growth = np.ones(n)
     correction = np.zeros(n)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(_PICARD_ROUNDS):
             D = prefix - own
             qb = A * D
-            root = _quadratic_root(qa, qb, qc)
-            X = np.minimum(np.maximum(root, low), high)
-            if not np.all(np.isfinite(X) & (X > 0)):
+            disc = np.sqrt(np.maximum(qb * qb - four_ac, 0.0))
+            root = np.where(qb > 0, minus_2c / (qb + disc), (disc - qb) / two_a)
+            X = np.minimum(np.maximum(root, low), high) if boxed else root
+            if not (X.min() > 0 and X.max() < np.inf):  # (NaN fails both)
                 break
             delta = B * X + C / X - own
             # residual of T_{k+1} = T_k + δ_k, and the slope of δ_k in T_k
             residual = prefix[1:] - prefix[:-1] - delta[:-1]
             if n == 1 or np.abs(residual).max() <= 4e-16 * abs(total):
                 return X, float(D[-1] + B[-1] * X[-1] + C[-1] / X[-1])
-            slope = np.where(X == root, (B - C / (X * X)) * (-A * X / (2.0 * qa * X + qb)), 0.0)
+            slope = (B - C / (X * X)) * (minus_A * X / (two_a * X + qb))
+            if boxed:
+                slope = np.where(X == root, slope, 0.0)
             np.cumprod(1.0 + slope[:-1], out=growth[1:])
             np.cumsum(-residual / growth[1:], out=correction[1:])
             correction[1:] *= growth[1:]
-            if np.all(np.isfinite(correction)):
+            if np.abs(correction).max() < np.inf:  # (NaN fails it)
                 prefix = prefix + correction
             else:  # fall back to a plain fixed-point round
                 prefix = total + np.concatenate(([0.0], np.cumsum(delta[:-1])))
@@ -204,7 +216,7 @@ def coordinate_descent(problem: Problem, max_iter: int = 10, tol: float = 1e-2,
             B, C = layer_sums(problem, layer, u_ext)
             sl = slice(layer.start, layer.stop)
             if k not in boxes:
-                boxes[k] = _exp_box(bounds, sl, layer.stop - layer.start)
+                boxes[k] = _exp_box(bounds, sl, layer.stop - layer.start) if bounds is not None else (None, None)
             e_old = np.exp(u_ext[sl])
             X, new_total = _layer_updates(total, B, C, A[sl], e_old, p, *boxes[k], increments.get(k))
             increments[k] = B * X + C / X - (B * e_old + C / e_old)

@@ -134,7 +134,7 @@ def correlation_geometry(geo: Geometry) -> Optional[Geometry]:
 
 
 def conv_input_adjoint(w2: np.ndarray, adj: np.ndarray, n: int, groups: int, geo: Geometry,
-                       form: Optional[str] = None) -> np.ndarray:
+                       form: Optional[str] = None, keep_windows: bool = False):
     """The adjoint of a convolution's input, [N, C, *S], from the squared kernel w2 [O, Cg, *K]
     and the output adjoint `adj` grouped as [G, Og, N·P].
 
@@ -144,16 +144,23 @@ def conv_input_adjoint(w2: np.ndarray, adj: np.ndarray, n: int, groups: int, geo
     None picks the one that moves less data: the correlation copies the adjoint's windows
     (O·K·P) and the flipped kernel (O·Cg·K), the scatter writes and adds back C·K·P; so the
     correlation wins on large maps and where a layer has fewer outputs than inputs (a
-    DenseNet's growth convolutions), the scatter on small maps of wide layers."""
+    DenseNet's growth convolutions), the scatter on small maps of wide layers.
+
+    With `keep_windows`, returns (into, windows): the correlation form's windows of the
+    adjoint, from which the kernel's statistic is one more product (`kernel_statistic`),
+    or None where the other forms ran. The scatter form's caller then copies the input's
+    windows for the statistic (C·K·P more), which the choice counts."""
     wshape = w2.shape
     og = wshape[0] // groups
     if geo.kernel_volume == 1 and geo.padded_size == geo.in_size and all(st == 1 for st in geo.strides):
         back = np.matmul(w2.reshape(groups, og, -1).transpose(0, 2, 1), adj)  # both forms are this product
-        return _ungrouped(back, n, (), geo.in_size)
+        into = _ungrouped(back, n, (), geo.in_size)
+        return (into, None) if keep_windows else into
     corr = correlation_geometry(geo)
     if form is None:
         positions = int(np.prod(geo.out_size)) * n
-        cheaper = wshape[0] * (positions + wshape[1]) < 2 * groups * wshape[1] * positions
+        shares = 3 if keep_windows else 2
+        cheaper = wshape[0] * (positions + wshape[1]) < shares * groups * wshape[1] * positions
         form = "correlation" if corr is not None and cheaper else "scatter"
     if form == "correlation":
         if corr is None:
@@ -165,9 +172,25 @@ def conv_input_adjoint(w2: np.ndarray, adj: np.ndarray, n: int, groups: int, geo
         adj_full = _ungrouped(adj, n, (), geo.out_size)
         cols = window_view(pad_input(adj_full, corr), corr)  # [N, O, *K, *S]
         cols = _grouped(cols.reshape(n, wshape[0] * geo.kernel_volume, -1), groups)
-        return _ungrouped(np.matmul(kernel, cols), n, (), geo.in_size)
+        into = _ungrouped(np.matmul(kernel, cols), n, (), geo.in_size)
+        return (into, cols) if keep_windows else into
     back = _ungrouped(np.matmul(w2.reshape(groups, og, -1).transpose(0, 2, 1), adj), n, geo.kernel, geo.out_size)
-    return crop_input(scatter_windows(back, geo), geo)
+    into = crop_input(scatter_windows(back, geo), geo)
+    return (into, None) if keep_windows else into
+
+
+def kernel_statistic(windows: np.ndarray, x: np.ndarray, groups: int, wshape, geo: Geometry) -> np.ndarray:
+    """A stride-1 convolution's statistic g[o, c, k] = Σ over the output positions p of
+    adj[o, p] · x[c, p + k·dilation − pad_begin], from the correlation form's windows of the
+    adjoint ([G, Og·K, N·S]; `conv_input_adjoint`): the window k' of input position s holds
+    adj[o, s + pad_begin − (K−1−k')·dilation], so g is the windows' product with x, read with
+    the kernel's axes reversed. The input's own windows are never copied. (The terms that the
+    windows' zero padding adds are exact zeros: no rounding beyond the P terms of the sum.)"""
+    n, c = x.shape[:2]
+    by_input = np.matmul(windows, _grouped(x.reshape(n, c, -1), groups).transpose(0, 2, 1))  # [G, Og·K, Cg]
+    by_input = by_input.reshape((wshape[0],) + tuple(geo.kernel) + (wshape[1],))
+    by_input = by_input[(slice(None),) + (slice(None, None, -1),) * len(geo.kernel)]
+    return np.ascontiguousarray(np.moveaxis(by_input, -1, 1))
 
 
 def _crop_or_pad(arr: np.ndarray, begin, size) -> np.ndarray:
@@ -613,8 +636,10 @@ class NumpyExecutor:
         wshape, groups, geo = w2.shape, prim.groups, prim.geometry
         n = x.shape[0]
         adj = _grouped(adj.reshape(adj.shape[:2] + (-1,)), groups)  # [G, Og, N·P]
-        into = conv_input_adjoint(w2, adj, n, groups, geo)
+        into, windows = conv_input_adjoint(w2, adj, n, groups, geo, keep_windows=True)
         del w2  # the weights' copies go before the statistics' arrays arrive
+        if windows is not None:
+            return [into], [(prim.weight.use, kernel_statistic(windows, x, groups, wshape, geo), None)]
         cols = _columns(x, groups, geo)
         factors = (adj[0], cols[0]) if groups == 1 and geo.kernel_volume == 1 else None
         g = np.matmul(adj, cols.transpose(0, 2, 1)).reshape(wshape)

@@ -15,7 +15,7 @@ from onnx_pathcond.api import analyse_model
 from onnx_pathcond.geometry import Geometry
 from onnx_pathcond.pathnet import primitives as P
 from onnx_pathcond.pathnet.numpy_executor import (NumpyExecutor, conv_input_adjoint, correlation_geometry,
-                                                  pad_input, scatter_windows, summed_product, unbroadcast,
+                                                  kernel_statistic, pad_input, scatter_windows, summed_product, unbroadcast,
                                                   window_view)
 from onnx_pathcond.stats import diag_g_by_tensor
 
@@ -75,6 +75,51 @@ def test_conv_input_adjoint_matches_its_definition(groups):
             np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-300, err_msg=f"{form} {geo}")
         correlations += "correlation" in forms
     assert correlations >= 10
+
+
+def _kernel_statistic_by_loops(x, adj, groups, cg, geo):
+    """g[o, c, k] = Σ adj[n, o, p] · x[n, (group of o)·Cg + c, i] over (n, p) with
+    i = p·stride + k·dilation − pad_begin inside x: the statistic from its definition."""
+    n, out_channels = adj.shape[:2]
+    og = out_channels // groups
+    g = np.zeros((out_channels, cg) + geo.kernel)
+    for o in range(out_channels):
+        for k in itertools.product(*(range(s) for s in geo.kernel)):
+            for p in itertools.product(*(range(s) for s in geo.out_size)):
+                i = tuple(pp * st + kk * d - b for pp, st, kk, d, b in
+                          zip(p, geo.strides, k, geo.dilations, geo.pads_begin))
+                if all(0 <= ii < s for ii, s in zip(i, geo.in_size)):
+                    for c in range(cg):
+                        g[(o, c) + k] += float((adj[(slice(None), o) + p] *
+                                                x[(slice(None), (o // og) * cg + c) + i]).sum())
+    return g
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_kernel_statistic_from_the_adjoints_windows_matches_its_definition(groups):
+    """The correlation form's windows of the adjoint give the kernel's statistic without the
+    input's windows: against the definition, on every geometry where that form applies."""
+    rng = np.random.default_rng(30 + groups)
+    checked = 0
+    for geo in _geometries():
+        if correlation_geometry(geo) is None:
+            continue
+        cg, og, n = int(rng.integers(1, 4)), int(rng.integers(1, 4)), int(rng.integers(1, 3))
+        w2 = rng.random((groups * og, cg) + geo.kernel)
+        x = rng.random((n, groups * cg) + geo.in_size)
+        adj = rng.random((n, groups * og) + geo.out_size)
+        grouped = adj.reshape(n, groups, og, -1).transpose(1, 2, 0, 3).reshape(groups, og, -1)
+        into, windows = conv_input_adjoint(w2, grouped, n, groups, geo, form="correlation", keep_windows=True)
+        np.testing.assert_allclose(into, _input_adjoint_by_loops(w2, adj, groups, geo), rtol=1e-12, atol=1e-300)
+        if windows is None:  # a 1×1 kernel reads x as it is: no windows to share
+            assert geo.kernel_volume == 1
+            continue
+        got = kernel_statistic(windows, x, groups, w2.shape, geo)
+        assert got.shape == w2.shape and got.flags.c_contiguous
+        np.testing.assert_allclose(got, _kernel_statistic_by_loops(x, adj, groups, cg, geo), rtol=1e-12,
+                                   atol=1e-300, err_msg=str(geo))
+        checked += 1
+    assert checked >= 10
 
 
 def test_windows_and_their_scatter_match_explicit_padding():

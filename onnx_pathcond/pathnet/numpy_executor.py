@@ -148,8 +148,10 @@ def conv_input_adjoint(w2: np.ndarray, adj: np.ndarray, n: int, groups: int, geo
 
     With `keep_windows`, returns (into, windows): the correlation form's windows of the
     adjoint, from which the kernel's statistic is one more product (`kernel_statistic`),
-    or None where the other forms ran. The scatter form's caller then copies the input's
-    windows for the statistic (C·K·P more), which the choice counts."""
+    or None where the other forms ran (the caller then copies the input's windows for it).
+    The choice does not count that copy: taking the correlation where it moves more than the
+    scatter, for the copy it saves, would hold its windows (O·K·P) where the scatter holds
+    C·K·P at a time, more memory where a layer has more outputs than inputs."""
     wshape = w2.shape
     og = wshape[0] // groups
     if geo.kernel_volume == 1 and geo.padded_size == geo.in_size and all(st == 1 for st in geo.strides):
@@ -159,8 +161,7 @@ def conv_input_adjoint(w2: np.ndarray, adj: np.ndarray, n: int, groups: int, geo
     corr = correlation_geometry(geo)
     if form is None:
         positions = int(np.prod(geo.out_size)) * n
-        shares = 3 if keep_windows else 2
-        cheaper = wshape[0] * (positions + wshape[1]) < shares * groups * wshape[1] * positions
+        cheaper = wshape[0] * (positions + wshape[1]) < 2 * groups * wshape[1] * positions
         form = "correlation" if corr is not None and cheaper else "scatter"
     if form == "correlation":
         if corr is None:
@@ -179,15 +180,18 @@ def conv_input_adjoint(w2: np.ndarray, adj: np.ndarray, n: int, groups: int, geo
     return (into, None) if keep_windows else into
 
 
-def kernel_statistic(windows: np.ndarray, x: np.ndarray, groups: int, wshape, geo: Geometry) -> np.ndarray:
+def kernel_statistic(windows: List[np.ndarray], x: np.ndarray, groups: int, wshape, geo: Geometry) -> np.ndarray:
     """A stride-1 convolution's statistic g[o, c, k] = Σ over the output positions p of
     adj[o, p] · x[c, p + k·dilation − pad_begin], from the correlation form's windows of the
     adjoint ([G, Og·K, N·S]; `conv_input_adjoint`): the window k' of input position s holds
     adj[o, s + pad_begin − (K−1−k')·dilation], so g is the windows' product with x, read with
     the kernel's axes reversed. The input's own windows are never copied. (The terms that the
-    windows' zero padding adds are exact zeros: no rounding beyond the P terms of the sum.)"""
+    windows' zero padding adds are exact zeros: no rounding beyond the P terms of the sum.)
+
+    `windows` comes in a list that this empties: the windows go once their product is made,
+    before g is laid out (two arrays of the kernel's size, not three arrays at once)."""
     n, c = x.shape[:2]
-    by_input = np.matmul(windows, _grouped(x.reshape(n, c, -1), groups).transpose(0, 2, 1))  # [G, Og·K, Cg]
+    by_input = np.matmul(windows.pop(), _grouped(x.reshape(n, c, -1), groups).transpose(0, 2, 1))  # [G, Og·K, Cg]
     by_input = by_input.reshape((wshape[0],) + tuple(geo.kernel) + (wshape[1],))
     by_input = by_input[(slice(None),) + (slice(None, None, -1),) * len(geo.kernel)]
     return np.ascontiguousarray(np.moveaxis(by_input, -1, 1))
@@ -636,10 +640,18 @@ class NumpyExecutor:
         wshape, groups, geo = w2.shape, prim.groups, prim.geometry
         n = x.shape[0]
         adj = _grouped(adj.reshape(adj.shape[:2] + (-1,)), groups)  # [G, Og, N·P]
-        into, windows = conv_input_adjoint(w2, adj, n, groups, geo, keep_windows=True)
+        # The adjoint's windows replace the input's for the statistic where they are smaller
+        # (fewer outputs than inputs); elsewhere holding them while the statistic is formed
+        # would raise the walk's peak (VGG-16: 721 → 729 MiB).
+        if wshape[0] < groups * wshape[1]:
+            into, windows = conv_input_adjoint(w2, adj, n, groups, geo, keep_windows=True)
+        else:
+            into, windows = conv_input_adjoint(w2, adj, n, groups, geo), None
         del w2  # the weights' copies go before the statistics' arrays arrive
         if windows is not None:
-            return [into], [(prim.weight.use, kernel_statistic(windows, x, groups, wshape, geo), None)]
+            held = [windows]
+            del windows  # (kernel_statistic lets them go)
+            return [into], [(prim.weight.use, kernel_statistic(held, x, groups, wshape, geo), None)]
         cols = _columns(x, groups, geo)
         factors = (adj[0], cols[0]) if groups == 1 and geo.kernel_volume == 1 else None
         g = np.matmul(adj, cols.transpose(0, 2, 1)).reshape(wshape)

@@ -114,7 +114,9 @@ def test_kernel_statistic_from_the_adjoints_windows_matches_its_definition(group
         if windows is None:  # a 1×1 kernel reads x as it is: no windows to share
             assert geo.kernel_volume == 1
             continue
-        got = kernel_statistic(windows, x, groups, w2.shape, geo)
+        held = [windows]
+        got = kernel_statistic(held, x, groups, w2.shape, geo)
+        assert held == []  # the windows are let go
         assert got.shape == w2.shape and got.flags.c_contiguous
         np.testing.assert_allclose(got, _kernel_statistic_by_loops(x, adj, groups, cg, geo), rtol=1e-12,
                                    atol=1e-300, err_msg=str(geo))

@@ -20,21 +20,28 @@ from onnx_pathcond.pathnet.numpy_executor import (NumpyExecutor, conv_input_adjo
 from onnx_pathcond.stats import diag_g_by_tensor
 
 
+def _window_reads(out_channels, geo):
+    """Every (o, k, p, i) of a convolution's definition: output channel o at position p reads,
+    through kernel position k, the input position i = p·stride + k·dilation − pad_begin
+    (those inside the input only)."""
+    for o in range(out_channels):
+        for k in itertools.product(*(range(s) for s in geo.kernel)):
+            for p in itertools.product(*(range(s) for s in geo.out_size)):
+                i = tuple(pp * st + kk * d - b for pp, st, kk, d, b in
+                          zip(p, geo.strides, k, geo.dilations, geo.pads_begin))
+                if all(0 <= ii < s for ii, s in zip(i, geo.in_size)):
+                    yield o, k, p, i
+
+
 def _input_adjoint_by_loops(w2, adj, groups, geo):
     """into[n, c, i] = Σ w2[o, c mod Cg, k] · adj[n, o, p] over the (o, k, p) of c's group with
     p·stride + k·dilation − pad_begin = i: the transpose of the convolution, from its definition."""
     n, out_channels = adj.shape[:2]
     og, cg = out_channels // groups, w2.shape[1]
     into = np.zeros((n, groups * cg) + geo.in_size)
-    for o in range(out_channels):
-        g = o // og
-        for k in itertools.product(*(range(s) for s in geo.kernel)):
-            for p in itertools.product(*(range(s) for s in geo.out_size)):
-                i = tuple(pp * st + kk * d - b for pp, st, kk, d, b in
-                          zip(p, geo.strides, k, geo.dilations, geo.pads_begin))
-                if all(0 <= ii < s for ii, s in zip(i, geo.in_size)):
-                    for c in range(cg):
-                        into[(slice(None), g * cg + c) + i] += w2[(o, c) + k] * adj[(slice(None), o) + p]
+    for o, k, p, i in _window_reads(out_channels, geo):
+        for c in range(cg):
+            into[(slice(None), (o // og) * cg + c) + i] += w2[(o, c) + k] * adj[(slice(None), o) + p]
     return into
 
 
@@ -83,15 +90,9 @@ def _kernel_statistic_by_loops(x, adj, groups, cg, geo):
     n, out_channels = adj.shape[:2]
     og = out_channels // groups
     g = np.zeros((out_channels, cg) + geo.kernel)
-    for o in range(out_channels):
-        for k in itertools.product(*(range(s) for s in geo.kernel)):
-            for p in itertools.product(*(range(s) for s in geo.out_size)):
-                i = tuple(pp * st + kk * d - b for pp, st, kk, d, b in
-                          zip(p, geo.strides, k, geo.dilations, geo.pads_begin))
-                if all(0 <= ii < s for ii, s in zip(i, geo.in_size)):
-                    for c in range(cg):
-                        g[(o, c) + k] += float((adj[(slice(None), o) + p] *
-                                                x[(slice(None), (o // og) * cg + c) + i]).sum())
+    for o, k, p, i in _window_reads(out_channels, geo):
+        for c in range(cg):
+            g[(o, c) + k] += float((adj[(slice(None), o) + p] * x[(slice(None), (o // og) * cg + c) + i]).sum())
     return g
 
 

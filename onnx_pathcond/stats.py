@@ -93,14 +93,10 @@ def compute_diag_g(graph: Graph, analysis: Analysis, sink: Sink, backend: str = 
     if precision == "float32" and backend != "numpy":
         raise InputError("float32 statistics run on the numpy backend only")
     if backend == "numpy":
-        bound = 0.0
-        if precision == "float32":
-            walk = numpy_walk(graph, analysis, sink, progress, dtype=np.float32)
-            bound = relative_bound(walk.rounding_depth)
-            if not bound < 1.0:
-                raise PrecisionLost(f"the float32 bound is void: {walk.rounding_depth} roundings behind one entry")
-        else:
-            numpy_walk(graph, analysis, sink, progress)
+        walk = numpy_walk(graph, analysis, sink, progress, dtype=np.dtype(precision))
+        bound = relative_bound(walk.rounding_depth) if precision == "float32" else 0.0
+        if not bound < 1.0:
+            raise PrecisionLost(f"the float32 bound is void: {walk.rounding_depth} roundings behind one entry")
         notice = ""
         if device == "cuda":
             notice = ("CUDA was asked for but onnxruntime has no CUDA execution provider here (install "

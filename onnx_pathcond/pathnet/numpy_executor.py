@@ -148,10 +148,7 @@ def conv_input_adjoint(w2: np.ndarray, adj: np.ndarray, n: int, groups: int, geo
 
     With `keep_windows`, returns (into, windows): the correlation form's windows of the
     adjoint, from which the kernel's statistic is one more product (`kernel_statistic`),
-    or None where the other forms ran (the caller then copies the input's windows for it).
-    The choice does not count that copy: taking the correlation where it moves more than the
-    scatter, for the copy it saves, would hold its windows (O·K·P) where the scatter holds
-    C·K·P at a time, more memory where a layer has more outputs than inputs."""
+    or None where another form ran (the caller then copies the input's windows for it)."""
     wshape = w2.shape
     og = wshape[0] // groups
     if geo.kernel_volume == 1 and geo.padded_size == geo.in_size and all(st == 1 for st in geo.strides):

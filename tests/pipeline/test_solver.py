@@ -127,6 +127,33 @@ def test_layer_recurrence_matches_the_scalar_loop():
         assert T1 == pytest.approx(T2, rel=1e-12)
 
 
+def test_long_recurrence_whose_total_doubles_needs_no_scalar_loop(monkeypatch):
+    """A unit of 40,000 groups along which the running total more than doubles: its Newton
+    rounds reach the rounding floor of the largest total (a floor taken from the first total
+    is below one ulp there, and the layer fell back to the plain loop), and give the loop's
+    values."""
+    from onnx_pathcond.criteria import pathcond
+
+    rng = np.random.default_rng(3)
+    doubled = 0
+    for trial in range(6):
+        n = 40000
+        B = rng.random(n) * 10 ** rng.uniform(-3, 3, n)
+        C = rng.random(n) * 10 ** rng.uniform(-3, 3, n)
+        A = rng.integers(-50, 50, n).astype(float)
+        e_old = np.exp(rng.normal(0, 1, n))
+        p = 20.0 * n
+        total = float((B * e_old + C / e_old).sum()) * (1 + rng.random())
+        X2, T2 = _sequential_updates(total, B, C, A, e_old, p)
+        with monkeypatch.context() as m:
+            m.setattr(pathcond, "_sequential_updates", lambda *a, **k: pytest.fail("fell back to the scalar loop"))
+            X1, T1 = _layer_updates(total, B, C, A, e_old, p)
+        np.testing.assert_allclose(X1, X2, rtol=1e-12)
+        assert T1 == pytest.approx(T2, rel=1e-12)
+        doubled += T2 > 2 * total
+    assert doubled >= 2
+
+
 def test_bounded_layer_recurrence_matches_the_scalar_loop():
     """With a box on some groups the vectorised layer step still gives the one-group-at-a-time
     sequence, each step clipped to its box (the 1-D minimiser of a convex function within it)."""

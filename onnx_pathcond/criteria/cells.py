@@ -591,13 +591,16 @@ class Layer:
     stop: int
     rows: List[int]  # blocks with incoming entries of this layer's groups
     cols: List[int]  # blocks with outgoing entries of this layer's groups
-    # per (side, block): whether the block's keys are exactly this layer's groups in order,
-    # one each (a layer's own weights, row by row), so its sums need no scatter; found once
-    direct: Dict[Tuple[str, int], bool] = field(default_factory=dict, repr=False)
+    # per (side, block): where the block's keys sit in the layer when they are a run of its
+    # groups in order, one each (a layer's own weights, row by row), so that its sums are
+    # added to a slice with no scatter; -1 when they are not. Found at the first sweep.
+    offsets: Dict[Tuple[str, int], int] = field(default_factory=dict, repr=False)
 
 
 def layers(problem: Problem) -> List[Layer]:
-    """Consecutive groups created by one node, split to single groups where they interact."""
+    """The units a sweep updates at once, in group order: the consecutive groups created by
+    one node, split to single groups where a parameter joins two of them, then consecutive
+    such layers that no parameter joins to one another, joined (docs/design.md §4.1)."""
     H = problem.H
     if H == 0:
         return []
@@ -610,24 +613,79 @@ def layers(problem: Problem) -> List[Layer]:
     cols_of: List[List[int]] = [[] for _ in bounds]
     interacting = set()
     for k, b in enumerate(problem.blocks):
-        row_layers = np.unique(layer_ext[b.row])
-        col_layers = np.unique(layer_ext[b.col])
-        for L in row_layers[row_layers >= 0].tolist():
+        row_layers = _layers_met(layer_ext[b.row])
+        col_layers = _layers_met(layer_ext[b.col])
+        for L in row_layers.tolist():
             rows_of[L].append(k)
-        for L in col_layers[col_layers >= 0].tolist():
+        for L in col_layers.tolist():
             cols_of[L].append(k)
-        for L in np.intersect1d(row_layers[row_layers >= 0], col_layers[col_layers >= 0]).tolist():
+        for L in np.intersect1d(row_layers, col_layers).tolist():
             same = (layer_ext[b.row] == L) & (layer_ext[b.col] == L) & (b.row != b.col) & (
                 b.G > 0 if b.G is not None else True)  # factored: assume they interact (still exact)
             if same.any():
                 interacting.add(L)
-    layers = []
+    units = []
     for L, (start, stop) in enumerate(bounds):
         if L in interacting:  # a parameter joins two groups of this layer: one at a time
-            layers.extend(Layer(h, h + 1, rows_of[L], cols_of[L]) for h in range(start, stop))
+            units.extend(Layer(h, h + 1, rows_of[L], cols_of[L]) for h in range(start, stop))
         else:
-            layers.append(Layer(start, stop, rows_of[L], cols_of[L]))
-    return layers
+            units.append(Layer(start, stop, rows_of[L], cols_of[L]))
+    return _joined(problem, units)
+
+
+def _layers_met(keys: np.ndarray) -> np.ndarray:
+    """The distinct layers (≥ 0) among a block's row or column layers, sorted."""
+    keys = keys.ravel()
+    if not keys.size:
+        return keys
+    low, high = int(keys.min()), int(keys.max())
+    if low == high:  # one layer, or the fixed side alone: most blocks
+        return keys[:1] if low >= 0 else keys[:0]
+    found = np.unique(keys)
+    return found[found >= 0]
+
+
+def _joined(problem: Problem, units: List[Layer]) -> List[Layer]:
+    """Runs of consecutive units that no block joins to one another, each as one unit.
+
+    Why this is exact: a unit's sums B_h, C_h read u only at the other ends of its groups'
+    cells, so when no cell joins two units of a run, updating one leaves the sums of the
+    others as they were; the run's sums can all be taken before its first unit is updated,
+    and the running total, which still couples every group, is carried through the run in
+    group order as within one layer. A sweep updates the groups in the same order and to the
+    same values, in fewer, larger steps (a network whose BatchNorms stay in the graph often
+    has no cell between two layers at all: every unit joins one run)."""
+    n = len(units)
+    if n < 2:
+        return units
+    unit_of = np.full(problem.H + 1, -1, dtype=np.int64)  # group H (fixed) is in no unit
+    unit_of[:problem.H] = np.repeat(np.arange(n), [u.stop - u.start for u in units])
+    # latest[k]: the last unit before k that a block joins to k (−1: none). A run from s may
+    # take unit k when latest[k] < s.
+    latest = np.full(n, -1, dtype=np.int64)
+    for b in problem.blocks:
+        rows, cols = unit_of[b.row], unit_of[b.col]
+        if b.dense:  # every row meets every column: compare the two sets of units
+            row_units, col_units = _layers_met(rows), _layers_met(cols)
+            for these, others in ((row_units, col_units), (col_units, row_units)):
+                if these.size and others.size:
+                    before = np.searchsorted(others, these) - 1  # the last of `others` below each
+                    met = before >= 0
+                    np.maximum.at(latest, these[met], others[before[met]])
+        else:  # cell by cell (a zero cell counts too: joining more than needed stays exact)
+            rows, cols = np.broadcast_arrays(rows, cols)
+            both = (rows >= 0) & (cols >= 0) & (rows != cols)
+            np.maximum.at(latest, np.maximum(rows[both], cols[both]), np.minimum(rows[both], cols[both]))
+    runs, start = [], 0
+    for k in range(1, n + 1):
+        if k < n and latest[k] < start:
+            continue
+        run = units[start:k]
+        runs.append(run[0] if len(run) == 1 else
+                    Layer(run[0].start, run[-1].stop, list(dict.fromkeys(b for u in run for b in u.rows)),
+                          list(dict.fromkeys(b for u in run for b in u.cols))))
+        start = k
+    return runs
 
 
 def layer_sums(problem: Problem, layer: Layer, u_ext: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -647,11 +705,14 @@ def layer_sums(problem: Problem, layer: Layer, u_ext: np.ndarray) -> Tuple[np.nd
 def _gather_into(acc: np.ndarray, keys: np.ndarray, vals: np.ndarray, layer: Layer, which) -> None:
     """acc[key − start] += val over the keys inside the layer."""
     n = acc.size
-    direct = layer.direct.get(which)
-    if direct is None:
-        direct = layer.direct[which] = bool(keys.size == n and (keys == np.arange(layer.start, layer.stop)).all())
-    if direct:
-        acc += vals
+    offset = layer.offsets.get(which)
+    if offset is None:
+        first = int(keys[0]) - layer.start if keys.size else -1
+        run = 0 <= first and first + keys.size <= n and bool(
+            (keys == np.arange(layer.start + first, layer.start + first + keys.size)).all())
+        offset = layer.offsets[which] = first if run else -1
+    if offset >= 0:
+        acc[offset:offset + keys.size] += vals
         return
     local = keys - layer.start
     inside = (local >= 0) & (local < n)

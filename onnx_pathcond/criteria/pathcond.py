@@ -14,7 +14,8 @@ but computes it layer by layer:
 
 * groups of one layer touch disjoint parameters, so their incoming / outgoing sums B_h, C_h
   do not change while the layer is swept: they are computed for the whole layer at once
-  (matrix-vector products over the parameter blocks);
+  (matrix-vector products over the parameter blocks); so are the sums of a run of
+  consecutive layers that no parameter joins to one another, swept as one (`cells.layers`);
 * what still couples the groups of a layer is the running total T = Σ g·exp(Bu): group k's
   update depends on T after groups 0..k−1. That scalar recurrence T_{k+1} = T_k + δ_k(T_k)
   is solved for the whole layer by Newton's method on the prefix sums of δ (a handful of

@@ -240,8 +240,9 @@ def direct_objective(t2, gin, gout, u):
     return float((t2 * np.exp(ue[gin] - ue[gout])).sum())
 
 
-@pytest.mark.parametrize("model", [mlp([6, 9, 7, 8, 3], seed=31), residual_net()[0], cnn_net()[0]],
-                         ids=["mlp", "residual", "cnn"])
+@pytest.mark.parametrize("model", [mlp([6, 9, 7, 8, 3], seed=31), residual_net()[0], cnn_net()[0],
+                                   onnx_pathcond.load_model(str(ROOT / "models" / "shufflenet.dynamo_bn.onnx"))],
+                         ids=["mlp", "residual", "cnn", "shufflenet_bn"])  # shufflenet: its layers join one run
 def test_layerwise_sweeps_equal_one_group_at_a_time(model):
     problem, H, t2, gin, gout = problem_and_entries(model)
     reference = plain_enorm_sweeps(t2, gin, gout, H, 4)

@@ -1,5 +1,7 @@
 """The solver reproduces a plain coordinate-descent loop, decreases F, and reaches the minimiser."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -61,6 +63,7 @@ MODELS = {
     "cnn": lambda: cnn([2, 4, 3], size=8, seed=5),
     "grouped_residual": _self_loop_residual,
     "resnet_bn": lambda: load_model(repo.model("resnet.legacy_bn.onnx")),
+    "shufflenet_bn": lambda: load_model(repo.model("shufflenet.dynamo_bn.onnx")),  # its layers join one run
     "mlp_unbalanced": lambda: load_model(repo.model("mlp_unbalanced.onnx")),
 }
 
@@ -177,3 +180,56 @@ def test_bounded_layer_recurrence_matches_the_scalar_loop():
         assert np.all((X1 >= low) & (X1 <= high))
         clipped += int(((free < low) | (free > high)).sum())
     assert clipped > 50  # the boxes did cut many unconstrained steps
+
+
+def _cells(problem):
+    """Every cell of every block as (row group, column group, g), a factored block multiplied out."""
+    for b in problem.blocks:
+        G = np.concatenate([piece for _, piece in b.chunks()]) if b.factors is not None else b.G
+        rows, cols, g = np.broadcast_arrays(b.row, b.col, G)
+        yield rows.ravel(), cols.ravel(), g.ravel()
+
+
+def _problems():
+    from onnx_pathcond.criteria import enorm
+    from support.randmodels import generate
+
+    models = {os.path.basename(f): load_model(f) for f in repo.shipped_models()}
+    models.update({name: make() for name, make in MODELS.items()})
+    models.update({f"random_{seed}": generate(seed)[0] for seed in range(12)})
+    for name, model in models.items():
+        graph, analysis, groups = analyse_model(model)
+        builder = ProblemBuilder(groups, analysis.uses, analysis.shared)
+        compute_diag_g(graph, analysis, builder.add)
+        yield name, "pathcond", builder.finish()
+        yield name, "enorm", enorm.build(graph, analysis, groups).cells
+
+
+def test_units_of_a_sweep_are_exact_and_as_large_as_they_may_be():
+    """The units a sweep updates at once (`cells.layers`) cover the groups in order; no cell
+    with g > 0 joins two groups of one unit (what makes a unit's update the one-group-at-a-time
+    sequence); and each unit after the first starts where a cell joins it to the unit before,
+    (else the two would be one)."""
+    from onnx_pathcond.criteria.cells import layers
+
+    joined = 0
+    for name, criterion, problem in _problems():
+        units = layers(problem)
+        starts = [u.start for u in units]
+        assert starts == sorted(starts) and (not units or (starts[0] == 0 and units[-1].stop == problem.H))
+        assert all(a.stop == b.start for a, b in zip(units, units[1:]))
+        unit_of = np.full(problem.H + 1, -1)
+        for k, u in enumerate(units):
+            unit_of[u.start:u.stop] = k
+        pairs = set()
+        for rows, cols, g in _cells(problem):
+            ur, uc = unit_of[rows], unit_of[cols]
+            inside = (ur == uc) & (ur >= 0) & (rows != cols) & (g > 0)
+            assert not inside.any(), (name, criterion, "a cell joins two groups of one unit")
+            between = (ur >= 0) & (uc >= 0) & (ur != uc)
+            pairs.update(zip(np.minimum(ur, uc)[between].tolist(), np.maximum(ur, uc)[between].tolist()))
+        node_layers = len(np.unique(problem.layer_of)) if problem.H else 0
+        joined += node_layers > len(units)
+        for k in range(1, len(units)):
+            assert (k - 1, k) in pairs, (name, criterion, k)
+    assert joined >= 10  # BatchNorm networks: their layers join into runs

@@ -5,7 +5,8 @@ and Slice, onnx's reference evaluator for the rest) on inputs whose values are t
 element indices; the result says, for every output element, which input
 element it copies (or none, for padding). That map gives:
 
-* the path network: a `Gather` primitive (copies carry weight 1);
+* the path network: a `Gather` primitive (copies carry weight 1), or for a Concat along the
+  channels a `Concat` primitive, which needs no map;
 * the channel layout of each output: an output axis along which every slot copies from a
   single channel position. Such an axis exists for Flatten / Reshape / Squeeze / Transpose /
   Concat / Split / Slice / Pad / Tile whenever they keep channels apart. When none exists
@@ -21,6 +22,7 @@ input becomes channel c of the output).
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 from onnx import TensorProto, helper
@@ -28,7 +30,7 @@ from onnx import TensorProto, helper
 from ..channels import Layout, SpreadLayout
 from ..constants import run_with_numpy
 from ..nodes import attr, node_label
-from ..pathnet.primitives import Gather
+from ..pathnet.primitives import Concat, Gather
 from .base import OpRule, normalize_axis, register
 
 _NO_SOURCE = -1
@@ -42,15 +44,15 @@ _PADDING = -2  # label of an element copied from nowhere (matches any channel)
 _MAPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _once(graph, node, kind: str, compute):
+def _source_maps(graph, node):
+    """`source_map(node, graph)`, computed once per graph view."""
     per_graph = _MAPS.get(graph)
     if per_graph is None:
         per_graph = _MAPS[graph] = {}
-    key = (kind, graph.index(node))
+    key = graph.index(node)
     if key not in per_graph:
-        value = compute()
-        maps = value[0] if kind == "source" else [value]
-        for m in maps or ():
+        value = source_map(node, graph)
+        for m in value[0] or ():
             m.flags.writeable = False
         per_graph[key] = value
     return per_graph[key]
@@ -219,21 +221,12 @@ def set_copied_layout(an, output, labels, src, preferred_axis) -> None:
     an.set_layout(output, Layout(axis, slot_labels.astype(np.int64)))
 
 
-def _joined_map(names, acts, shapes, axis) -> np.ndarray:
-    """The source map of a Concat of `names` along `axis`: the flat numbers of the distinct
-    inputs `acts` (numbered one after another, as `source_map` numbers them), joined."""
-    first = shapes[acts[0]]
-    if len(names) == len(acts) and all(d == 1 for d in first[:axis]):
-        # distinct inputs, one slab each (a batch of one): joined, their flat numbers run on
-        total = sum(int(np.prod(shapes[n])) for n in acts)
-        return np.arange(total, dtype=np.int64).reshape(
-            first[:axis] + (sum(shapes[n][axis] for n in names),) + first[axis + 1:])
-    index, offset = {}, 0
-    for n in acts:
-        size = int(np.prod(shapes[n]))
-        index[n] = np.arange(offset, offset + size, dtype=np.int64).reshape(shapes[n])
-        offset += size
-    return np.concatenate([index[n] for n in names], axis=axis)
+@dataclass(frozen=True)
+class _JoinedAlong:
+    """What the analysis keeps of a channel Concat for the path network: the axis its inputs
+    are joined along (an index map of the output would hold one int64 per element)."""
+
+    axis: int
 
 
 @register
@@ -254,7 +247,7 @@ class MovementRule(OpRule):
             return
         if node.op_type == "Concat" and self._channel_concat(node, an, acts):
             return
-        maps, _ = _once(g, node, "source", lambda: source_map(node, g))
+        maps, _ = _source_maps(g, node)
         if maps is None:
             an.cut(node, f"{node.op_type} '{node_label(node)}' does not only copy elements")
             return
@@ -275,13 +268,13 @@ class MovementRule(OpRule):
     @staticmethod
     def _channel_concat(node, an, acts) -> bool:
         """A Concat of activations along the channel axis of every input that has a layout
-        (`Layout`, one position per channel): its source map and layout without the
-        element-level detour, when they are provably what the general path finds. Returns
-        False, having written nothing, for any other Concat.
+        (`Layout`, one position per channel): its layout without the element-level detour, when
+        it is provably what the general path finds, and for the path network a `Concat`
+        primitive instead of an index map. Returns False, having written nothing, for any other
+        Concat.
 
-        The map is the inputs' flat indices (numbered as `source_map` numbers them) joined along
-        the axis. The output's elements then carry the label of their channel slot: the inputs'
-        slot labels `v`, joined. The Concat's axis holds one label per slot; any other axis holds
+        Each output element copies the element of its input at the same place along the other
+        axes, so it carries the label of its channel slot: the inputs' slot labels `v`, joined. The Concat's axis holds one label per slot; any other axis holds
         every label of `v` in each of its slots (the tensor is not empty), so it holds one only
         when `v` is constant, a case left to the general path."""
         g = an.graph
@@ -308,10 +301,9 @@ class MovementRule(OpRule):
             else:
                 return False
         slot_labels = np.concatenate(parts)
-        sizes = {n: int(np.prod(shapes[n])) for n in acts}
-        if sum(sizes[n] for n in names) == 0 or slot_labels.min() == slot_labels.max():
+        if sum(int(np.prod(shapes[n])) for n in names) == 0 or slot_labels.min() == slot_labels.max():
             return False
-        an.node_data[g.index(node)] = [_once(g, node, "concat", lambda: _joined_map(names, acts, shapes, axis))]
+        an.node_data[g.index(node)] = _JoinedAlong(axis)
         an.set_layout(node.output[0], Layout(axis, slot_labels.astype(np.int64)))
         return True
 
@@ -366,5 +358,8 @@ class MovementRule(OpRule):
         return None
 
     def path(self, node, ctx):
+        data = ctx.data(node)
+        if isinstance(data, _JoinedAlong):  # a channel Concat: joined as it is, no index map
+            return [Concat(tuple(node.input), node.output[0], data.axis)]
         acts = tuple(i for i in dict.fromkeys(node.input) if i and ctx.is_activation(i))
-        return [Gather(acts, tuple(o for o in node.output if o), tuple(ctx.data(node)))]
+        return [Gather(acts, tuple(o for o in node.output if o), tuple(data))]

@@ -287,7 +287,7 @@ def summed_product(a: np.ndarray, b: np.ndarray, shape) -> np.ndarray:
 # Primitives that only copy elements, place zeros or add: their results' smallest non-zero is
 # at least their operands', and an overflow shows in the products that read them, so the
 # range guard need not look at them (float32).
-_MOVES_ONLY = (P.Identity, P.Gather)
+_MOVES_ONLY = (P.Identity, P.Gather, P.Concat)
 _WINDOWED = (P.Conv, P.ConvTranspose)
 
 
@@ -760,6 +760,17 @@ class NumpyExecutor:
     def _roundings_Gather(self, prim: P.Gather):
         moves = _moves(prim)  # backward: each move adds once, an element read n times n times
         return 0, len(moves) + max((m.readers for m in moves), default=1), 0
+
+    # Concat
+    def _forward_Concat(self, prim: P.Concat, *xs):
+        return [np.concatenate(xs, axis=prim.axis)]
+
+    def _backward_Concat(self, prim: P.Concat, inputs, adj):
+        ends = np.cumsum([self._shape(x)[prim.axis] for x in prim.xs])[:-1]
+        return np.split(adj, ends, axis=prim.axis), []
+
+    def _roundings_Concat(self, prim: P.Concat):
+        return 0, 0, 0  # copies both ways (an input joined twice gets two adjoints: the walk adds them)
 
     # AxisMatrices
     @staticmethod

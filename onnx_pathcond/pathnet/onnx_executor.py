@@ -473,6 +473,16 @@ class OnnxExecutor:
         adj = self.scaled(self.reshape(adj, kept), prim.gain)
         return [self.op("Expand", [adj, self.ints(shape)])], []
 
+    # Concat
+    def _forward_Concat(self, prim: P.Concat, *xs):
+        return [self._made(self.op("Concat", list(xs), axis=prim.axis), self._shape(prim.y))]
+
+    def _backward_Concat(self, prim: P.Concat, inputs, adj):
+        sizes = [self._shape(x)[prim.axis] for x in prim.xs]
+        parts = self.op("Split", [adj, self.ints(sizes)], n_out=len(sizes), axis=prim.axis)
+        parts = [parts] if len(sizes) == 1 else parts
+        return [self._made(part, self._shape(x)) for part, x in zip(parts, prim.xs)], []
+
     # Gather
     def _forward_Gather(self, prim: P.Gather, *xs):
         flat = self.op("Concat", [self.reshape(x, [-1]) for x in xs] + [self.const(np.zeros(1))], axis=0)

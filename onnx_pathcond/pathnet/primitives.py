@@ -199,6 +199,24 @@ class Gather(Primitive):
 
 
 @dataclass(frozen=True, eq=False)
+class Concat(Primitive):
+    """y = the inputs `xs` (a name may come twice) joined along `axis`: a Concat of tensors
+    whose other axes agree, with no index map (its adjoint is the split of y's)."""
+
+    xs: Tuple[str, ...]
+    y: str
+    axis: int
+
+    @property
+    def inputs(self):
+        return self.xs
+
+    @property
+    def outputs(self):
+        return (self.y,)
+
+
+@dataclass(frozen=True, eq=False)
 class AxisMatrices(OneToOne):
     """y = x with `matrices[k]` (non-negative, [out, in]) applied along axis `first_axis + k`."""
 

@@ -1,7 +1,8 @@
 """The movement rule's fast paths give what its general path gives (ops/movement.py).
 
-1. A Concat along the channel axis of its inputs gets its source map and output layout without
-   element labels or onnx's reference evaluator: for random shapes, axes, repeated inputs and
+1. A Concat along the channel axis of its inputs gets its output layout without element
+   labels or onnx's reference evaluator, and a Concat primitive whose copies are the general
+   path's source map: for random shapes, axes, repeated inputs and
    layouts (none, on the Concat's axis with or without unscaled or repeated positions, on
    another axis, spread), the rule writes the same maps, layouts, ties, freezes and cuts as with
    the fast path switched off.
@@ -19,6 +20,8 @@ import pytest
 from onnx import helper
 
 from onnx_pathcond.channels import Layout, SpreadLayout
+from onnx_pathcond.pathnet.numpy_executor import NumpyExecutor
+from onnx_pathcond.pathnet.primitives import Concat
 from onnx_pathcond.ops import movement
 from onnx_pathcond.ops.movement import (MovementRule, _PADDING, _channel_axis, _channel_axis_reference, _copied,
                                         element_labels)
@@ -159,6 +162,24 @@ def _concat_case(seed):
     return node, shapes, layouts
 
 
+def _maps(node, shapes, an):
+    """The node's source maps as the analysis left them; for the fast path's `_JoinedAlong`,
+    those its Concat primitive computes: the primitive run on inputs whose values are their
+    flat element numbers, the distinct inputs numbered one after another (as `source_map`
+    numbers them)."""
+    data = an.node_data.get(0, [])
+    if not isinstance(data, movement._JoinedAlong):
+        return data
+    numbers, start = {}, 0
+    for name in dict.fromkeys(node.input):
+        size = int(np.prod(shapes[name]))
+        numbers[name] = np.arange(start, start + size, dtype=np.int64).reshape(shapes[name])
+        start += size
+    prim = Concat(tuple(node.input), node.output[0], data.axis)
+    (joined,) = NumpyExecutor(_Graph(shapes), sink=None).forward(prim, [numbers[n] * 1.0 for n in prim.xs])
+    return [joined.astype(np.int64)]  # the numbers are exact in float64
+
+
 def test_channel_concat_matches_the_general_path():
     taken = 0
     for seed in range(400):
@@ -168,7 +189,7 @@ def test_channel_concat_matches_the_general_path():
         fast, general = _run(node, shapes, layouts, True), _run(node, shapes, layouts, False)
         assert fast.events == general.events, seed
         assert fast.node_data.keys() == general.node_data.keys(), seed
-        for a, b in zip(fast.node_data.get(0, []), general.node_data.get(0, [])):
+        for a, b in zip(_maps(node, shapes, fast), general.node_data.get(0, [])):
             assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), seed
         assert fast.layouts.keys() == general.layouts.keys(), seed
         for name in fast.layouts:
@@ -186,7 +207,8 @@ def test_channel_concat_is_taken_for_plain_channel_joins():
     assert an.layouts["y"].axis == 1
     assert an.layouts["y"].pos.tolist() == [0, 1, 2, 5, -1, 0, 1, 2]
     general = _run(node, shapes, layouts, False)
-    assert np.array_equal(an.node_data[0][0], general.node_data[0][0])
+    assert isinstance(an.node_data[0], movement._JoinedAlong) and an.node_data[0].axis == 1
+    assert np.array_equal(_maps(node, shapes, an)[0], general.node_data[0][0])
 
 
 def _reference_map(node, graph, monkeypatch):

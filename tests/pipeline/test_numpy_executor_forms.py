@@ -1,6 +1,7 @@
 """The numpy executor computes some primitives in more than one form, picked by shape: a
 convolution's input adjoint as a correlation (stride 1) or as a scatter of windows, and a
-Gather as a view, an assignment or a scatter-add. Each form is checked here against the
+Gather as a view, an assignment or a scatter-add (and a Concat, which needs no map, against
+the same explicit matrix). Each form is checked here against the
 definition written as plain loops or as an explicit 0/1 matrix, and end to end against path
 enumeration on convolutions whose padding the fast form cannot take."""
 
@@ -226,6 +227,44 @@ def test_gather_forms_match_the_explicit_matrix(kind):
         expected = sum(m.T @ a.ravel() for m, a in zip(mats, adjs))
         np.testing.assert_allclose(np.concatenate([i.ravel() for i in into]), expected, rtol=1e-14)
         assert [i.shape for i in into] == [shapes[x] for x in xs] and stats == []
+
+
+@pytest.mark.parametrize("batch, axis, names", [(1, 1, ("a", "b")), (2, 1, ("a", "b", "a")), (2, 2, ("b", "a")),
+                                                (1, 1, ("a",)), (3, 3, ("a", "a"))])
+def test_concat_matches_the_explicit_matrix(batch, axis, names):
+    """A Concat primitive against the 0/1 matrix of its definition: output element j copies,
+    at the same place along the other axes, the element of the input whose span along `axis`
+    holds j; the adjoints of an input named twice add up to that matrix's transpose too."""
+    rng = np.random.default_rng(4)
+    base = [batch, 2, 3, 2]
+    shapes = {"a": tuple(base), "b": tuple(base[:axis] + [4] + base[axis + 1:])}
+    distinct = list(dict.fromkeys(names))
+    offset = dict(zip(distinct, np.cumsum([0] + [int(np.prod(shapes[n])) for n in distinct])[:-1].tolist()))
+    total = sum(int(np.prod(shapes[n])) for n in distinct)
+    y_shape = base[:axis] + [sum(shapes[n][axis] for n in names)] + base[axis + 1:]
+    shapes["y"] = tuple(y_shape)
+    matrix = np.zeros((int(np.prod(y_shape)), total))
+    for j, index in enumerate(np.ndindex(*y_shape)):
+        along = index[axis]
+        for name in names:  # the input whose span holds `along`
+            if along < shapes[name][axis]:
+                source = index[:axis] + (along,) + index[axis + 1:]
+                matrix[j, offset[name] + int(np.ravel_multi_index(source, shapes[name]))] = 1.0
+                break
+            along -= shapes[name][axis]
+    prim = P.Concat(names, "y", axis)
+    executor = NumpyExecutor(_Shapes(shapes), sink=None)
+    values = {n: rng.random(shapes[n]) for n in distinct}
+    (y,) = executor.forward(prim, [values[n] for n in names])
+    assert y.shape == tuple(y_shape)
+    np.testing.assert_array_equal(y.ravel(), matrix @ np.concatenate([values[n].ravel() for n in distinct]))
+    adj = rng.random(y_shape)
+    into, stats = executor.backward(prim, None, [adj])
+    assert [i.shape for i in into] == [shapes[n] for n in names] and stats == []
+    summed = {n: sum(i for i, m in zip(into, names) if m == n) for n in distinct}
+    np.testing.assert_allclose(np.concatenate([summed[n].ravel() for n in distinct]), matrix.T @ adj.ravel(),
+                               rtol=1e-15)
+    assert executor.roundings(prim) == (0, 0, 0)  # copies only
 
 
 @pytest.mark.parametrize("pads, dilation", [([2, 0, 0, 2], 1), ([3, 3, 3, 3], 1), ([0, 1, 2, 0], 2),

@@ -66,21 +66,24 @@ def group_layers(graph: Graph, an: Analysis, groups: Groups, u: Optional[np.ndar
 
 
 def frozen_summary(graph: Graph, an: Analysis, groups: Groups) -> List[FrozenRange]:
-    """Frozen groups, gathered by the tensor they start in and the reason."""
+    """Frozen groups, gathered by the tensor they start in and the reason, in the order of
+    their first group."""
     roots = groups.frozen_roots
     if roots.size == 0:
         return []
     k, channel = _origins(an, roots)
-    gathered: Dict[tuple, List[int]] = {}
-    for r, blk, ch in zip(roots.tolist(), k.tolist(), channel.tolist()):
-        reasons = groups.frozen_reasons.get(r) or [("barrier", "frozen")]
-        category, reason = reasons[0]
-        gathered.setdefault((blk, category, reason), []).append(ch)
+    key = k * len(groups.reasons) + groups.frozen_reason
+    # the rows in the order of their first root (roots are sorted)
+    keys, first, row_of = np.unique(key, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    by_row = np.argsort(np.argsort(order)[row_of], kind="stable")
+    bounds = np.cumsum(np.bincount(row_of, minlength=keys.size)[order])[:-1]
     rows = []
-    for (blk, category, reason), chans in gathered.items():
-        block = an.blocks[blk]
+    for j, chans in zip(order.tolist(), np.split(channel[by_row], bounds)):
+        block = an.blocks[int(keys[j] // len(groups.reasons))]
+        category, reason = groups.reasons[int(keys[j] % len(groups.reasons))]
         rows.append(FrozenRange(node=node_label(graph.nodes[block.node_index]), tensor=block.tensor,
-                                channels=channel_ranges(np.array(chans)), groups=len(chans), category=category,
+                                channels=channel_ranges(chans), groups=int(chans.size), category=category,
                                 reason=reason))
     return rows
 

@@ -61,7 +61,10 @@ class Groups:
     first_position: np.ndarray
     size: np.ndarray  # positions per group
     frozen_roots: np.ndarray  # root position of every frozen group
-    frozen_reasons: Dict[int, List[Tuple[str, str]]] = field(default_factory=dict)  # root -> [(category, reason)]
+    # why each frozen group is frozen: for each of frozen_roots, an index into `reasons`
+    # ((category, reason) pairs), the first freeze of the analysis that reached the group
+    frozen_reason: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    reasons: List[Tuple[str, str]] = field(default_factory=list)
     root_of_position: Optional[np.ndarray] = None
 
 
@@ -69,17 +72,19 @@ def build_groups(an: Analysis) -> Groups:
     n = an.n_positions
     a, b = an.tie_arrays()
     root = connected_components(n, a, b)
-    frozen_root = np.zeros(n, dtype=bool)
-    reasons: Dict[int, List[Tuple[str, str]]] = {}
-    for fr in an.freezes:
-        roots = np.unique(root[fr.pos])
-        frozen_root[roots] = True
-        for r in roots.tolist():
-            lst = reasons.setdefault(r, [])
-            if len(lst) < 4 and (fr.category, fr.reason) not in lst:
-                lst.append((fr.category, fr.reason))
+    # the first freeze (in the analysis' order) that reaches each root; len(freezes): none
+    reason_index: Dict[Tuple[str, str], int] = {}
+    freeze_reason = np.array([reason_index.setdefault((fr.category, fr.reason), len(reason_index))
+                              for fr in an.freezes], dtype=np.int64)
+    first_freeze = np.full(n, len(an.freezes), dtype=np.int64)
+    if an.freezes:
+        frozen_pos = np.concatenate([np.ravel(fr.pos) for fr in an.freezes]).astype(np.int64, copy=False)
+        which = np.repeat(np.arange(len(an.freezes)), [np.size(fr.pos) for fr in an.freezes])
+        np.minimum.at(first_freeze, root[frozen_pos], which)
+    frozen_root = first_freeze < len(an.freezes)
     roots = np.unique(root)  # sorted: topological order of the earliest position
     live = roots[~frozen_root[roots]]
+    frozen = roots[frozen_root[roots]]
     group_of_root = np.full(n, NO_POSITION, dtype=np.int64)
     group_of_root[live] = np.arange(live.size)
     of_position = group_of_root[root] if n else np.zeros(0, np.int64)
@@ -93,8 +98,9 @@ def build_groups(an: Analysis) -> Groups:
         layer_of=block_node[live] if n else np.zeros(0, np.int64),
         first_position=live,
         size=size,
-        frozen_roots=roots[frozen_root[roots]],
-        frozen_reasons=reasons,
+        frozen_roots=frozen,
+        frozen_reason=freeze_reason[first_freeze[frozen]] if frozen.size else np.zeros(0, np.int64),
+        reasons=list(reason_index),
         root_of_position=root,
     )
 

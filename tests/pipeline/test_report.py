@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 
 from onnx_pathcond import rescale
@@ -54,3 +56,48 @@ def test_statistics_record_is_the_steps_object():
     assert "diag(G) on onnxruntime (CUDAExecutionProvider 12 nodes, CPUExecutionProvider 2 nodes; float64)" in text
     assert "on CPU   Shape x2" in text
     assert "on CPU" not in report.summary()
+
+
+def _frozen_by_definition(graph, an, groups):
+    """The frozen rows written out with plain loops: each frozen group's reason is that of the
+    first freeze (in the analysis' order) that reaches it; groups are gathered by the tensor
+    they start in and that reason, rows in the order of their first group."""
+    from onnx_pathcond.report import channel_ranges
+    from onnx_pathcond.nodes import node_label
+
+    root = groups.root_of_position
+    first = {}
+    for fr in an.freezes:
+        for r in np.unique(root[np.ravel(fr.pos)]).tolist():
+            first.setdefault(r, (fr.category, fr.reason))
+    assert sorted(first) == groups.frozen_roots.tolist()
+    starts = [b.start for b in an.blocks]
+    gathered = {}
+    for r in groups.frozen_roots.tolist():
+        k = int(np.searchsorted(starts, r, side="right") - 1)
+        gathered.setdefault((k,) + first[r], []).append(r - starts[k])
+    return [(node_label(graph.nodes[an.blocks[k].node_index]), an.blocks[k].tensor, channel_ranges(np.array(chans)),
+             len(chans), category, reason) for (k, category, reason), chans in gathered.items()]
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_frozen_rows_and_reasons_match_their_definition(seed):
+    """build_groups' reason per frozen group and the report's rows, against plain loops, on the
+    shipped models (BatchNorm, shuffles, concatenations; with and without --bn-statistics) and
+    random graphs."""
+    from onnx_pathcond import load_model
+    from onnx_pathcond.api import analyse_model
+    from onnx_pathcond.report import frozen_summary
+    from support.randmodels import generate
+
+    shipped = repo.shipped_models()
+    models = [load_model(f) for f in shipped[seed::16]] + [generate(seed)[0], generate(seed + 16)[0]]
+    rows = 0
+    for model in models:
+        for bn_statistics in (False, True):
+            graph, an, groups = analyse_model(model, bn_statistics=bn_statistics)
+            got = [(r.node, r.tensor, r.channels, r.groups, r.category, r.reason)
+                   for r in frozen_summary(graph, an, groups)]
+            assert got == _frozen_by_definition(graph, an, groups)
+            rows += len(got)
+    assert rows > 0

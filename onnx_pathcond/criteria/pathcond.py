@@ -169,7 +169,8 @@ def _layer_updates(total, B, C, A, e_old, p, low=None, high=None, guess=None):
             residual = prefix[1:] - prefix[:-1] - delta[:-1]
             # the rounding floor is that of the largest total along the prefix (a long run
             # of groups can double it: then 4e-16 of the first total is below one ulp)
-            if n == 1 or np.abs(residual).max() <= 4e-16 * max(abs(total), float(prefix.max())):
+            worst = np.abs(residual).max() if n > 1 else 0.0
+            if worst <= 4e-16 * abs(total) or worst <= 4e-16 * prefix.max():
                 return X, float(D[-1] + B[-1] * X[-1] + C[-1] / X[-1])
             slope = (B - C / (X * X)) * (minus_A * X / (two_a * X + qb))
             if boxed:

@@ -274,9 +274,10 @@ class MovementRule(OpRule):
         Concat.
 
         Each output element copies the element of its input at the same place along the other
-        axes, so it carries the label of its channel slot: the inputs' slot labels `v`, joined. The Concat's axis holds one label per slot; any other axis holds
-        every label of `v` in each of its slots (the tensor is not empty), so it holds one only
-        when `v` is constant, a case left to the general path."""
+        axes, so it carries the label of its channel slot: the inputs' slot labels `v`, joined.
+        The Concat's axis holds one label per slot; any other axis holds every label of `v` in
+        each of its slots (the tensor is not empty), so it holds one only when `v` is constant,
+        a case left to the general path."""
         g = an.graph
         names = list(node.input)
         if not names or any(not n or not g.is_activation(n) for n in names) \

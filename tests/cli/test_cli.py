@@ -624,18 +624,24 @@ def test_non_finite_weight(tmp_path, index, value, cli):
     ws.assert_nothing_written()
 
 
-def test_huge_finite_float64_weights_are_not_called_infinite():
-    # Their sum overflows to inf: the check must then look at the elements themselves.
+@pytest.mark.parametrize("dtype, huge", [(np.float64, 1e308), (np.float32, 3e38)], ids=["float64", "float32"])
+def test_huge_finite_weights_are_not_called_infinite(dtype, huge):
+    # Their sum overflows to inf in the dtype it is taken in: the check must then look at the
+    # elements themselves.
     from support.nets import mlp
     from onnx_pathcond import api, plan
     from onnx_pathcond.errors import ModelError
 
-    model = mlp([3, 4, 2], seed=2, dtype=np.float64)
+    model = mlp([3, 4, 2], seed=2, dtype=dtype)
     first = model.graph.initializer[0]
-    first.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(first).shape, 1e308), first.name))
+    shape = numpy_helper.to_array(first).shape
+    first.CopyFrom(numpy_helper.from_array(np.full(shape, huge, dtype=dtype), first.name))
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(np.full(shape, huge, dtype=dtype).sum())  # (float16 sums in float32: never)
     graph, analysis, _ = api.analyse_model(model)
     plan.check_finite(graph, analysis)  # no error
-    first.CopyFrom(numpy_helper.from_array(np.array([[1e308] * 3, [1e308] * 3, [np.nan] * 3, [1.0] * 3]), first.name))
+    first.CopyFrom(numpy_helper.from_array(np.array([[huge] * 3, [huge] * 3, [np.nan] * 3, [1.0] * 3], dtype=dtype),
+                                           first.name))
     graph, analysis, _ = api.analyse_model(model)
     with pytest.raises(ModelError, match=first.name):
         plan.check_finite(graph, analysis)

@@ -30,7 +30,7 @@ from onnx import TensorProto, helper
 from ..channels import Layout, SpreadLayout
 from ..constants import run_with_numpy
 from ..nodes import attr, node_label
-from ..pathnet.primitives import Concat, Gather
+from ..pathnet.primitives import Concat, Gather, Run, compact_map
 from .base import OpRule, normalize_axis, register
 
 _NO_SOURCE = -1
@@ -51,10 +51,13 @@ def _source_maps(graph, node):
         per_graph = _MAPS[graph] = {}
     key = graph.index(node)
     if key not in per_graph:
-        value = source_map(node, graph)
-        for m in value[0] or ():
-            m.flags.writeable = False
-        per_graph[key] = value
+        maps, count = source_map(node, graph)
+        if maps is not None:  # a contiguous run is kept as its bounds (`Run`)
+            maps = [compact_map(m) for m in maps]
+            for m in maps:
+                if isinstance(m, np.ndarray):
+                    m.flags.writeable = False
+        per_graph[key] = maps, count
     return per_graph[key]
 
 
@@ -201,10 +204,13 @@ def _channel_axis(labels: np.ndarray, preferred: int):
     return None
 
 
-def _copied(labels: np.ndarray, src: np.ndarray) -> np.ndarray:
-    """The labels of an output whose elements copy the flat elements `src` (-1: none, padding).
+def _copied(labels: np.ndarray, src) -> np.ndarray:
+    """The labels of an output whose elements copy the flat elements `src` (-1: none, padding;
+    or a `Run`), as a new array.
 
     `labels` ends with the padding label (`element_labels`), so index -1 reads it."""
+    if isinstance(src, Run):
+        return labels[src.start:src.start + src.size].reshape(src.shape).copy()
     return labels[src]
 
 

@@ -23,14 +23,14 @@ import numpy as np
 
 from ..shapes import split_to_sequence_pieces
 from ..nodes import attr, node_label
-from ..pathnet.primitives import Gather
+from ..pathnet.primitives import Gather, compact_map
 from .base import OpRule, register
 from .movement import element_labels, set_copied_layout
 
 
 def _pieces(split_node, graph):
-    """(axis, the flat indices of x each piece copies, as arrays of the piece's shape) for a
-    SplitToSequence, or a string saying why it cannot be followed."""
+    """(axis, the flat indices of x each piece copies, as maps of the piece's shape: arrays,
+    or `Run`s) for a SplitToSequence, or a string saying why it cannot be followed."""
     x = split_node.input[0]
     shape = graph.shape(x)
     if shape is None:
@@ -53,7 +53,7 @@ def _pieces(split_node, graph):
     maps = []
     for start, stop in ranges:
         piece = np.take(index, np.arange(start, stop), axis=axis)
-        maps.append(piece if keep_axis else np.squeeze(piece, axis=axis))
+        maps.append(compact_map(piece if keep_axis else np.squeeze(piece, axis=axis)))
     return axis, maps
 
 

@@ -322,6 +322,9 @@ def _moves(prim: P.Gather) -> List[_Move]:
     if moves is None:
         moves = []
         for src in prim.maps:
+            if isinstance(src, P.Run):
+                moves.append(_Move(src.shape, src.size, src.start))
+                continue
             flat = src.ravel()
             first = int(flat[0]) if flat.size else 0
             if flat.size and first >= 0 and (flat.size == 1 or bool((np.diff(flat) == 1).all())):

@@ -32,6 +32,11 @@ DOUBLE = TensorProto.DOUBLE
 OPSET = 18
 
 
+def _written_out(src) -> np.ndarray:
+    """A Gather map as an index array (a `Run` written out: the graph holds it as a constant)."""
+    return src.array() if isinstance(src, P.Run) else src
+
+
 class OnnxExecutor:
     """Writes primitives as ONNX nodes. Handles are tensor names of the graph being built."""
 
@@ -487,14 +492,15 @@ class OnnxExecutor:
     def _forward_Gather(self, prim: P.Gather, *xs):
         flat = self.op("Concat", [self.reshape(x, [-1]) for x in xs] + [self.const(np.zeros(1))], axis=0)
         size = sum(int(np.prod(self._shape(x))) for x in prim.xs)
+        maps = [_written_out(m) for m in prim.maps]
         return [self._made(self.op("Gather", [flat, self.const(np.where(src >= 0, src, size))], axis=0), src.shape)
-                for src in prim.maps]
+                for src in maps]
 
     def _backward_Gather(self, prim: P.Gather, inputs, *adjs):
         sizes = [int(np.prod(self._shape(x))) for x in prim.xs]
         # Inverse of the copy map: for every input element, the output elements that copy it
         # (padded with an index that reads a zero), summed by a Gather and a ReduceSum.
-        src = np.concatenate([m.ravel() for m in prim.maps])
+        src = np.concatenate([_written_out(m).ravel() for m in prim.maps])
         n_out = src.size
         order = np.argsort(src, kind="stable")
         counts = np.bincount(src[src >= 0], minlength=sum(sizes))

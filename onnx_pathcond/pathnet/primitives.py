@@ -15,7 +15,7 @@ to a parameter use, which the executor reads from the model when it runs).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
@@ -179,14 +179,45 @@ class ReduceSum(OneToOne):
     gain: float = 1.0
 
 
+@dataclass(frozen=True)
+class Run:
+    """A Gather map that reads a contiguous run of its inputs' flat elements,
+    [start, start + size), laid out in `shape`: a Reshape, or a Split or Slice of whole slabs
+    at batch one. Held as its bounds, not as one int64 per element."""
+
+    start: int
+    shape: Tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def array(self) -> np.ndarray:
+        """The map written out, one flat index per element."""
+        return np.arange(self.start, self.start + self.size, dtype=np.int64).reshape(self.shape)
+
+
+def compact_map(src: np.ndarray):
+    """`src` (flat indices, −1 for none) as a `Run` when it is one, else `src` itself."""
+    flat = src.ravel()
+    if flat.size and flat[0] >= 0 and (flat.size == 1 or bool((np.diff(flat) == 1).all())):
+        return Run(int(flat[0]), tuple(int(d) for d in src.shape))
+    return src
+
+
 @dataclass(frozen=True, eq=False)
 class Gather(Primitive):
     """Pure moves of elements: output element j of `ys[k]` copies element `maps[k][j]` of the
-    inputs `xs` flattened one after another, or is zero where the map holds -1."""
+    inputs `xs` flattened one after another, or is zero where the map holds -1 (a map is an
+    int64 array of the output's shape, or a `Run`)."""
 
     xs: Tuple[str, ...]
     ys: Tuple[str, ...]
-    maps: Tuple[np.ndarray, ...]
+    maps: Tuple[Union[np.ndarray, Run], ...]
     aliases = True  # a map that is a contiguous run of one input is read as a view of it
 
     @property

@@ -193,7 +193,7 @@ def _gather_matrix(maps, total):
     return mats
 
 
-@pytest.mark.parametrize("kind", ["concat", "split", "permutation", "padded", "repeated", "mixed"])
+@pytest.mark.parametrize("kind", ["concat", "split", "runs", "permutation", "padded", "repeated", "mixed"])
 def test_gather_forms_match_the_explicit_matrix(kind):
     rng = np.random.default_rng(3)
     shapes = {"a": (1, 2, 3), "b": (1, 4, 3)}
@@ -203,6 +203,9 @@ def test_gather_forms_match_the_explicit_matrix(kind):
         maps = (np.arange(18).reshape(1, 6, 3),)
     elif kind == "split":  # two runs of one input
         xs, maps = ("b",), (np.arange(0, 6).reshape(1, 2, 3), np.arange(6, 12).reshape(1, 2, 3))
+        total = 12
+    elif kind == "runs":  # the same split, its maps held as their bounds
+        xs, maps = ("b",), (P.Run(0, (1, 2, 3)), P.Run(6, (1, 2, 3)))
         total = 12
     elif kind == "permutation":  # a Transpose: each element read once
         maps = (np.arange(18).reshape(6, 3).T.copy(),)
@@ -216,7 +219,7 @@ def test_gather_forms_match_the_explicit_matrix(kind):
     executor = NumpyExecutor(_Shapes(shapes), sink=None)
     inputs = [rng.random(shapes[x]) for x in xs]
     flat = np.concatenate([x.ravel() for x in inputs])
-    mats = _gather_matrix(maps, total)
+    mats = _gather_matrix([m.array() if isinstance(m, P.Run) else m for m in maps], total)
     for _ in range(2):  # the second call uses the forms worked out at the first
         outs = executor.forward(prim, inputs)
         for y, m, src in zip(outs, mats, maps):
@@ -282,3 +285,35 @@ def test_diag_g_of_padded_stride_one_convolutions_matches_path_enumeration(pads,
     assert set(expected) <= set(got)
     for name, g in expected.items():
         np.testing.assert_allclose(got[name], g, rtol=1e-10, atol=1e-12 * max(1.0, float(np.max(g))))
+
+
+def test_a_map_is_compacted_to_a_run_exactly_when_it_is_one():
+    """`compact_map` against its definition on random maps: a Run when the flat indices are
+    consecutive from a non-negative start (written out, the Run is the map), the map itself
+    otherwise (gaps, a padding −1, a permutation, an empty map)."""
+    rng = np.random.default_rng(5)
+    runs = 0
+    for trial in range(300):
+        shape = tuple(int(d) for d in rng.integers(0, 4, size=int(rng.integers(1, 4))))
+        size = int(np.prod(shape))
+        start = int(rng.integers(0, 20))
+        src = np.arange(start, start + size, dtype=np.int64)
+        kind = trial % 4
+        if kind == 1 and size > 1:
+            src = rng.permutation(src)
+        elif kind == 2 and size:
+            src[int(rng.integers(size))] = -1
+        elif kind == 3 and size > 1:
+            src[int(rng.integers(1, size)):] += 1
+        src = src.reshape(shape)
+        flat = src.ravel()
+        is_run = flat.size > 0 and flat[0] >= 0 and bool(np.all(flat == flat[0] + np.arange(flat.size)))
+        got = P.compact_map(src)
+        assert isinstance(got, P.Run) == is_run, (trial, src)
+        if is_run:
+            runs += 1
+            assert got.shape == shape and got.size == size and got.ndim == len(shape)
+            np.testing.assert_array_equal(got.array(), src)
+        else:
+            assert got is src
+    assert runs > 50

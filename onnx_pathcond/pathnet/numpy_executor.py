@@ -322,14 +322,11 @@ def _moves(prim: P.Gather) -> List[_Move]:
     if moves is None:
         moves = []
         for src in prim.maps:
+            src = src if isinstance(src, P.Run) else P.compact_map(src)  # (an array may be a run too)
             if isinstance(src, P.Run):
                 moves.append(_Move(src.shape, src.size, src.start))
                 continue
             flat = src.ravel()
-            first = int(flat[0]) if flat.size else 0
-            if flat.size and first >= 0 and (flat.size == 1 or bool((np.diff(flat) == 1).all())):
-                moves.append(_Move(src.shape, flat.size, first))
-                continue
             kept = np.flatnonzero(flat >= 0)
             source = flat[kept]
             readers = int(np.bincount(source).max()) if source.size else 0

@@ -23,11 +23,12 @@ The box is computed once, before the solve, from the stored values, a chunk of r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 from onnx import TensorProto
 
+from .channels import Layout
 from .graph import Graph
 from .symmetry import Groups, ParamUse
 
@@ -90,6 +91,43 @@ def solve_bounds(graph: Graph, uses: List[ParamUse], groups: Groups) -> Bounds:
             continue  # a plain float32/float64 parameter takes any factor
         _add_use(graph, use, groups, narrow, bounds)
     return bounds
+
+
+# A half-precision activation that a rescaling grows or shrinks keeps this much room, on the
+# measuring inputs, below the dtype's largest value and above its smallest normal one: room for
+# a user's inputs this many times larger or smaller than those standard-normal draws.
+ACTIVATION_HEADROOM = 2.0 ** 8
+
+
+def add_activation_bounds(bounds: Bounds, graph: Graph, analysis, groups: Groups,
+                          magnitudes: Dict[str, np.ndarray]) -> None:
+    """Bound each group so that its largest half-precision activation (`magnitudes`: |value|
+    of each tensor `activations.measure` ran, at the analysed shapes) stays within
+    [smallest normal · headroom, largest / headroom] after its scale λ = exp(u/2), or does not
+    move further out where it already is outside (every bound holds u = 0). A group whose
+    activations are all zero there is not bounded by them (a zero stays zero)."""
+    H = groups.count
+    for name, magnitude in magnitudes.items():
+        layout = analysis.layouts.get(name)
+        tiny, _, huge = NARROW[graph.elem_type[name]]
+        if isinstance(layout, Layout):
+            if magnitude.ndim <= layout.axis or magnitude.shape[layout.axis] != layout.channels:
+                continue
+            axes = tuple(a for a in range(magnitude.ndim) if a != layout.axis)
+            peak, positions = magnitude.max(axis=axes) if axes else magnitude, layout.pos
+        elif layout is not None and magnitude.shape == layout.positions.shape:
+            peak, positions = magnitude, layout.positions
+        else:
+            continue
+        ids = _group_ids(positions, groups)
+        peak = peak.astype(np.float64)
+        keep = (ids < H) & (peak > 0) & np.isfinite(peak)
+        if not keep.any():
+            continue
+        peak, ids = peak[keep], ids[keep]
+        lower = np.minimum(2.0 * np.log(tiny * ACTIVATION_HEADROOM / peak), 0.0)
+        upper = np.maximum(2.0 * np.log(huge / ACTIVATION_HEADROOM / peak), 0.0)
+        _tighten(bounds, ids, lower, upper, [bounds.half_range])
 
 
 def _group_ids(positions: np.ndarray, groups: Groups) -> np.ndarray:

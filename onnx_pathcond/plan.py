@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 import onnx
 
-from . import bounds, criteria, options, rewrite, solve, stats
+from . import activations, bounds, criteria, options, rewrite, solve, stats
 from .config import SolveOptions
 from .options import DEFAULT_SOLVER
 from .errors import InputError, ModelError
@@ -178,7 +178,7 @@ class RescalingPlan:
                                               progress=lambda done, total: say(step, done, total))
             with clock("solve"):
                 if limits is None:
-                    limits = bounds.solve_bounds(graph, analysis.uses, groups)
+                    limits = self._bounds()
                 return problem, runtime, self._descend(rule, problem, settings, criterion, limits, say)
 
         # float32 first where it may do (docs/design.md §2.6); float64 when its range guard
@@ -202,6 +202,16 @@ class RescalingPlan:
         if runtime is not None:
             runtime.float64_because = declined
         return Solution(result.u, result, problem, runtime, limits, rule, settings)
+
+    def _bounds(self) -> bounds.Bounds:
+        """The box of every group: from the stored values, and from the half-precision
+        activations on the measuring inputs (measured now: they follow the values held)."""
+        graph, analysis, groups = self.graph, self.analysis, self.groups
+        limits = bounds.solve_bounds(graph, analysis.uses, groups)
+        magnitudes = activations.measure(graph, activations.scaled_half_tensors(graph, analysis, groups))
+        if magnitudes:
+            bounds.add_activation_bounds(limits, graph, analysis, groups, magnitudes)
+        return limits
 
     @staticmethod
     def _descend(rule, problem, settings, criterion, limits, say) -> solve.SolveResult:

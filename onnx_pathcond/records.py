@@ -124,7 +124,8 @@ class SolverSummary(Record):
     # max |projected ∇F| at the result over max |∇F(0)|: 0 at the optimum within the bounds
     kkt_residual: float = 0.0
     # groups whose u the solve kept within bounds (bounds.py): a BatchNorm's running variance
-    # stays >= 0 (with --bn-statistics), half-precision values stay in their dtype's range;
+    # stays >= 0 (with --bn-statistics), half-precision weights and activations stay in their
+    # dtype's range;
     # how many of them end on a bound, and on which kind
     bounded: int = 0
     on_bound: int = 0

@@ -158,7 +158,7 @@ def mapped_model(path: str) -> Optional[Tuple[bytes, str]]:
     return skeleton.SerializeToString(), folder
 
 
-def _session_options(ort, folder: Optional[str] = None):
+def session_options(ort, folder: Optional[str] = None):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.enable_cpu_mem_arena = False  # give memory back as soon as the run is over
@@ -180,7 +180,7 @@ def _run(model: Union[str, onnx.ModelProto], feeds: Dict[str, np.ndarray]) -> Tu
         mapped = mapped_model(model) if isinstance(model, str) else None
         if mapped is not None:
             try:
-                session = ort.InferenceSession(mapped[0], _session_options(ort, mapped[1]),
+                session = ort.InferenceSession(mapped[0], session_options(ort, mapped[1]),
                                                providers=["CPUExecutionProvider"])
             except Exception:  # noqa: BLE001 -- the file as it is, below, gives the error to report
                 session = None
@@ -192,7 +192,7 @@ def _run(model: Union[str, onnx.ModelProto], feeds: Dict[str, np.ndarray]) -> Tu
                     raise ModelError(f"onnxruntime cannot run the model: {str(e).splitlines()[0]}") from None
         try:
             with _ort_source(model) as source:
-                session = ort.InferenceSession(source, _session_options(ort), providers=["CPUExecutionProvider"])
+                session = ort.InferenceSession(source, session_options(ort), providers=["CPUExecutionProvider"])
             return session.run(None, feeds), "onnxruntime"
         except Exception as e:
             raise ModelError(f"onnxruntime cannot run the model: {str(e).splitlines()[0]}") from None

@@ -104,8 +104,9 @@ def add_activation_bounds(bounds: Bounds, graph: Graph, analysis, groups: Groups
     """Bound each group so that its largest half-precision activation (`magnitudes`: |value|
     of each tensor `activations.measure` ran, at the analysed shapes) stays within
     [smallest normal · headroom, largest / headroom] after its scale λ = exp(u/2), or does not
-    move further out where it already is outside (every bound holds u = 0). A group whose
-    activations are all zero there is not bounded by them (a zero stays zero)."""
+    move further out where it already is outside (every bound holds u = 0; an activation that
+    overflows already may only shrink). A group whose activations are all zero there is not
+    bounded by them (a zero stays zero)."""
     H = groups.count
     for name, magnitude in magnitudes.items():
         layout = analysis.layouts.get(name)
@@ -121,12 +122,13 @@ def add_activation_bounds(bounds: Bounds, graph: Graph, analysis, groups: Groups
             continue
         ids = _group_ids(positions, groups)
         peak = peak.astype(np.float64)
-        keep = (ids < H) & (peak > 0) & np.isfinite(peak)
+        keep = (ids < H) & (peak > 0)  # (NaN fails it)
         if not keep.any():
             continue
         peak, ids = peak[keep], ids[keep]
-        lower = np.minimum(2.0 * np.log(tiny * ACTIVATION_HEADROOM / peak), 0.0)
-        upper = np.maximum(2.0 * np.log(huge / ACTIVATION_HEADROOM / peak), 0.0)
+        with np.errstate(divide="ignore"):  # an infinite peak: log 0 = -inf
+            lower = np.minimum(2.0 * np.log(tiny * ACTIVATION_HEADROOM / peak), 0.0)
+            upper = np.maximum(2.0 * np.log(huge / ACTIVATION_HEADROOM / peak), 0.0)
         _tighten(bounds, ids, lower, upper, [bounds.half_range])
 
 

@@ -152,3 +152,20 @@ def test_float32_activations_are_not_measured():
     plan16 = RescalingPlan(model)
     scaled = [model.graph.node[k].output[0] for k in range(4)]  # each Gemm and Relu (the output's frozen)
     assert sorted(activations.scaled_half_tensors(plan16.graph, plan16.analysis, plan16.groups)) == sorted(scaled)
+
+
+def test_overflowing_zero_and_nan_activations():
+    """An activation that overflows already may only shrink; an all-zero or NaN one bounds
+    nothing; a finite one gets its room on both sides."""
+    model, hidden = _drifting_mlp()
+    plan = RescalingPlan(model)
+    limits = bounds.Bounds.none(plan.groups.count)
+    peaks = np.array([np.inf, 0.0, np.nan, 100.0, 1e-3] + [1.0] * 8, dtype=np.float32)
+    bounds.add_activation_bounds(limits, plan.graph, plan.analysis, plan.groups, {hidden: peaks[None, :]})
+    ids = plan.groups.of_position[plan.analysis.layouts[hidden].pos][:5]
+    assert limits.upper[ids[0]] == 0 and limits.lower[ids[0]] == -np.inf
+    assert np.isinf(limits.upper[ids[1:3]]).all() and np.isinf(limits.lower[ids[1:3]]).all()
+    assert limits.upper[ids[3]] == pytest.approx(2 * math.log(HUGE16 / 256 / 100))
+    assert limits.lower[ids[3]] == pytest.approx(2 * math.log(TINY16 * 256 / 100))
+    assert limits.lower[ids[4]] == 0  # below its room already: it may not shrink
+    assert limits.half_range[ids[[0, 3, 4]]].all() and not limits.half_range[ids[1:3]].any()

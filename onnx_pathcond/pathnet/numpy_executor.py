@@ -95,6 +95,45 @@ def scatter_windows(cols: np.ndarray, geo: Geometry) -> np.ndarray:
     return out
 
 
+def _taps(axis: int, ndim: int, tap: int, geo: Geometry, d: int):
+    """The index that reads, along spatial axis `d` (array axis `axis`), the elements that
+    kernel tap `tap` meets at every output position: a strided slice of the padded extent."""
+    start = tap * geo.dilations[d]
+    index = [slice(None)] * ndim
+    index[axis] = slice(start, start + (geo.out_size[d] - 1) * geo.strides[d] + 1, geo.strides[d])
+    return tuple(index)
+
+
+def window_sums(xp: np.ndarray, geo: Geometry) -> np.ndarray:
+    """Σ over each window of a padded array [N, C, *padded_size]: [N, C, *out]. A box's sum is
+    the sum along one axis of the sums along the others, so it is taken one spatial axis at a
+    time, k strided slices added per axis (k₁ + k₂ adds per output in 2-D, not k₁·k₂ through
+    a strided view: 6–10 times faster on a 3×3 pool). The same terms as the window's sum, in
+    chains of at most Σ (k_d − 1) ≤ k₁·k₂ − 1 additions (what the rounding count allows)."""
+    y = xp
+    for d, k in enumerate(geo.kernel):
+        axis = 2 + d
+        total = y[_taps(axis, y.ndim, 0, geo, d)]
+        total = total + y[_taps(axis, y.ndim, 1, geo, d)] if k > 1 else total.copy()
+        for tap in range(2, k):
+            total += y[_taps(axis, y.ndim, tap, geo, d)]
+        y = total
+    return y
+
+
+def window_sums_adjoint(adj: np.ndarray, geo: Geometry) -> np.ndarray:
+    """The adjoint of `window_sums`: each output's adjoint added back onto every padded
+    position of its window, one spatial axis at a time ([N, C, *out] → [N, C, *padded_size])."""
+    y = adj
+    for d in reversed(range(len(geo.kernel))):
+        axis = 2 + d
+        spread = np.zeros(y.shape[:axis] + (geo.padded_size[d],) + y.shape[axis + 1:], dtype=y.dtype)
+        for tap in range(geo.kernel[d]):
+            spread[_taps(axis, y.ndim, tap, geo, d)] += y
+        y = spread
+    return y
+
+
 def _grouped(a: np.ndarray, groups: int) -> np.ndarray:
     """[N, C, *rest] → [G, C/G·|rest|, N·|...|]: a matrix per group whose columns run over the
     samples (a view when N is 1). `rest` is split as (*inner, *outer) by the caller's reshape."""
@@ -694,7 +733,7 @@ class NumpyExecutor:
     # WindowSum
     def _forward_WindowSum(self, prim: P.WindowSum, x):
         geo = prim.geometry
-        y = window_view(pad_input(x, geo), geo).sum(axis=tuple(range(2, 2 + len(geo.kernel))))
+        y = window_sums(pad_input(x, geo), geo)
         if prim.weight is not None:
             y = self._operand(y) * self._fixed(prim.weight)
         return [y]
@@ -703,10 +742,7 @@ class NumpyExecutor:
         geo = prim.geometry
         if prim.weight is not None:
             adj = adj * self._fixed(prim.weight)
-        nd = len(geo.kernel)
-        cols = np.broadcast_to(adj.reshape(adj.shape[:2] + (1,) * nd + adj.shape[2:]),
-                               adj.shape[:2] + geo.kernel + geo.out_size)
-        return [crop_input(scatter_windows(cols, geo), geo)], []
+        return [crop_input(window_sums_adjoint(adj, geo), geo)], []
 
     def _roundings_WindowSum(self, prim: P.WindowSum):
         weighted = 2 if prim.weight is not None else 0  # the weights' cast, and the product

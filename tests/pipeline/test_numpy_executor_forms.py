@@ -1,7 +1,7 @@
 """The numpy executor computes some primitives in more than one form, picked by shape: a
 convolution's input adjoint as a correlation (stride 1) or as a scatter of windows, and a
 Gather as a view, an assignment or a scatter-add (and a Concat, which needs no map, against
-the same explicit matrix). Each form is checked here against the
+the same explicit matrix; a pool's window sums one axis at a time, against the windows). Each form is checked here against the
 definition written as plain loops or as an explicit 0/1 matrix, and end to end against path
 enumeration on convolutions whose padding the fast form cannot take."""
 
@@ -17,7 +17,7 @@ from onnx_pathcond.geometry import Geometry
 from onnx_pathcond.pathnet import primitives as P
 from onnx_pathcond.pathnet.numpy_executor import (NumpyExecutor, conv_input_adjoint, correlation_geometry,
                                                   kernel_statistic, pad_input, scatter_windows, summed_product, unbroadcast,
-                                                  window_view)
+                                                  window_sums, window_sums_adjoint, window_view)
 from onnx_pathcond.stats import diag_g_by_tensor
 
 
@@ -149,6 +149,24 @@ def test_windows_and_their_scatter_match_explicit_padding():
         scattered = scatter_windows(cols, geo)
         assert float((scattered * explicit).sum()) == pytest.approx(float((cols * view).sum()), rel=1e-12)
     assert unpadded >= 3
+
+
+def test_window_sums_axis_by_axis_match_the_windows_and_their_scatter():
+    """A pool's window sums, taken one spatial axis at a time, equal the sum of each window
+    read through window_view (1-D and 2-D, strides, dilations, pads beyond the kernel's reach,
+    and a 3-D box); their adjoint equals scatter_windows of the adjoint broadcast over each
+    window."""
+    rng = np.random.default_rng(23)
+    box = Geometry((2, 3, 2), (2, 1, 1), (1, 1, 2), (1, 0, 1), (0, 2, 1), (5, 4, 6), (3, 4, 6))
+    for geo in _geometries() + [box]:
+        nd = len(geo.kernel)
+        padded = pad_input(rng.random((2, 3) + geo.in_size), geo)
+        by_windows = window_view(padded, geo).sum(axis=tuple(range(2, 2 + nd)))
+        np.testing.assert_allclose(window_sums(padded, geo), by_windows, rtol=1e-13)
+        adj = rng.random((2, 3) + geo.out_size)
+        spread = np.broadcast_to(adj.reshape(adj.shape[:2] + (1,) * nd + adj.shape[2:]),
+                                 adj.shape[:2] + geo.kernel + geo.out_size)
+        np.testing.assert_allclose(window_sums_adjoint(adj, geo), scatter_windows(spread, geo), rtol=1e-13)
 
 
 def test_summed_product_matches_the_product_unbroadcast():

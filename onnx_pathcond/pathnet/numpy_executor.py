@@ -5,8 +5,8 @@ Arrays keep the model's batch axis (one sample for a dynamic batch, or the batch
 fixes). Convolutions read their windows through strided views of the zero-padded input
 (`window_view`), whose adjoints scatter back with one strided slice per kernel offset: a loop
 over at most a few dozen offsets, never over channels or positions. Pools sum their windows
-one spatial axis at a time (`window_sums`). Large dense weights
-are squared a block of rows at a time.
+one spatial axis at a time (`window_sums`). Large dense weights are squared a block of rows at
+a time.
 """
 
 from __future__ import annotations

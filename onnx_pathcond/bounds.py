@@ -5,7 +5,7 @@ Two kinds of stored value limit how far a group may move:
 * a BatchNorm's running variance under --bn-statistics becomes (var + ε)·λ² − ε, negative
   when λ² < ε/(var + ε) (a channel that never fired has var = 0: it may not shrink at all);
 * a float16 or bfloat16 parameter must stay representable: no overflow, no normal value
-  turned subnormal, no non-zero value turned zero.
+  turned subnormal, no subnormal one shrunk (it would lose more of its few bits).
 
 Each element e of such a tensor has its factor f = exp(a·(u_i − u_j)) (a = power/2, i the
 group it is incoming to, j the one it is outgoing from, either side possibly fixed) and
@@ -145,9 +145,11 @@ def _log_interval(old: np.ndarray, narrow, offset: float):
     """[lo, hi] of the log factor each element admits (lo ≤ 0 ≤ hi), in float64.
 
     The new value is (old + offset)·f − offset. Half precision: at most the largest finite
-    value; at least the smallest normal for a normal value, at least half the smallest
-    subnormal (what still rounds to non-zero) for a subnormal one. With an offset (a running
-    variance, never negative): at least 0."""
+    value; at least the smallest normal for a normal value; a subnormal one may not shrink
+    (it has fewer bits than the dtype's precision already, and each halving drops one more:
+    a float16 model whose weights were mostly subnormal differed after a rescale that kept
+    them non-zero, random-model seed 405663). With an offset (a running variance, never
+    negative): at least 0."""
     magnitude = np.abs(old)
     base = magnitude + offset
     target_low = np.zeros_like(base)
@@ -156,9 +158,9 @@ def _log_interval(old: np.ndarray, narrow, offset: float):
         have_low |= old >= 0
     hi = np.full(base.shape, np.inf)
     if narrow is not None:
-        tiny, smallest, huge = narrow
+        tiny, _, huge = narrow
         normal = magnitude >= tiny
-        target_low = np.where(normal, tiny, np.where(magnitude > 0, smallest / 2, target_low))
+        target_low = np.where(normal, tiny, magnitude)
         have_low |= magnitude > 0
         with np.errstate(divide="ignore"):
             hi = np.log((huge + offset) / base) - _MARGIN

@@ -32,10 +32,9 @@ from .channels import Layout
 from .graph import Graph
 from .symmetry import Groups, ParamUse
 
-# Half-precision types whose range a rescaling can leave: (smallest normal, smallest subnormal,
-# largest finite).
-NARROW = {TensorProto.FLOAT16: (2.0 ** -14, 2.0 ** -24, 65504.0),
-          TensorProto.BFLOAT16: (2.0 ** -126, 2.0 ** -133, 3.3895313892515355e38)}
+# Half-precision types whose range a rescaling can leave: (smallest normal, largest finite).
+NARROW = {TensorProto.FLOAT16: (2.0 ** -14, 65504.0),
+          TensorProto.BFLOAT16: (2.0 ** -126, 3.3895313892515355e38)}
 
 # Each log bound is pulled this far inside its limit, so that the float64 products of the
 # rewrite and the cast to the stored dtype cannot land on the wrong side of it.
@@ -110,7 +109,7 @@ def add_activation_bounds(bounds: Bounds, graph: Graph, analysis, groups: Groups
     H = groups.count
     for name, magnitude in magnitudes.items():
         layout = analysis.layouts.get(name)
-        tiny, _, huge = NARROW[graph.elem_type[name]]
+        tiny, huge = NARROW[graph.elem_type[name]]
         if isinstance(layout, Layout):
             if magnitude.ndim <= layout.axis or magnitude.shape[layout.axis] != layout.channels:
                 continue
@@ -158,9 +157,8 @@ def _log_interval(old: np.ndarray, narrow, offset: float):
         have_low |= old >= 0
     hi = np.full(base.shape, np.inf)
     if narrow is not None:
-        tiny, _, huge = narrow
-        normal = magnitude >= tiny
-        target_low = np.where(normal, tiny, magnitude)
+        tiny, huge = narrow
+        target_low = np.minimum(magnitude, tiny)  # a subnormal value: itself
         have_low |= magnitude > 0
         with np.errstate(divide="ignore"):
             hi = np.log((huge + offset) / base) - _MARGIN
